@@ -1,0 +1,5 @@
+import sys
+
+from backend.worker import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""Every proxy <-> worker message and the frame codec.
+
+Frames are a 4-byte big-endian length followed by one msgpack-encoded message. Messages are tagged
+msgspec Structs encoded as arrays (small and fast on the hot path). This module imports only msgspec
+and the standard library: both the proxy and the worker import it, and nothing else is shared.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Union
+
+import msgspec
+
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+_HEADER = struct.Struct(">I")
+HEADER_SIZE = _HEADER.size
+
+
+class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):
+    pass
+
+
+class ChatMessage(msgspec.Struct, array_like=True, gc=False):
+    role: str
+    content: str
+
+
+class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: Union[int, None] = None
+    stop: list[str] = []
+    ignore_eos: bool = False
+
+
+# proxy -> worker
+
+
+class Generate(_Msg, tag="gen"):
+    """Start a generation. Exactly one of `messages` (chat) or `prompt` (completion) is set.
+
+    `resume_token_ids` are tokens already sent to the client by another worker: the engine appends
+    them to the prompt, counts them against max_tokens and continues from there.
+    """
+
+    id: int
+    params: SamplingParams
+    messages: Union[list[ChatMessage], None] = None
+    prompt: Union[str, None] = None
+    resume_token_ids: list[int] = []
+
+
+class Cancel(_Msg, tag="cancel"):
+    id: int
+
+
+# worker -> proxy
+
+
+class Ready(_Msg, tag="ready"):
+    pid: int
+    model: str
+    device: str
+    engine: str
+    max_batch_size: int
+    context_length: int
+
+
+class Heartbeat(_Msg, tag="hb"):
+    running: int = 0
+    waiting: int = 0
+    engine_stall_s: float = 0.0
+    generated_tokens: int = 0
+
+
+class Tokens(_Msg, tag="tok"):
+    id: int
+    token_ids: list[int]
+    text: str
+
+
+class Finished(_Msg, tag="fin"):
+    id: int
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Failed(_Msg, tag="fail"):
+    """One request failed. `code` is "invalid_request" (the request itself is at fault, e.g. it does
+    not fit the context) or "internal" (the worker is at fault)."""
+
+    id: int
+    code: str
+    message: str
+
+
+class Fatal(_Msg, tag="fatal"):
+    """The worker cannot go on (boot failure, out of memory, ...) and exits right after this."""
+
+    message: str
+    at_boot: bool = False
+
+
+ToWorker = Union[Generate, Cancel]
+FromWorker = Union[Ready, Heartbeat, Tokens, Finished, Failed, Fatal]
+
+
+class FrameError(Exception):
+    pass
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode(msg: _Msg) -> bytes:
+    body = _encoder.encode(msg)
+    return _HEADER.pack(len(body)) + body
+
+
+def encode_many(msgs) -> bytes:
+    return b"".join(encode(m) for m in msgs)
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes, get whole messages of one direction's union type."""
+
+    def __init__(self, msg_type) -> None:
+        self._decoder = msgspec.msgpack.Decoder(msg_type)
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list:
+        self._buf += data
+        out = []
+        buf = self._buf
+        pos = 0
+        while len(buf) - pos >= HEADER_SIZE:
+            (size,) = _HEADER.unpack_from(buf, pos)
+            if size > MAX_FRAME_BYTES:
+                raise FrameError(f"frame of {size} bytes exceeds the {MAX_FRAME_BYTES} byte limit")
+            end = pos + HEADER_SIZE + size
+            if len(buf) < end:
+                break
+            try:
+                out.append(self._decoder.decode(memoryview(buf)[pos + HEADER_SIZE : end]))
+            except msgspec.DecodeError as exc:
+                raise FrameError(str(exc)) from exc
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out
+
+
+def worker_decoder() -> FrameDecoder:
+    """Decoder for the worker side (reads what the proxy sends)."""
+    return FrameDecoder(ToWorker)
+
+
+def proxy_decoder() -> FrameDecoder:
+    """Decoder for the proxy side (reads what the worker sends)."""
+    return FrameDecoder(FromWorker)
+
+
+class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
+    """What the proxy hands a worker at spawn (as JSON on the command line). Workers never read YAML."""
+
+    engine: str  # "transformers" | "fake"
+    model_name: str
+    model_path: str = ""
+    device: str = "cpu"
+    dtype: str = "auto"
+    max_batch_size: int = 8
+    heartbeat_interval_s: float = 1.0
+    verify_manifest: bool = True
+    # torch threads for CPU workers; 0 = torch's default
+    cpu_threads: int = 0
+    # fake engine only
+    fake_token_latency_ms: float = 1.0
+    fake_prompt_latency_ms: float = 0.0
+    fake_output_tokens: int = 16
+    fake_context_length: int = 4096
+    fake_fail_every: int = 0
+    fake_hang_after: int = 0
+    fake_exit_after: int = 0
+    fake_boot_fail: str = ""

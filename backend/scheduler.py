@@ -1,0 +1,233 @@
+"""The continuous-batching loop every engine shares (torch-free).
+
+An engine subclass supplies the model: `encode` (prompt -> token ids), `prefill` (start sequences,
+return their first sampled tokens), `decode` (one step for every running sequence), `release`
+(forget sequences) and `detokenize`. This class owns the request lifecycle: the inbox of new and
+cancelled requests, the running batch, max_tokens, EOS, stop sequences and the frames sent back.
+It runs on its own thread; the worker's event loop talks to it only through `submit`, `cancel` and
+the `emit` callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Optional, Sequence
+
+from backend.protocol import Failed, Finished, Generate, Tokens
+from backend.textstream import IncrementalDetokenizer, StopMatcher
+
+log = logging.getLogger("fullpower.worker")
+
+
+class RequestError(Exception):
+    """A request the engine refuses (code "invalid_request")."""
+
+
+class InternalError(Exception):
+    """A request the engine failed to serve through its own fault (code "internal")."""
+
+
+class Sequence_:
+    """One request's generation state inside the engine."""
+
+    __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "new_ids", "resumed")
+
+    def __init__(self, req: Generate, prompt_ids: list[int], detok: IncrementalDetokenizer) -> None:
+        self.req = req
+        self.params = req.params
+        self.prompt_ids = prompt_ids
+        self.resumed = len(req.resume_token_ids)
+        self.generated: list[int] = list(req.resume_token_ids)
+        self.detok = detok
+        self.stops = StopMatcher(req.params.stop)
+        self.slot = None  # engine-private
+        self.new_ids: list[int] = []
+
+    @property
+    def id(self) -> int:
+        return self.req.id
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.generated
+
+
+class BatchEngine:
+    name = "base"
+
+    def __init__(self, max_batch_size: int, context_length: int, eos_ids: Sequence[int]) -> None:
+        self.max_batch_size = max_batch_size
+        self.context_length = context_length
+        self.eos_ids = set(eos_ids)
+        self._inbox: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
+        self._waiting: list[Generate] = []
+        self._running: list[Sequence_] = []
+        self._stop = threading.Event()
+        self.last_tick = time.monotonic()
+        self.generated_tokens = 0
+        self.emit: Callable[[list], None] = lambda frames: None
+
+    # --- model hooks ----------------------------------------------------------------------------
+    def encode(self, req: Generate) -> list[int]:
+        raise NotImplementedError
+
+    def detokenize(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def prefill(self, seqs: list[Sequence_]) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, seqs: list[Sequence_]) -> list[int]:
+        raise NotImplementedError
+
+    def release(self, seqs: list[Sequence_]) -> None:
+        pass
+
+    def warm_up(self) -> None:
+        """Run one short generation end to end; raises if the engine cannot serve."""
+        done = threading.Event()
+        result: list = []
+
+        def capture(frames):
+            for f in frames:
+                if isinstance(f, (Finished, Failed)):
+                    result.append(f)
+                    done.set()
+
+        from backend.protocol import ChatMessage, SamplingParams
+
+        saved, self.emit = self.emit, capture
+        try:
+            self.submit(Generate(id=-1, params=SamplingParams(max_tokens=4, temperature=0.0),
+                                 messages=[ChatMessage("user", "Hello")]))
+            while not done.is_set():
+                self.step()
+        finally:
+            self.emit = saved
+        if isinstance(result[0], Failed):
+            raise RuntimeError(f"warm-up generation failed: {result[0].message}")
+
+    # --- thread-safe entry points ---------------------------------------------------------------
+    def submit(self, req: Generate) -> None:
+        self._inbox.put(("gen", req))
+
+    def cancel(self, request_id: int) -> None:
+        self._inbox.put(("cancel", request_id))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+
+    @property
+    def load(self) -> tuple[int, int]:
+        return len(self._running), len(self._waiting)
+
+    # --- the loop -------------------------------------------------------------------------------
+    def run_forever(self) -> None:
+        while not self._stop.is_set():
+            self.step()
+
+    def step(self) -> None:
+        self.last_tick = time.monotonic()
+        idle = not self._running and not self._waiting
+        self._drain_inbox(block=idle)
+        frames: list = []
+        self._admit(frames)
+        if self._running:
+            ids = self.decode(self._running)
+            self._advance(self._running, ids, frames)
+        if frames:
+            self.emit(frames)
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.25) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, value = item
+            if kind == "gen":
+                self._waiting.append(value)
+            elif kind == "cancel":
+                self._cancel(value)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _cancel(self, request_id: int) -> None:
+        self._waiting = [r for r in self._waiting if r.id != request_id]
+        gone = [s for s in self._running if s.id == request_id]
+        if gone:
+            self._running = [s for s in self._running if s.id != request_id]
+            self.release(gone)
+
+    def _admit(self, frames: list) -> None:
+        room = self.max_batch_size - len(self._running)
+        if room <= 0 or not self._waiting:
+            return
+        batch, self._waiting = self._waiting[:room], self._waiting[room:]
+        seqs = []
+        for req in batch:
+            try:
+                seqs.append(self._start(req))
+            except RequestError as exc:
+                frames.append(Failed(id=req.id, code="invalid_request", message=str(exc)))
+            except InternalError as exc:
+                frames.append(Failed(id=req.id, code="internal", message=str(exc)))
+        if not seqs:
+            return
+        first = self.prefill(seqs)
+        self._running.extend(seqs)
+        self._advance(seqs, first, frames)
+
+    def _start(self, req: Generate) -> Sequence_:
+        prompt_ids = self.encode(req)
+        p = req.params
+        if p.max_tokens < 1:
+            raise RequestError("max_tokens must be at least 1")
+        total = len(prompt_ids) + max(p.max_tokens, len(req.resume_token_ids) + 1)
+        if total > self.context_length:
+            raise RequestError(
+                f"This model's maximum context length is {self.context_length} tokens. However, you "
+                f"requested {total} tokens ({len(prompt_ids)} in the messages, {p.max_tokens} in the "
+                f"completion). Please reduce the length of the messages or completion.")
+        if len(req.resume_token_ids) >= p.max_tokens:
+            raise RequestError("resume_token_ids already reach max_tokens")
+        prompt_ids = prompt_ids + list(req.resume_token_ids)
+        seq = Sequence_(req, prompt_ids[: len(prompt_ids) - len(req.resume_token_ids)],
+                        IncrementalDetokenizer(self.detokenize, req.resume_token_ids))
+        return seq
+
+    def _advance(self, seqs: list[Sequence_], next_ids: list[int], frames: list) -> None:
+        finished: list[Sequence_] = []
+        for seq, tok in zip(seqs, next_ids):
+            reason = None
+            seq.generated.append(tok)
+            self.generated_tokens += 1
+            is_eos = tok in self.eos_ids and not seq.params.ignore_eos
+            text = "" if is_eos else seq.detok.push([tok])
+            if is_eos:
+                reason = "stop"
+            elif len(seq.generated) >= seq.params.max_tokens or (
+                    len(seq.prompt_ids) + len(seq.generated) >= self.context_length):
+                reason = "length"
+            if reason is not None:
+                text += seq.detok.flush()
+            text, hit_stop = seq.stops.push(text)
+            if hit_stop:
+                reason = "stop"
+            elif reason is not None:
+                text += seq.stops.flush()
+            frames.append(Tokens(id=seq.id, token_ids=[tok], text=text))
+            if reason is not None:
+                frames.append(Finished(id=seq.id, finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
+                                       completion_tokens=len(seq.generated)))
+                finished.append(seq)
+        if finished:
+            done = {id(s) for s in finished}
+            self._running = [s for s in self._running if id(s) not in done]
+            self.release(finished)

@@ -1,0 +1,45 @@
+"""API keys -> (key name, tier). Secrets are compared in constant time and never logged or echoed."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import NamedTuple
+
+from proxy.config import Config
+from proxy.errors import Unauthorized
+
+
+class Principal(NamedTuple):
+    key_name: str
+    tier: str
+
+
+ANONYMOUS = "anonymous"
+
+
+class Authenticator:
+    def __init__(self, cfg: Config) -> None:
+        # Compare digests, so every comparison has the same length and takes the same time.
+        self._keys = [(hashlib.sha256(k.key.encode()).digest(), Principal(k.name, k.tier)) for k in cfg.auth.keys]
+        self._anonymous = Principal(ANONYMOUS, cfg.auth.anonymous_tier) if cfg.auth.allow_anonymous else None
+
+    def authenticate(self, authorization: str | None) -> Principal:
+        secret = ""
+        if authorization:
+            scheme, _, value = authorization.partition(" ")
+            if scheme.lower() == "bearer":
+                secret = value.strip()
+        if secret:
+            digest = hashlib.sha256(secret.encode()).digest()
+            found = None
+            for key_digest, principal in self._keys:
+                if hmac.compare_digest(digest, key_digest):
+                    found = principal
+            if found is not None:
+                return found
+        if self._anonymous is not None:
+            return self._anonymous
+        if not secret:
+            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        raise Unauthorized("Incorrect API key provided.")

@@ -1,0 +1,141 @@
+"""`fullpower` command line: serve, check-config, model prepare|verify, status."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from proxy.config import ConfigError, load_config, parse_host_port
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "fullpower.yaml"
+
+
+def _load_or_exit(path: str):
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"{path}: {line}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def cmd_check_config(args) -> int:
+    _load_or_exit(args.path)
+    print(f"{args.path}: ok")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    cfg = _load_or_exit(args.config)
+    if args.listen:
+        try:
+            parse_host_port(args.listen)
+        except ValueError as exc:
+            print(f"--listen: {exc}", file=sys.stderr)
+            return 2
+        import msgspec
+
+        cfg = msgspec.structs.replace(cfg, listen=args.listen)
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import asyncio
+
+    from proxy.app import serve
+
+    try:
+        import uvloop
+
+        uvloop.run(serve(cfg))
+    except ImportError:
+        asyncio.run(serve(cfg))
+    return 0
+
+
+def cmd_model(args) -> int:
+    # The conversion needs torch and transformers: run it in a fresh interpreter so that the proxy
+    # process never imports them.
+    argv = [sys.executable, "-m", "backend.model_prep", args.model_cmd]
+    if args.model_cmd == "prepare":
+        out = args.out
+        if out is None:
+            from proxy.config import EMBEDDED_MODEL_DIRNAME, default_data_dir
+
+            data_dir = Path(args.data_dir) if args.data_dir else None
+            if args.config:
+                data_dir = _load_or_exit(args.config).resolved_data_dir()
+            out = (data_dir or default_data_dir()) / "models" / EMBEDDED_MODEL_DIRNAME
+        argv += ["--out", str(out)]
+    else:
+        argv.append(str(args.dir))
+    os.execv(sys.executable, argv)
+
+
+def _admin_get(address: str, path: str):
+    host, port = parse_host_port(address)
+    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as resp:
+        return json.load(resp)
+
+
+def cmd_status(args) -> int:
+    address = args.admin or _load_or_exit(args.config).admin_listen
+    try:
+        data = _admin_get(address, "/admin/pool")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the admin listener at {address}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    cols = ("id", "pid", "device", "model", "state", "inflight", "restarts", "last_error")
+    rows = [[("" if w.get(c) is None else str(w.get(c))) for c in cols] for w in data["workers"]]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    print("  ".join(c.upper().ljust(widths[i]) for i, c in enumerate(cols)).rstrip())
+    for r in rows:
+        print("  ".join(v.ljust(widths[i]) for i, v in enumerate(r)).rstrip())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fullpower", description="LLM serving appliance")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("serve", help="run the proxy and its workers in the foreground")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--listen", help="HOST:PORT, overrides the config's listen")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file (exit 2 with one line per problem)")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("model", help="prepare or verify model directories")
+    msub = p.add_subparsers(dest="model_cmd", required=True)
+    mp = msub.add_parser("prepare", help="convert the embedded SmolLM2 GGUF into a safetensors directory")
+    mp.add_argument("--out", type=Path)
+    mp.add_argument("--data-dir")
+    mp.add_argument("--config", help="take data_dir from this config")
+    mv = msub.add_parser("verify", help="check a model directory against its manifest")
+    mv.add_argument("dir", type=Path)
+    p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("status", help="show the worker pool (from the admin listener)")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,283 @@
+"""Configuration: the schema (msgspec Structs, unknown fields forbidden), the loader and the
+cross-field checks. Every problem is reported as `field.path: reason`; never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+import msgspec
+import yaml
+
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+PosInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+EMBEDDED_MODEL_DIRNAME = "smollm2-135m-instruct"
+
+
+class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class Replicas(_Base, kw_only=True):
+    hot: PosInt = 1
+    cold: NonNegInt = 0
+
+
+class FakeEngineSettings(_Base, kw_only=True):
+    token_latency_ms: NonNegFloat = 1.0
+    prompt_latency_ms: NonNegFloat = 0.0
+    output_tokens: PosInt = 16
+    context_length: PosInt = 4096
+    fail_every: NonNegInt = 0
+    hang_after: NonNegInt = 0
+    exit_after: NonNegInt = 0
+    boot_fail: str = ""
+
+
+class Pool(_Base, kw_only=True):
+    name: Name
+    model: Name  # the name clients put in "model"
+    engine: Literal["transformers", "fake"] = "transformers"
+    model_path: str = ""  # "" = the embedded SmolLM2 under data_dir
+    devices: list[str] = msgspec.field(default_factory=lambda: ["cpu"])  # one entry per replica slot: "cpu" or "cuda:N"
+    replicas: Replicas = msgspec.field(default_factory=Replicas)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: PosInt = 8
+    # Sampling defaults for requests that leave temperature / top_p out (OpenAI's are 1.0 and 1.0).
+    default_temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 1.0
+    default_top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
+    max_inflight_per_worker: PosInt = 32
+    cpu_threads: NonNegInt = 0
+    verify_manifest: bool = True
+    fake: FakeEngineSettings = msgspec.field(default_factory=FakeEngineSettings)
+
+
+class Tier(_Base, kw_only=True):
+    name: Name
+    pool: Name
+    weight: PosInt = 1
+    max_concurrent: PosInt = 64
+    max_queue: NonNegInt = 256
+    queue_timeout_s: PosFloat = 10.0
+
+
+class ApiKey(_Base, kw_only=True):
+    name: Name
+    key: Annotated[str, msgspec.Meta(min_length=8)]
+    tier: Name
+
+
+class Auth(_Base, kw_only=True):
+    allow_anonymous: bool = False
+    anonymous_tier: str = ""
+    keys: list[ApiKey] = []
+
+
+class Workers(_Base, kw_only=True):
+    heartbeat_interval_s: PosFloat = 1.0
+    missed_heartbeats: PosInt = 3
+    engine_stall_timeout_s: PosFloat = 120.0
+    boot_timeout_s: PosFloat = 600.0
+    stop_grace_s: NonNegFloat = 10.0
+    restart_backoff_initial_s: PosFloat = 1.0
+    restart_backoff_max_s: PosFloat = 60.0
+
+
+class Limits(_Base, kw_only=True):
+    max_body_bytes: PosInt = 1 << 20
+    max_tokens_default: PosInt = 512
+
+
+class Timeouts(_Base, kw_only=True):
+    first_token_s: PosFloat = 120.0
+    idle_s: PosFloat = 60.0
+    drain_s: NonNegFloat = 30.0
+
+
+class Config(_Base, kw_only=True):
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str = "127.0.0.1:9091"
+    data_dir: str = ""  # "" = $FULLPOWER_DATA_DIR, else $XDG_DATA_HOME/fullpower, else ~/.local/share/fullpower
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    pools: list[Pool]
+    tiers: list[Tier]
+    auth: Auth = msgspec.field(default_factory=Auth)
+    workers: Workers = msgspec.field(default_factory=Workers)
+    limits: Limits = msgspec.field(default_factory=Limits)
+    timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+
+    def pool(self, name: str) -> Pool:
+        return next(p for p in self.pools if p.name == name)
+
+    def tier(self, name: str) -> Tier:
+        return next(t for t in self.tiers if t.name == name)
+
+    def resolved_data_dir(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def model_dir(self, pool: Pool) -> Path:
+        if pool.model_path:
+            return Path(pool.model_path)
+        return self.resolved_data_dir() / "models" / EMBEDDED_MODEL_DIRNAME
+
+
+class ConfigError(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("FULLPOWER_DATA_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "fullpower"
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _path_of(exc: msgspec.ValidationError, prefix: str) -> str:
+    msg = str(exc)
+    reason, sep, where = msg.rpartition(" - at `$")
+    if not sep:
+        return f"{prefix or '(top level)'}: {msg}"
+    path = (prefix + where.rstrip("`")).lstrip(".")
+    return f"{path or '(top level)'}: {reason}"
+
+
+def _type_problems(raw: dict) -> list[str]:
+    """Collect type/range errors field by field, so one bad field does not hide the others."""
+    problems = []
+    fields = {f.name: f for f in msgspec.structs.fields(Config)}
+    for key, value in raw.items():
+        field = fields.get(key)
+        if field is None:
+            problems.append(f"{key}: unknown field")
+            continue
+        items = list(enumerate(value)) if isinstance(value, list) else None
+        if items is not None and hasattr(field.type, "__args__"):
+            (elem_type,) = field.type.__args__
+            for i, item in items:
+                try:
+                    msgspec.convert(item, elem_type)
+                except msgspec.ValidationError as exc:
+                    problems.append(_path_of(exc, f"{key}[{i}]"))
+            continue
+        try:
+            msgspec.convert(value, field.type)
+        except msgspec.ValidationError as exc:
+            problems.append(_path_of(exc, key))
+    for f in fields.values():
+        if f.required and f.name not in raw:
+            problems.append(f"{f.name}: required field is missing")
+    return problems
+
+
+def _cross_field_problems(cfg: Config) -> list[str]:
+    problems = []
+
+    def dupes(items, what):
+        seen = set()
+        for i, item in enumerate(items):
+            if item.name in seen:
+                problems.append(f"{what}[{i}].name: duplicate name {item.name!r}")
+            seen.add(item.name)
+
+    dupes(cfg.pools, "pools")
+    dupes(cfg.tiers, "tiers")
+    dupes(cfg.auth.keys, "auth.keys")
+    for field in ("listen", "admin_listen"):
+        try:
+            parse_host_port(getattr(cfg, field))
+        except ValueError as exc:
+            problems.append(f"{field}: {exc}")
+    if cfg.listen == cfg.admin_listen:
+        problems.append("admin_listen: must differ from listen")
+    if not cfg.pools:
+        problems.append("pools: at least one pool is required")
+    if not cfg.tiers:
+        problems.append("tiers: at least one tier is required")
+    pool_names = {p.name for p in cfg.pools}
+    tier_names = {t.name for t in cfg.tiers}
+    gpu_owner: dict[str, str] = {}
+    for i, pool in enumerate(cfg.pools):
+        where = f"pools[{i}]"
+        wanted = pool.replicas.hot + pool.replicas.cold
+        if wanted > len(pool.devices):
+            problems.append(f"{where}.replicas: {wanted} replicas (hot + cold) but only "
+                            f"{len(pool.devices)} devices listed")
+        for j, dev in enumerate(pool.devices):
+            if dev == "cpu":
+                continue
+            kind, _, index = dev.partition(":")
+            if kind != "cuda" or not index.isdigit():
+                problems.append(f"{where}.devices[{j}]: expected 'cpu' or 'cuda:N', got {dev!r}")
+            elif dev in gpu_owner:
+                problems.append(f"{where}.devices[{j}]: {dev} is already used by pool {gpu_owner[dev]!r}")
+            else:
+                gpu_owner[dev] = pool.name
+        if pool.engine == "transformers" and pool.model_path:
+            path = Path(pool.model_path)
+            if not path.is_dir() or not os.access(path, os.R_OK | os.X_OK):
+                problems.append(f"{where}.model_path: {pool.model_path!r} is not a readable directory")
+            elif not (path / "config.json").is_file():
+                problems.append(f"{where}.model_path: {pool.model_path!r} has no config.json "
+                                "(not a Hugging Face model directory)")
+        if pool.max_batch_size > pool.max_inflight_per_worker:
+            problems.append(f"{where}.max_inflight_per_worker: must be >= max_batch_size ({pool.max_batch_size})")
+    for i, tier in enumerate(cfg.tiers):
+        if tier.pool not in pool_names:
+            problems.append(f"tiers[{i}].pool: no pool named {tier.pool!r}")
+    for i, key in enumerate(cfg.auth.keys):
+        if key.tier not in tier_names:
+            problems.append(f"auth.keys[{i}].tier: no tier named {key.tier!r}")
+    secrets = [k.key for k in cfg.auth.keys]
+    if len(set(secrets)) != len(secrets):
+        problems.append("auth.keys: the same key appears twice")
+    if cfg.auth.allow_anonymous and cfg.auth.anonymous_tier not in tier_names:
+        problems.append(f"auth.anonymous_tier: no tier named {cfg.auth.anonymous_tier!r}")
+    if not cfg.auth.allow_anonymous and not cfg.auth.keys:
+        problems.append("auth: no keys and allow_anonymous is false: nobody could call the API")
+    w = cfg.workers
+    if w.restart_backoff_initial_s > w.restart_backoff_max_s:
+        problems.append("workers.restart_backoff_max_s: must be >= restart_backoff_initial_s")
+    return problems
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError([f"(file): not valid YAML{where}: {getattr(exc, 'problem', exc)}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(["(top level): expected a mapping of settings"])
+    try:
+        cfg = msgspec.convert(raw, Config)
+    except msgspec.ValidationError:
+        raise ConfigError(_type_problems(raw) or ["(top level): invalid configuration"]) from None
+    problems = _cross_field_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"(file): cannot read {path}: {exc.strerror or exc}"]) from None
+    return parse_config(text, str(path))

@@ -1,0 +1,84 @@
+"""The asyncio side of admission: wraps the pure Admission of each pool with futures and deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from proxy.admission import Admission, Decision, TierPolicy
+from proxy.config import Config
+from proxy.errors import NoWorkerReady, Overloaded
+from proxy.pool import PoolState
+
+
+class Ticket:
+    __slots__ = ("pool", "tier", "queued_s", "released")
+
+    def __init__(self, pool: str, tier: str, queued_s: float) -> None:
+        self.pool = pool
+        self.tier = tier
+        self.queued_s = queued_s
+        self.released = False
+
+
+class Gate:
+    def __init__(self, cfg: Config, pools: PoolState) -> None:
+        self.pools = pools
+        self.admissions: dict[str, Admission] = {}
+        for pool in cfg.pools:
+            policies = [TierPolicy(t.name, t.weight, t.max_concurrent, t.max_queue, t.queue_timeout_s)
+                        for t in cfg.tiers]
+            self.admissions[pool.name] = Admission(policies, time.monotonic)
+        pools.listeners.append(self._capacity_changed)
+
+    def _capacity_changed(self, pool: str) -> None:
+        admission = self.admissions.get(pool)
+        if admission is not None:
+            _wake(admission.set_capacity(self.pools.capacity(pool)))
+
+    async def acquire(self, pool: str, tier: str) -> Ticket:
+        admission = self.admissions[pool]
+        capacity = self.pools.capacity(pool)
+        if capacity != admission.capacity:
+            _wake(admission.set_capacity(capacity))
+        if capacity == 0:
+            raise NoWorkerReady("No worker is ready to serve this model; retry shortly.", retry_after=1.0)
+        decision, waiter = admission.arrive(tier)
+        if decision == Decision.ADMIT:
+            return Ticket(pool, tier, 0.0)
+        if decision == Decision.REJECT:
+            raise self._refusal(pool, admission, tier, "queue full")
+        started = time.monotonic()
+        waiter.token = asyncio.get_running_loop().create_future()
+        try:
+            timeout = max(0.0, waiter.deadline - started)
+            await asyncio.wait_for(asyncio.shield(waiter.token), timeout)
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            if waiter.admitted:
+                # Admitted in the same instant we gave up: hand the slot straight back.
+                _wake(admission.release(tier))
+            else:
+                admission.abandon(waiter)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            raise self._refusal(pool, admission, tier, "queue deadline passed") from None
+        return Ticket(pool, tier, time.monotonic() - started)
+
+    def release(self, ticket: Ticket) -> None:
+        if not ticket.released:
+            ticket.released = True
+            _wake(self.admissions[ticket.pool].release(ticket.tier))
+
+    def _refusal(self, pool: str, admission: Admission, tier: str, why: str):
+        retry = admission.expected_wait_s(tier)
+        if not self.pools.ready(pool):
+            return NoWorkerReady("No worker is ready to serve this model; retry shortly.", retry_after=retry)
+        return Overloaded(f"The server is at capacity ({why}); retry after the indicated time.",
+                          retry_after=retry)
+
+
+def _wake(waiters) -> None:
+    for waiter in waiters:
+        fut = waiter.token
+        if fut is not None and not fut.done():
+            fut.set_result(None)

@@ -1,0 +1,134 @@
+"""The workers of every pool and their state. The supervisor reports what happened; this module is
+the only writer of worker state, and the request path reads it to route.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from typing import Callable, Iterable
+
+from backend.protocol import Heartbeat, Ready
+from proxy import routing
+from proxy.worker_client import WorkerConnection
+
+
+class WorkerState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"
+    BACKOFF = "backing_off"
+    STOPPED = "stopped"
+
+
+class Worker:
+    """One replica slot of a pool: the process that currently fills it and its bookkeeping."""
+
+    def __init__(self, worker_id: str, pool: str, model: str, device: str, capacity: int) -> None:
+        self.id = worker_id
+        self.pool = pool
+        self.model = model
+        self.device = device
+        self.capacity = capacity
+        self.state = WorkerState.STOPPED
+        self.pid: int | None = None
+        self.conn: WorkerConnection | None = None
+        self.inflight = 0
+        self.generation = 0  # bumped per process, so requests of a dead process release nothing
+        self.restarts = 0
+        self.boot_failures = 0
+        self.last_error = ""
+        self.last_heartbeat = 0.0
+        self.engine_stall_s = 0.0
+        self.ready_since: float | None = None
+        self.weight = 1.0
+        self.info: Ready | None = None
+
+    def snapshot(self, now: float) -> dict:
+        return {
+            "id": self.id, "pool": self.pool, "model": self.model, "device": self.device,
+            "state": self.state.value, "pid": self.pid, "inflight": self.inflight,
+            "capacity": self.capacity, "restarts": self.restarts, "boot_failures": self.boot_failures,
+            "heartbeat_age_s": round(now - self.last_heartbeat, 3) if self.last_heartbeat else None,
+            "ready_for_s": round(now - self.ready_since, 1) if self.ready_since else None,
+            "last_error": self.last_error or None,
+        }
+
+
+class PoolState:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.workers: dict[str, Worker] = {}
+        self.listeners: list[Callable[[str], None]] = []  # called with a pool name when capacity may have grown
+
+    def add(self, worker: Worker) -> None:
+        self.workers[worker.id] = worker
+
+    def in_pool(self, pool: str) -> list[Worker]:
+        return [w for w in self.workers.values() if w.pool == pool]
+
+    def ready(self, pool: str) -> list[Worker]:
+        return [w for w in self.workers.values() if w.pool == pool and w.state is WorkerState.READY]
+
+    def any_ready(self) -> bool:
+        return any(w.state is WorkerState.READY for w in self.workers.values())
+
+    def capacity(self, pool: str) -> int:
+        return sum(w.capacity for w in self.ready(pool))
+
+    def pick(self, pool: str, exclude: Iterable[str] = ()) -> Worker | None:
+        skip = set(exclude)
+        return routing.pick([w for w in self.ready(pool) if w.id not in skip])
+
+    # --- transitions reported by the supervisor -------------------------------------------------
+    def starting(self, worker: Worker, pid: int, conn: WorkerConnection) -> None:
+        worker.state = WorkerState.STARTING
+        worker.generation += 1
+        worker.pid = pid
+        worker.conn = conn
+        worker.inflight = 0
+        worker.last_heartbeat = self.clock()
+        worker.ready_since = None
+        worker.info = None
+
+    def became_ready(self, worker: Worker, info: Ready) -> None:
+        worker.state = WorkerState.READY
+        worker.info = info
+        worker.ready_since = self.clock()
+        worker.boot_failures = 0
+        self._notify(worker.pool)
+
+    def heartbeat(self, worker: Worker, hb: Heartbeat) -> None:
+        worker.last_heartbeat = self.clock()
+        worker.engine_stall_s = hb.engine_stall_s
+
+    def gone(self, worker: Worker, error: str, at_boot: bool) -> None:
+        worker.state = WorkerState.BACKOFF
+        worker.pid = None
+        worker.conn = None
+        worker.ready_since = None
+        worker.inflight = 0
+        worker.restarts += 1
+        if at_boot:
+            worker.boot_failures += 1
+        if error:
+            worker.last_error = error
+
+    def stopped(self, worker: Worker) -> None:
+        worker.state = WorkerState.STOPPED
+        worker.pid = None
+        worker.conn = None
+
+    # --- request accounting ---------------------------------------------------------------------
+    def acquire(self, worker: Worker) -> int:
+        worker.inflight += 1
+        return worker.generation
+
+    def release(self, worker: Worker, generation: int) -> None:
+        if worker.generation == generation and worker.inflight > 0:
+            worker.inflight -= 1
+        self._notify(worker.pool)
+
+    def _notify(self, pool: str) -> None:
+        for listener in self.listeners:
+            listener(pool)

@@ -1,0 +1,126 @@
+"""One connection per worker: a protocol that decodes frames as they arrive and hands each
+request's frames to that request's stream. A worker that goes away fails every open stream at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+from typing import Callable, Union
+
+from backend import protocol
+from backend.protocol import Cancel, Failed, Finished, Generate, Tokens
+
+
+class WorkerGone(Exception):
+    """The worker's connection closed (crash, kill, hang detected) while the request was open."""
+
+
+StreamItem = Union[Tokens, Finished, Failed, WorkerGone]
+
+
+class RequestStream:
+    """The frames of one request, in order: Tokens*, then Finished or Failed (or WorkerGone)."""
+
+    __slots__ = ("id", "_items", "_waiter", "closed")
+
+    def __init__(self, request_id: int) -> None:
+        self.id = request_id
+        self._items: collections.deque = collections.deque()
+        self._waiter: asyncio.Future | None = None
+        self.closed = False
+
+    def _push(self, item) -> None:
+        self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self) -> StreamItem:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
+    def drain_ready(self) -> list:
+        """Everything already received, without waiting."""
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
+class WorkerConnection(asyncio.Protocol):
+    """Owns the socket to one worker process. `on_control` receives Ready, Heartbeat and Fatal
+    frames and, with None, the news that the connection closed."""
+
+    def __init__(self, on_control: Callable[[object], None]) -> None:
+        self._on_control = on_control
+        self._decoder = protocol.proxy_decoder()
+        self._streams: dict[int, RequestStream] = {}
+        self._transport: asyncio.Transport | None = None
+        self.closed = asyncio.get_event_loop().create_future()
+
+    @classmethod
+    async def attach(cls, sock: socket.socket, on_control) -> "WorkerConnection":
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_unix_connection(lambda: cls(on_control), sock=sock)
+        return conn
+
+    # asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages = self._decoder.feed(data)
+        except protocol.FrameError:
+            self._transport.close()
+            return
+        streams = self._streams
+        for msg in messages:
+            rid = getattr(msg, "id", None)
+            if rid is None:
+                self._on_control(msg)
+                continue
+            stream = streams.get(rid)
+            if stream is None:
+                continue  # a cancelled request's late frames
+            stream._push(msg)
+            if not isinstance(msg, Tokens):
+                del streams[rid]
+                stream.closed = True
+
+    def connection_lost(self, exc) -> None:
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
+            stream.closed = True
+            stream._push(WorkerGone("worker connection closed"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._on_control(None)
+
+    # requests
+    @property
+    def open_requests(self) -> int:
+        return len(self._streams)
+
+    def generate(self, msg: Generate) -> RequestStream:
+        stream = RequestStream(msg.id)
+        if self._transport is None or self._transport.is_closing():
+            stream.closed = True
+            stream._push(WorkerGone("worker connection closed"))
+            return stream
+        self._streams[msg.id] = stream
+        self._transport.write(protocol.encode(msg))
+        return stream
+
+    def cancel(self, request_id: int) -> None:
+        if self._streams.pop(request_id, None) is not None and not self._transport.is_closing():
+            self._transport.write(protocol.encode(Cancel(id=request_id)))
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
