@@ -1,0 +1,138 @@
+"""The transformers engine on the tiny random model, driven step by step in this process."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from backend.engine import BootError, TransformersEngine  # noqa: E402
+from backend.protocol import ChatMessage, Failed, Finished, Generate, SamplingParams, Tokens, WorkerSettings  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    return TransformersEngine(WorkerSettings(engine="transformers", model_name="tiny", model_path=str(tiny_model),
+                                             max_batch_size=4))
+
+
+def run(engine, requests, cancel_after=None, max_steps=2000):
+    """Submit requests, step until all end. Returns {id: (token ids, text, end frame)}."""
+    frames = []
+    engine.emit = frames.extend
+    for r in requests:
+        engine.submit(r)
+    results = {r.id: ([], [], None) for r in requests}
+    open_ids = set(results)
+    for _ in range(max_steps):
+        if not open_ids:
+            break
+        engine.step()
+        for f in frames:
+            ids, text, _ = results[f.id]
+            if isinstance(f, Tokens):
+                ids.extend(f.token_ids)
+                text.append(f.text)
+                if cancel_after and f.id in cancel_after and len(ids) == cancel_after[f.id]:
+                    engine.cancel(f.id)
+                    open_ids.discard(f.id)
+            else:
+                results[f.id] = (ids, text, f)
+                open_ids.discard(f.id)
+        frames.clear()
+    assert not open_ids, "requests never finished"
+    return {k: (ids, "".join(text), end) for k, (ids, text, end) in results.items()}
+
+
+PROMPTS = ["Hello there", "What is the capital of France? Answer in one word.", "1 2 3 4 5 6 7 8 9 10 11 12",
+           "Tell me a story about a dragon who"]
+
+
+def hf_greedy(engine, prompt, n):
+    ids = engine.tokenizer(prompt, return_tensors="pt").input_ids
+    out = engine.model.generate(ids, max_new_tokens=n, do_sample=False, attention_mask=torch.ones_like(ids))
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_greedy_matches_hf_generate_with_joins_and_leaves(engine):
+    # Different lengths and max_tokens: rows join the running batch (prefill merged) and leave it
+    # (rows dropped) while the others continue; the output must not notice.
+    reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=6 + 5 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS)]
+    reqs.append(Generate(id=99, prompt="A late arrival", params=SamplingParams(max_tokens=9, temperature=0.0,
+                                                                               ignore_eos=True)))
+    got = run(engine, reqs)
+    for r in reqs:
+        ids, _, end = got[r.id]
+        assert isinstance(end, Finished) and end.finish_reason == "length"
+        assert ids == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
+
+
+def test_more_requests_than_batch_size_all_complete(engine):
+    reqs = [Generate(id=i, prompt=f"count {i}", params=SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+            for i in range(10)]
+    got = run(engine, reqs)
+    assert all(len(got[i][0]) == 5 for i in range(10))
+
+
+def test_seeded_sampling_is_reproducible_and_seeds_differ(engine):
+    def sample(seed):
+        r = Generate(id=seed, prompt="Once upon a time",
+                     params=SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=seed, ignore_eos=True))
+        return run(engine, [r])[seed][0]
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+
+
+def test_stop_sequence_cuts_text_and_reports_stop(engine):
+    r = Generate(id=1, prompt="x", params=SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    full = run(engine, [r])[1][1]
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip(), full
+    r2 = Generate(id=2, prompt="x", params=SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=[stop]))
+    _, text, end = run(engine, [r2])[2]
+    assert end.finish_reason == "stop"
+    assert text == full[: full.index(stop)]
+
+
+def test_cancel_frees_the_row_mid_generation(engine):
+    reqs = [Generate(id=i, prompt="abc", params=SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))
+            for i in (1, 2)]
+    got = run(engine, reqs, cancel_after={1: 3})
+    assert len(got[1][0]) == 3 and got[1][2] is None
+    assert len(got[2][0]) == 50
+    assert engine.load == (0, 0) and engine._rows == []
+
+
+def test_chat_template_is_applied(engine):
+    r = Generate(id=1, messages=[ChatMessage("user", "hi")], params=SamplingParams(max_tokens=2, temperature=0.0))
+    end = run(engine, [r])[1][2]
+    assert isinstance(end, Finished)
+    expected = engine.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                                    tokenize=True)
+    expected = expected if isinstance(expected, list) else expected["input_ids"]
+    assert end.prompt_tokens == len(expected)
+
+
+def test_request_beyond_context_is_refused_not_fatal(engine):
+    r = Generate(id=1, prompt="word " * 300, params=SamplingParams(max_tokens=10))
+    _, _, end = run(engine, [r])[1]
+    assert isinstance(end, Failed) and end.code == "invalid_request" and "maximum context length" in end.message
+    ok = run(engine, [Generate(id=2, prompt="hi", params=SamplingParams(max_tokens=2, temperature=0.0))])[2][2]
+    assert isinstance(ok, Finished)
+
+
+def test_resume_continues_token_exact(engine):
+    p = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    full_ids, full_text, _ = run(engine, [Generate(id=1, prompt="resume me", params=p)])[1]
+    ids, text, end = run(engine, [Generate(id=2, prompt="resume me", params=p, resume_token_ids=full_ids[:8])])[2]
+    assert full_ids[:8] + ids == full_ids
+    assert end.completion_tokens == 20
+
+
+def test_tampered_model_is_refused_naming_the_file(tiny_model, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    with open(bad / "config.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(BootError, match="config.json"):
+        TransformersEngine(WorkerSettings(engine="transformers", model_name="t", model_path=str(bad)))
