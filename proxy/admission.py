@@ -1,9 +1,13 @@
 """Admission control for one pool (pure logic: no I/O, clock injected).
 
 A request either gets a slot at once, waits in its tier's bounded queue, or is refused. Slots are
-limited by the pool's capacity (the ready workers' room) and by each tier's max_concurrent. When a
-slot frees, the next waiter comes from the tier with the lowest virtual time (served / weight), so
-tiers that all have work share by weight, and a tier with work always gets its turn eventually.
+limited by the pool's capacity (the ready workers' room, in requests and in estimated tokens) and
+by each tier's max_concurrent. When a slot frees, the next waiter comes from the tier with the
+lowest virtual time (cost served / weight), so tiers that all have work share by weight, and any
+tier with work gets its turn. Inside a tier, each API key has its own queue and the key with the
+least recent usage (tokens, decaying) goes first, so one key flooding its tier cannot starve the
+other keys. Cost is the request's estimated tokens (prompt + max_tokens), so one huge request
+counts as much as the many small ones it displaces.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ class TierPolicy:
     queue_timeout_s: float
 
 
-@dataclass
+@dataclass(eq=False)
 class Waiter:
     tier: str
+    key: str
+    cost: int
     deadline: float
     token: object = None  # whatever the I/O layer needs to wake this waiter
     admitted: bool = False
@@ -34,7 +40,8 @@ class Waiter:
 class _TierState:
     policy: TierPolicy
     active: int = 0
-    queue: collections.deque = field(default_factory=collections.deque)
+    queued: int = 0
+    queues: dict = field(default_factory=dict)  # key -> deque of Waiter, in arrival order of keys
     virtual_time: float = 0.0
 
 
@@ -45,76 +52,106 @@ class Decision:
 
 
 class Admission:
-    def __init__(self, tiers: list[TierPolicy], clock: Callable[[], float]) -> None:
+    def __init__(self, tiers: list[TierPolicy], clock: Callable[[], float], usage_half_life_s: float = 10.0) -> None:
         self.clock = clock
         self.tiers = {t.name: _TierState(t) for t in tiers}
         self.capacity = 0
+        self.token_capacity = 0
         self.active = 0
+        self.active_tokens = 0
+        self.half_life = usage_half_life_s
+        self._usage: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
 
+    # --- reading --------------------------------------------------------------------------------
     def queued(self, tier: Optional[str] = None) -> int:
         if tier is not None:
-            return len(self.tiers[tier].queue)
-        return sum(len(t.queue) for t in self.tiers.values())
+            return self.tiers[tier].queued
+        return sum(t.queued for t in self.tiers.values())
 
     def active_in(self, tier: str) -> int:
         return self.tiers[tier].active
 
-    def _has_room(self, t: _TierState) -> bool:
-        return self.active < self.capacity and t.active < t.policy.max_concurrent
-
-    def arrive(self, tier: str, token: object = None) -> tuple[str, Optional[Waiter]]:
-        t = self.tiers[tier]
-        # Only skip the queue when nobody of this tier is already waiting (FIFO within a tier) and no
-        # other tier is waiting for the same free slot.
-        if self._has_room(t) and not self.queued():
-            self._grant(t)
-            return Decision.ADMIT, None
-        if len(t.queue) >= t.policy.max_queue:
-            return Decision.REJECT, None
-        waiter = Waiter(tier, self.clock() + t.policy.queue_timeout_s, token)
-        t.queue.append(waiter)
-        return Decision.QUEUE, waiter
-
-    def _grant(self, t: _TierState) -> None:
-        # A tier that was idle must not bank credit: it restarts at the current minimum.
-        busy = [o.virtual_time for o in self.tiers.values() if o is not t and (o.active or o.queue)]
-        if not t.active and not t.queue and busy:
-            t.virtual_time = max(t.virtual_time, min(busy))
-        t.active += 1
-        self.active += 1
-        t.virtual_time += 1.0 / t.policy.weight
-
-    def release(self, tier: str) -> list[Waiter]:
-        """A request of `tier` finished. Returns the waiters admitted in its place."""
-        t = self.tiers[tier]
-        t.active -= 1
-        self.active -= 1
-        return self.dispatch()
-
-    def set_capacity(self, capacity: int) -> list[Waiter]:
-        self.capacity = capacity
-        return self.dispatch()
-
-    def abandon(self, waiter: Waiter) -> None:
-        """The waiter left the queue (deadline, client gone)."""
-        try:
-            self.tiers[waiter.tier].queue.remove(waiter)
-        except ValueError:
-            pass
-
-    def dispatch(self) -> list[Waiter]:
-        admitted = []
-        while True:
-            candidates = [t for t in self.tiers.values() if t.queue and self._has_room(t)]
-            if not candidates:
-                return admitted
-            t = min(candidates, key=lambda s: (s.virtual_time, -s.policy.weight))
-            waiter = t.queue.popleft()
-            self._grant(t)
-            waiter.admitted = True
-            admitted.append(waiter)
+    def usage(self, key: str) -> float:
+        value, when = self._usage.get(key, (0.0, 0.0))
+        return value * 0.5 ** ((self.clock() - when) / self.half_life)
 
     def expected_wait_s(self, tier: str) -> float:
         """A rough Retry-After: the tier's queue timeout scaled by how full its queue is."""
         t = self.tiers[tier]
-        return max(1.0, t.policy.queue_timeout_s * len(t.queue) / max(1, t.policy.max_queue))
+        return max(1.0, t.policy.queue_timeout_s * t.queued / max(1, t.policy.max_queue))
+
+    # --- changing -------------------------------------------------------------------------------
+    def set_capacity(self, capacity: int, token_capacity: int) -> list[Waiter]:
+        self.capacity = capacity
+        self.token_capacity = token_capacity
+        return self.dispatch()
+
+    def arrive(self, tier: str, key: str = "", cost: int = 1) -> tuple[str, Optional[Waiter]]:
+        t = self.tiers[tier]
+        # Skip the queue only when nobody waits: no overtaking within or across tiers.
+        if not self.queued() and self._room(t, cost):
+            self._grant(t, key, cost)
+            return Decision.ADMIT, None
+        if t.queued >= t.policy.max_queue:
+            return Decision.REJECT, None
+        waiter = Waiter(tier, key, cost, self.clock() + t.policy.queue_timeout_s)
+        t.queues.setdefault(key, collections.deque()).append(waiter)
+        t.queued += 1
+        return Decision.QUEUE, waiter
+
+    def release(self, tier: str, cost: int = 1) -> list[Waiter]:
+        """A request of `tier` finished. Returns the waiters admitted in its place."""
+        t = self.tiers[tier]
+        t.active -= 1
+        self.active -= 1
+        self.active_tokens -= cost
+        return self.dispatch()
+
+    def abandon(self, waiter: Waiter) -> None:
+        """The waiter left the queue (deadline passed, client gone)."""
+        t = self.tiers[waiter.tier]
+        q = t.queues.get(waiter.key)
+        if q is not None and waiter in q:
+            q.remove(waiter)
+            t.queued -= 1
+            if not q:
+                del t.queues[waiter.key]
+
+    def dispatch(self) -> list[Waiter]:
+        admitted = []
+        while True:
+            candidates = [t for t in self.tiers.values()
+                          if t.queued and self.active < self.capacity and t.active < t.policy.max_concurrent]
+            if not candidates:
+                return admitted
+            t = min(candidates, key=lambda s: (s.virtual_time, -s.policy.weight))
+            key = min(t.queues, key=self.usage)  # ties: the key that has waited longest
+            queue = t.queues[key]
+            waiter = queue[0]
+            if not self._room(t, waiter.cost):
+                return admitted  # the chosen request waits for tokens to free; nobody overtakes it
+            queue.popleft()
+            if not queue:
+                del t.queues[key]
+            t.queued -= 1
+            self._grant(t, key, waiter.cost)
+            waiter.admitted = True
+            admitted.append(waiter)
+
+    # --- internals ------------------------------------------------------------------------------
+    def _room(self, t: _TierState, cost: int) -> bool:
+        if self.active >= self.capacity or t.active >= t.policy.max_concurrent:
+            return False
+        # A request larger than the whole token budget still runs, alone.
+        return self.active_tokens + cost <= self.token_capacity or self.active == 0
+
+    def _grant(self, t: _TierState, key: str, cost: int) -> None:
+        # A tier that was idle must not bank credit: it restarts at the busy tiers' minimum.
+        busy = [o.virtual_time for o in self.tiers.values() if o is not t and (o.active or o.queued)]
+        if not t.active and not t.queued and busy:
+            t.virtual_time = max(t.virtual_time, min(busy))
+        t.active += 1
+        self.active += 1
+        self.active_tokens += cost
+        t.virtual_time += cost / t.policy.weight
+        self._usage[key] = (self.usage(key) + cost, self.clock())

@@ -4,6 +4,7 @@ staged shutdown (stop accepting, drain in-flight work, stop the workers)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import re
 import signal
@@ -18,6 +19,9 @@ from proxy.api import OpenAIApi
 from proxy.config import Config, parse_host_port
 from proxy.errors import ApiError, MethodNotAllowed, NoWorkerReady, NotFound, PayloadTooLarge
 from proxy.gate import Gate
+from proxy.generation import RetryBudget
+from proxy.metrics import Metrics, pool_collector
+from proxy.observe import RequestRecord
 from proxy.pool import PoolState
 from proxy.supervisor import Supervisor
 
@@ -31,33 +35,39 @@ def _error_response(exc: ApiError, request_id: str) -> web.Response:
                         headers={**exc.headers(), "X-Request-Id": request_id})
 
 
-@web.middleware
-async def request_context(request: web.Request, handler):
-    """Request id in and out; every error becomes an OpenAI-shaped body (never a traceback)."""
-    incoming = request.headers.get("X-Request-Id", "")
-    request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-    request["request_id"] = request_id
-    try:
-        response = await handler(request)
-    except ApiError as exc:
-        return _error_response(exc, request_id)
-    except web.HTTPException as exc:
-        if exc.status == 404:
-            return _error_response(NotFound(f"Unknown path {request.path}."), request_id)
-        if exc.status == 405:
-            return _error_response(MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}."),
-                                   request_id)
-        if exc.status == 413:
-            return _error_response(PayloadTooLarge("The request body is too large."), request_id)
-        raise
-    except (asyncio.CancelledError, ConnectionResetError):
-        raise
-    except Exception:
-        log.exception("unhandled error in request %s", request_id)
-        return _error_response(ApiError(f"Internal error; request id {request_id}."), request_id)
-    if not response.prepared:
-        response.headers.setdefault("X-Request-Id", request_id)
-    return response
+def _as_api_error(exc: web.HTTPException, request: web.Request) -> ApiError | None:
+    if exc.status == 404:
+        return NotFound(f"Unknown path {request.path}.")
+    if exc.status == 405:
+        return MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+    if exc.status == 413:
+        return PayloadTooLarge("The request body is too large.")
+    return None
+
+
+class ClientAddress:
+    """The client's address: the peer, or - when the peer is a trusted proxy - the nearest address in
+    X-Forwarded-For that is not itself a trusted proxy."""
+
+    def __init__(self, trusted: list[str]) -> None:
+        self.trusted = [ipaddress.ip_network(t, strict=False) for t in trusted]
+
+    def _is_trusted(self, address: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(address.strip())
+        except ValueError:
+            return False
+        return any(ip in net for net in self.trusted)
+
+    def of(self, request: web.Request) -> str:
+        peer = request.remote or ""
+        if not self.trusted or not self._is_trusted(peer):
+            return peer
+        hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",") if h.strip()]
+        for hop in reversed(hops):
+            if not self._is_trusted(hop):
+                return hop
+        return hops[0] if hops else peer
 
 
 class Appliance:
@@ -65,38 +75,67 @@ class Appliance:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.pools = PoolState()
+        self.metrics = Metrics()
+        self.pools = PoolState(slow_start_s=cfg.routing.slow_start_s)
         self.supervisor = Supervisor(cfg, self.pools)
         self.gate = Gate(cfg, self.pools)
-        self.api = OpenAIApi(cfg, self.pools, self.gate)
-        self.draining = False
         self.inflight = 0
+        budget = RetryBudget(cfg.routing.retry_budget_ratio, cfg.routing.min_retry_concurrency, lambda: self.inflight)
+        self.api = OpenAIApi(cfg, self.pools, self.gate, self.metrics, budget)
+        self.metrics.add_collector(pool_collector(self.pools, self.gate))
+        self.client_address = ClientAddress(cfg.limits.trusted_proxies)
+        self.draining = False
         self._runners: list[web.AppRunner] = []
 
     # --- applications ---------------------------------------------------------------------------
     def public_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._track_inflight, request_context],
-                              client_max_size=self.cfg.limits.max_body_bytes)
+        app = web.Application(middlewares=[self._request_context], client_max_size=self.cfg.limits.max_body_bytes)
         app.add_routes(self.api.routes())
         app.add_routes([web.get("/healthz", self.healthz), web.get("/readyz", self.readyz)])
         return app
 
     def admin_app(self) -> web.Application:
-        app = web.Application(middlewares=[request_context])
-        app.add_routes([web.get("/admin/pool", self.admin_pool), web.get("/healthz", self.healthz),
-                        web.get("/readyz", self.readyz)])
+        app = web.Application(middlewares=[self._request_context])
+        app.add_routes([web.get("/admin/pool", self.admin_pool), web.get("/metrics", self.metrics_endpoint),
+                        web.get("/healthz", self.healthz), web.get("/readyz", self.readyz)])
         return app
 
     @web.middleware
-    async def _track_inflight(self, request: web.Request, handler):
-        if self.draining and request.path.startswith("/v1/"):
-            return _error_response(NoWorkerReady("The server is shutting down.", retry_after=1.0),
-                                   request.headers.get("X-Request-Id", "") or uuid.uuid4().hex)
+    async def _request_context(self, request: web.Request, handler):
+        """Request id in and out, one record per request (access log + metrics), and every error as
+        an OpenAI-shaped body (never a traceback)."""
+        incoming = request.headers.get("X-Request-Id", "")
+        rec = RequestRecord(incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex,
+                            self.client_address.of(request), request.method, request.path)
+        request["record"] = rec
         self.inflight += 1
         try:
-            return await handler(request)
+            if self.draining and request.path.startswith("/v1/"):
+                raise NoWorkerReady("The server is shutting down.", retry_after=1.0)
+            response = await handler(request)
+            if not response.prepared:
+                response.headers.setdefault("X-Request-Id", rec.id)
+            return response
+        except ApiError as exc:
+            rec.fail(exc)
+            return _error_response(exc, rec.id)
+        except web.HTTPException as exc:
+            api_error = _as_api_error(exc, request)
+            if api_error is None:
+                raise
+            rec.fail(api_error)
+            return _error_response(api_error, rec.id)
+        except (asyncio.CancelledError, ConnectionResetError) as exc:
+            rec.fail(exc)
+            raise
+        except Exception:
+            log.exception("unhandled error in request %s", rec.id)
+            error = ApiError(f"Internal error; request id {rec.id}.")
+            rec.fail(error)
+            return _error_response(error, rec.id)
         finally:
             self.inflight -= 1
+            rec.finish(self.metrics)
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -108,17 +147,28 @@ class Appliance:
     async def admin_pool(self, request: web.Request) -> web.Response:
         now = time.monotonic()
         workers = [w.snapshot(now) for w in self.pools.workers.values()]
-        return web.Response(body=_json.encode({"workers": workers, "draining": self.draining}),
+        queues = {pool: {tier: {"queued": a.queued(tier), "active": a.active_in(tier)} for tier in a.tiers}
+                  for pool, a in self.gate.admissions.items()}
+        return web.Response(body=_json.encode({"workers": workers, "queues": queues, "draining": self.draining}),
                             content_type="application/json")
+
+    async def metrics_endpoint(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         self.supervisor.start()
+        limits = self.cfg.limits
         for app, address in ((self.public_app(), self.cfg.listen), (self.admin_app(), self.cfg.admin_listen)):
-            runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+            # keepalive_timeout runs from the connection's start (and from each response): a client
+            # that has not sent a whole request head by then is closed, so it doubles as the
+            # slow-header timeout.
+            runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                   keepalive_timeout=limits.header_timeout_s, max_headers=limits.max_header_count,
+                                   max_field_size=limits.max_header_bytes, max_line_size=limits.max_header_bytes)
             await runner.setup()
             host, port = parse_host_port(address)
-            await web.TCPSite(runner, host, port, backlog=2048).start()
+            await web.TCPSite(runner, host, port, backlog=4096).start()
             self._runners.append(runner)
             log.info("listening on http://%s", address)
 

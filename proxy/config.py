@@ -4,6 +4,7 @@ cross-field checks. Every problem is reported as `field.path: reason`; never a t
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Annotated, Literal, Union
@@ -53,6 +54,8 @@ class Pool(_Base, kw_only=True):
     default_temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 1.0
     default_top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] = 1.0
     max_inflight_per_worker: PosInt = 32
+    # Cost-aware admission: estimated tokens (prompt + max_tokens) in flight per worker.
+    max_tokens_inflight_per_worker: PosInt = 262144
     cpu_threads: NonNegInt = 0
     verify_manifest: bool = True
     fake: FakeEngineSettings = msgspec.field(default_factory=FakeEngineSettings)
@@ -65,12 +68,17 @@ class Tier(_Base, kw_only=True):
     max_concurrent: PosInt = 64
     max_queue: NonNegInt = 256
     queue_timeout_s: PosFloat = 10.0
+    # Streaming-aware timeouts; unset = the global ones under `timeouts`.
+    first_token_s: Union[PosFloat, None] = None
+    idle_s: Union[PosFloat, None] = None
 
 
 class ApiKey(_Base, kw_only=True):
     name: Name
     key: Annotated[str, msgspec.Meta(min_length=8)]
     tier: Name
+    requests_per_second: Union[PosFloat, None] = None  # token bucket; burst = max(1, rate)
+    tokens_per_minute: Union[PosInt, None] = None  # prompt + max_tokens, refunded down to the tokens used
 
 
 class Auth(_Base, kw_only=True):
@@ -92,12 +100,25 @@ class Workers(_Base, kw_only=True):
 class Limits(_Base, kw_only=True):
     max_body_bytes: PosInt = 1 << 20
     max_tokens_default: PosInt = 512
+    max_header_count: PosInt = 100
+    max_header_bytes: Annotated[int, msgspec.Meta(ge=256)] = 8190  # one header line, and the request line
+    header_timeout_s: PosFloat = 60.0  # request head complete within this (also the idle keep-alive timeout)
+    body_timeout_s: PosFloat = 30.0  # whole body received within this
+    trusted_proxies: list[str] = []  # addresses/CIDRs whose X-Forwarded-For is believed
 
 
 class Timeouts(_Base, kw_only=True):
     first_token_s: PosFloat = 120.0
     idle_s: PosFloat = 60.0
+    keepalive_comment_s: PosFloat = 15.0  # an SSE comment when a stream is idle this long
     drain_s: NonNegFloat = 30.0
+
+
+class Routing(_Base, kw_only=True):
+    slow_start_s: NonNegFloat = 30.0  # a (re)started worker's weight ramps from 10% over this
+    retry_budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2  # retries in flight / active requests
+    min_retry_concurrency: NonNegInt = 3  # retries always allowed up to this many at once
+    max_attempts: PosInt = 3  # workers tried per request
 
 
 class Config(_Base, kw_only=True):
@@ -111,6 +132,7 @@ class Config(_Base, kw_only=True):
     workers: Workers = msgspec.field(default_factory=Workers)
     limits: Limits = msgspec.field(default_factory=Limits)
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
+    routing: Routing = msgspec.field(default_factory=Routing)
 
     def pool(self, name: str) -> Pool:
         return next(p for p in self.pools if p.name == name)
@@ -250,6 +272,11 @@ def _cross_field_problems(cfg: Config) -> list[str]:
         problems.append(f"auth.anonymous_tier: no tier named {cfg.auth.anonymous_tier!r}")
     if not cfg.auth.allow_anonymous and not cfg.auth.keys:
         problems.append("auth: no keys and allow_anonymous is false: nobody could call the API")
+    for i, net in enumerate(cfg.limits.trusted_proxies):
+        try:
+            ipaddress.ip_network(net, strict=False)
+        except ValueError:
+            problems.append(f"limits.trusted_proxies[{i}]: not an IP address or CIDR: {net!r}")
     w = cfg.workers
     if w.restart_backoff_initial_s > w.restart_backoff_max_s:
         problems.append("workers.restart_backoff_max_s: must be >= restart_backoff_initial_s")

@@ -53,6 +53,12 @@ class MethodNotAllowed(ApiError):
     type = "invalid_request_error"
 
 
+class RequestTimeout(ApiError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ApiError):
     status = 413
     type = "invalid_request_error"

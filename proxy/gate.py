@@ -12,11 +12,12 @@ from proxy.pool import PoolState
 
 
 class Ticket:
-    __slots__ = ("pool", "tier", "queued_s", "released")
+    __slots__ = ("pool", "tier", "cost", "queued_s", "released")
 
-    def __init__(self, pool: str, tier: str, queued_s: float) -> None:
+    def __init__(self, pool: str, tier: str, cost: int, queued_s: float) -> None:
         self.pool = pool
         self.tier = tier
+        self.cost = cost
         self.queued_s = queued_s
         self.released = False
 
@@ -31,50 +32,54 @@ class Gate:
             self.admissions[pool.name] = Admission(policies, time.monotonic)
         pools.listeners.append(self._capacity_changed)
 
-    def _capacity_changed(self, pool: str) -> None:
-        admission = self.admissions.get(pool)
-        if admission is not None:
-            _wake(admission.set_capacity(self.pools.capacity(pool)))
-
-    async def acquire(self, pool: str, tier: str) -> Ticket:
+    def _sync_capacity(self, pool: str) -> Admission:
         admission = self.admissions[pool]
-        capacity = self.pools.capacity(pool)
-        if capacity != admission.capacity:
-            _wake(admission.set_capacity(capacity))
-        if capacity == 0:
+        capacity, tokens = self.pools.capacity(pool)
+        if (capacity, tokens) != (admission.capacity, admission.token_capacity):
+            _wake(admission.set_capacity(capacity, tokens))
+        return admission
+
+    def _capacity_changed(self, pool: str) -> None:
+        if pool in self.admissions:
+            self._sync_capacity(pool)
+
+    async def acquire(self, pool: str, tier: str, key: str, cost: int) -> Ticket:
+        """Admit now, or wait in the tier's queue until admitted or the deadline passes. Raises
+        Overloaded (429) or NoWorkerReady (503), both with Retry-After, in either case at once."""
+        admission = self._sync_capacity(pool)
+        if admission.capacity == 0:
             raise NoWorkerReady("No worker is ready to serve this model; retry shortly.", retry_after=1.0)
-        decision, waiter = admission.arrive(tier)
+        decision, waiter = admission.arrive(tier, key, cost)
         if decision == Decision.ADMIT:
-            return Ticket(pool, tier, 0.0)
+            return Ticket(pool, tier, cost, 0.0)
         if decision == Decision.REJECT:
             raise self._refusal(pool, admission, tier, "queue full")
         started = time.monotonic()
         waiter.token = asyncio.get_running_loop().create_future()
         try:
-            timeout = max(0.0, waiter.deadline - started)
-            await asyncio.wait_for(asyncio.shield(waiter.token), timeout)
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
+            async with asyncio.timeout(max(0.0, waiter.deadline - started)):
+                await waiter.token
+        except (TimeoutError, asyncio.CancelledError) as exc:
             if waiter.admitted:
                 # Admitted in the same instant we gave up: hand the slot straight back.
-                _wake(admission.release(tier))
+                _wake(admission.release(tier, cost))
             else:
                 admission.abandon(waiter)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise self._refusal(pool, admission, tier, "queue deadline passed") from None
-        return Ticket(pool, tier, time.monotonic() - started)
+        return Ticket(pool, tier, cost, time.monotonic() - started)
 
     def release(self, ticket: Ticket) -> None:
         if not ticket.released:
             ticket.released = True
-            _wake(self.admissions[ticket.pool].release(ticket.tier))
+            _wake(self.admissions[ticket.pool].release(ticket.tier, ticket.cost))
 
     def _refusal(self, pool: str, admission: Admission, tier: str, why: str):
         retry = admission.expected_wait_s(tier)
         if not self.pools.ready(pool):
             return NoWorkerReady("No worker is ready to serve this model; retry shortly.", retry_after=retry)
-        return Overloaded(f"The server is at capacity ({why}); retry after the indicated time.",
-                          retry_after=retry)
+        return Overloaded(f"The server is at capacity ({why}); retry after the indicated time.", retry_after=retry)
 
 
 def _wake(waiters) -> None:

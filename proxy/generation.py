@@ -1,14 +1,19 @@
 """One request's run on the workers: pick a worker, send the Generate frame, yield its frames.
 
-Failures before the first token are retried on another worker. A worker that dies after tokens
-were sent is replaced too: the generation resumes on another worker from the prompt plus every token
-id already sent, so the client sees one uninterrupted stream (token-exact for greedy decoding).
+A worker that fails before the first token (crash, hang, internal error) is replaced by another
+worker, within the retry budget. A worker that fails after tokens went out is replaced too: the
+generation resumes on another worker from the prompt plus every token id already sent, so the
+client sees one uninterrupted stream (token-exact for greedy decoding). Only when no other worker
+can take over does the client get an error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import random
+import time
 from typing import AsyncIterator, Callable
 
 from backend.protocol import Failed, Finished, Generate, Tokens
@@ -17,63 +22,117 @@ from proxy.pool import PoolState, Worker
 from proxy.worker_client import WorkerGone
 
 _request_ids = itertools.count(1)
-KEEPALIVE_S = 15.0
-MAX_WORKERS_TRIED = 3
+
+
+class RetryBudget:
+    """Retries in flight stay under `ratio` of active requests (but `minimum` are always allowed),
+    so that retries cannot multiply the load when many workers fail at once (Envoy's retry budget)."""
+
+    def __init__(self, ratio: float, minimum: int, active: Callable[[], int]) -> None:
+        self.ratio = ratio
+        self.minimum = minimum
+        self.active = active
+        self.retrying = 0
+
+    def try_take(self) -> bool:
+        if self.retrying < max(self.minimum, self.ratio * self.active()):
+            self.retrying += 1
+            return True
+        return False
+
+    def give_back(self) -> None:
+        self.retrying -= 1
 
 
 class Generation:
-    def __init__(self, pools: PoolState, pool: str, make: Callable[[int, list[int]], Generate],
-                 first_token_s: float, idle_s: float, keepalive_s: float = KEEPALIVE_S) -> None:
+    def __init__(self, pools: PoolState, pool: str, make: Callable[[int, list[int]], Generate], cost: int, *,
+                 first_token_s: float, idle_s: float, keepalive_s: float, budget: RetryBudget,
+                 max_attempts: int, metrics=None) -> None:
         self.pools = pools
         self.pool = pool
         self.make = make  # (request id, resume token ids) -> Generate
+        self.cost = cost
         self.first_token_s = first_token_s
         self.idle_s = idle_s
         self.keepalive_s = keepalive_s
+        self.budget = budget
+        self.max_attempts = max_attempts
+        self.metrics = metrics
         self.worker: Worker | None = None
         self.token_ids: list[int] = []
+        self.dispatched_at: float | None = None  # time.monotonic() when the first Generate went out
         self.failovers = 0
         self._since = 0.0  # loop time of the last progress (attempt start or a token)
 
     async def frames(self) -> AsyncIterator[Tokens | Finished | None]:
         """Tokens frames, then one Finished. None means "idle for keepalive_s" (send a keepalive)."""
         tried: list[str] = []
-        while True:
-            worker = self.pools.pick(self.pool, exclude=tried)
-            if worker is None:
-                if tried:
-                    raise UpstreamError("The worker serving this request failed and no other worker is available.")
-                raise NoWorkerReady("No worker is ready to serve this model; retry shortly.", retry_after=1.0)
-            self.worker = worker
-            generation = self.pools.acquire(worker)
-            rid = next(_request_ids)
-            stream = worker.conn.generate(self.make(rid, list(self.token_ids)))
-            self._since = asyncio.get_running_loop().time()
-            try:
-                while True:
-                    item = await self._next(stream)
-                    if item is None or isinstance(item, Tokens):
-                        if item is not None:
-                            self.token_ids.extend(item.token_ids)
-                            self._since = asyncio.get_running_loop().time()
-                        yield item
-                    elif isinstance(item, Finished):
-                        yield item
-                        return
-                    elif isinstance(item, Failed):
-                        if item.code == "invalid_request":
-                            raise InvalidRequest(item.message, param="messages")
-                        raise UpstreamError(f"The worker failed to serve the request: {item.message}")
-                    elif isinstance(item, WorkerGone):
-                        tried.append(worker.id)
-                        self.failovers += 1
-                        if len(tried) >= MAX_WORKERS_TRIED:
-                            raise UpstreamError("The request failed on several workers.")
-                        break
-            finally:
-                if not stream.closed and worker.conn is not None:
-                    worker.conn.cancel(rid)
-                self.pools.release(worker, generation)
+        holding_retry = False  # a retried request holds one unit of the budget until it ends
+        try:
+            while True:
+                failure = None
+                # aclosing: when our consumer stops early, the attempt's cleanup (cancel the
+                # generation, release the worker) must run now, not whenever the GC gets to it.
+                async with contextlib.aclosing(self._attempt(tried)) as attempt:
+                    async for item in attempt:
+                        if isinstance(item, (Failed, WorkerGone)):
+                            failure = item
+                        else:
+                            yield item
+                if failure is None:
+                    return
+                if len(tried) >= self.max_attempts:
+                    raise UpstreamError(f"The request failed on {len(tried)} workers ({failure}).")
+                if not holding_retry:
+                    if not self.budget.try_take():
+                        raise UpstreamError("The worker failed and the retry budget is spent; retry later.")
+                    holding_retry = True
+                self.failovers += 1
+                if self.metrics is not None:
+                    if self.token_ids:
+                        self.metrics.resumes.inc()
+                    else:
+                        self.metrics.retries.labels("worker_gone" if isinstance(failure, WorkerGone)
+                                                    else "worker_error").inc()
+                await asyncio.sleep(random.uniform(0.0, 0.02 * len(tried)))  # jitter: failures cluster
+        finally:
+            if holding_retry:
+                self.budget.give_back()
+
+    async def _attempt(self, tried: list[str]):
+        """One worker's part: its frames, ending with Finished, or with the failure to retry after."""
+        worker = self.pools.pick(self.pool, exclude=tried)
+        if worker is None:
+            if tried:
+                raise UpstreamError("The worker serving this request failed and no other worker is available.")
+            raise NoWorkerReady("No worker is ready to serve this model; retry shortly.", retry_after=1.0)
+        loop = asyncio.get_running_loop()
+        self.worker = worker
+        generation = self.pools.acquire(worker, self.cost)
+        rid = next(_request_ids)
+        stream = worker.conn.generate(self.make(rid, list(self.token_ids)))
+        self._since = loop.time()
+        if self.dispatched_at is None:
+            self.dispatched_at = time.monotonic()
+        try:
+            while True:
+                item = await self._next(stream)
+                if isinstance(item, Tokens):
+                    self.token_ids.extend(item.token_ids)
+                    self._since = loop.time()
+                elif isinstance(item, Failed):
+                    if item.code == "invalid_request":
+                        raise InvalidRequest(item.message, param="messages")
+                    tried.append(worker.id)
+                elif isinstance(item, WorkerGone):
+                    tried.append(worker.id)
+                yield item
+                if isinstance(item, (Finished, Failed, WorkerGone)):
+                    return
+        finally:
+            if not stream.closed and worker.conn is not None:
+                worker.conn.cancel(rid)
+            self.pools.release(worker, generation, self.cost)
 
     async def _next(self, stream):
         limit = self.idle_s if self.token_ids else self.first_token_s

@@ -24,22 +24,28 @@ class WorkerState(str, enum.Enum):
 class Worker:
     """One replica slot of a pool: the process that currently fills it and its bookkeeping."""
 
-    def __init__(self, worker_id: str, pool: str, model: str, device: str, capacity: int) -> None:
+    def __init__(self, worker_id: str, pool: str, model: str, device: str, capacity: int,
+                 token_capacity: int = 1 << 30) -> None:
         self.id = worker_id
         self.pool = pool
         self.model = model
         self.device = device
         self.capacity = capacity
+        self.token_capacity = token_capacity
         self.state = WorkerState.STOPPED
         self.pid: int | None = None
         self.conn: WorkerConnection | None = None
         self.inflight = 0
+        self.inflight_tokens = 0
         self.generation = 0  # bumped per process, so requests of a dead process release nothing
         self.restarts = 0
         self.boot_failures = 0
         self.last_error = ""
         self.last_heartbeat = 0.0
         self.engine_stall_s = 0.0
+        self.engine_running = 0  # sequences the worker itself reports (last heartbeat)
+        self.engine_waiting = 0
+        self.generated_tokens = 0
         self.ready_since: float | None = None
         self.weight = 1.0
         self.info: Ready | None = None
@@ -48,7 +54,9 @@ class Worker:
         return {
             "id": self.id, "pool": self.pool, "model": self.model, "device": self.device,
             "state": self.state.value, "pid": self.pid, "inflight": self.inflight,
-            "capacity": self.capacity, "restarts": self.restarts, "boot_failures": self.boot_failures,
+            "capacity": self.capacity, "inflight_tokens": self.inflight_tokens,
+            "engine_running": self.engine_running, "engine_waiting": self.engine_waiting,
+            "weight": round(self.weight, 3), "restarts": self.restarts, "boot_failures": self.boot_failures,
             "heartbeat_age_s": round(now - self.last_heartbeat, 3) if self.last_heartbeat else None,
             "ready_for_s": round(now - self.ready_since, 1) if self.ready_since else None,
             "last_error": self.last_error or None,
@@ -56,8 +64,9 @@ class Worker:
 
 
 class PoolState:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic, slow_start_s: float = 0.0) -> None:
         self.clock = clock
+        self.slow_start_s = slow_start_s
         self.workers: dict[str, Worker] = {}
         self.listeners: list[Callable[[str], None]] = []  # called with a pool name when capacity may have grown
 
@@ -73,12 +82,23 @@ class PoolState:
     def any_ready(self) -> bool:
         return any(w.state is WorkerState.READY for w in self.workers.values())
 
-    def capacity(self, pool: str) -> int:
-        return sum(w.capacity for w in self.ready(pool))
+    def capacity(self, pool: str) -> tuple[int, int]:
+        """(requests, estimated tokens) the pool's ready workers can hold at once."""
+        ready = self.ready(pool)
+        return sum(w.capacity for w in ready), sum(w.token_capacity for w in ready)
 
     def pick(self, pool: str, exclude: Iterable[str] = ()) -> Worker | None:
         skip = set(exclude)
-        return routing.pick([w for w in self.ready(pool) if w.id not in skip])
+        candidates = [w for w in self.ready(pool) if w.id not in skip]
+        now = self.clock()
+        for w in candidates:
+            w.weight = self._slow_start_weight(w, now)
+        return routing.pick(candidates)
+
+    def _slow_start_weight(self, worker: Worker, now: float) -> float:
+        if not self.slow_start_s or worker.ready_since is None:
+            return 1.0
+        return min(1.0, 0.1 + 0.9 * (now - worker.ready_since) / self.slow_start_s)
 
     # --- transitions reported by the supervisor -------------------------------------------------
     def starting(self, worker: Worker, pid: int, conn: WorkerConnection) -> None:
@@ -86,7 +106,7 @@ class PoolState:
         worker.generation += 1
         worker.pid = pid
         worker.conn = conn
-        worker.inflight = 0
+        worker.inflight = worker.inflight_tokens = 0
         worker.last_heartbeat = self.clock()
         worker.ready_since = None
         worker.info = None
@@ -101,13 +121,16 @@ class PoolState:
     def heartbeat(self, worker: Worker, hb: Heartbeat) -> None:
         worker.last_heartbeat = self.clock()
         worker.engine_stall_s = hb.engine_stall_s
+        worker.engine_running = hb.running
+        worker.engine_waiting = hb.waiting
+        worker.generated_tokens = hb.generated_tokens
 
     def gone(self, worker: Worker, error: str, at_boot: bool) -> None:
         worker.state = WorkerState.BACKOFF
         worker.pid = None
         worker.conn = None
         worker.ready_since = None
-        worker.inflight = 0
+        worker.inflight = worker.inflight_tokens = 0
         worker.restarts += 1
         if at_boot:
             worker.boot_failures += 1
@@ -120,13 +143,15 @@ class PoolState:
         worker.conn = None
 
     # --- request accounting ---------------------------------------------------------------------
-    def acquire(self, worker: Worker) -> int:
+    def acquire(self, worker: Worker, cost: int) -> int:
         worker.inflight += 1
+        worker.inflight_tokens += cost
         return worker.generation
 
-    def release(self, worker: Worker, generation: int) -> None:
+    def release(self, worker: Worker, generation: int, cost: int) -> None:
         if worker.generation == generation and worker.inflight > 0:
             worker.inflight -= 1
+            worker.inflight_tokens -= cost
         self._notify(worker.pool)
 
     def _notify(self, pool: str) -> None:

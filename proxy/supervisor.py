@@ -62,7 +62,7 @@ class Supervisor:
         for pool in self.cfg.pools:
             for index in range(pool.replicas.hot):
                 worker = Worker(f"{pool.name}-{index}", pool.name, pool.model, pool.devices[index],
-                                pool.max_inflight_per_worker)
+                                pool.max_inflight_per_worker, pool.max_tokens_inflight_per_worker)
                 self.pools.add(worker)
                 self._tasks[worker.id] = asyncio.create_task(self._keep_alive(worker, pool),
                                                              name=f"keep-alive {worker.id}")

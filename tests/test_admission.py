@@ -7,7 +7,7 @@ def make(capacity=2, weights=(6, 3, 1), max_queue=100, max_concurrent=100):
     names = ["premium", "standard", "batch"]
     adm = Admission([TierPolicy(n, w, max_concurrent, max_queue, 10.0) for n, w in zip(names, weights)],
                     clock=lambda: 0.0)
-    adm.set_capacity(capacity)
+    adm.set_capacity(capacity, 10_000)
     return adm
 
 
@@ -72,4 +72,58 @@ def test_abandoned_waiter_leaves_the_queue():
 def test_capacity_growth_admits_waiters():
     adm = make(capacity=0)
     waiters = [adm.arrive("standard")[1] for _ in range(3)]
-    assert adm.set_capacity(2) == waiters[:2]
+    assert adm.set_capacity(2, 10_000) == waiters[:2]
+
+
+def test_one_key_flooding_its_tier_does_not_starve_other_keys():
+    adm = make(capacity=1)
+    adm.arrive("standard", "flooder")
+    for _ in range(50):
+        adm.arrive("standard", "flooder")
+    _, polite = adm.arrive("standard", "polite")
+    (nxt,) = adm.release("standard")
+    assert nxt is polite  # flooder already used a slot recently; polite has no usage
+
+
+def test_key_usage_decays_over_time():
+    now = [0.0]
+    adm = Admission([TierPolicy("t", 1, 10, 10, 10.0)], clock=lambda: now[0], usage_half_life_s=10)
+    adm.set_capacity(10, 10_000)
+    adm.arrive("t", "k", cost=100)
+    assert adm.usage("k") == 100
+    now[0] = 10.0
+    assert abs(adm.usage("k") - 50) < 1e-9
+
+
+def test_token_budget_makes_admission_cost_aware():
+    adm = make(capacity=10)
+    adm.set_capacity(10, 1000)
+    assert adm.arrive("standard", "a", cost=900)[0] == Decision.ADMIT
+    decision, small = adm.arrive("standard", "b", cost=200)
+    assert decision == Decision.QUEUE  # 900 + 200 > 1000 although request slots are free
+    assert adm.release("standard", 900) == [small]
+
+
+def test_request_bigger_than_the_budget_runs_alone():
+    adm = make(capacity=10)
+    adm.set_capacity(10, 1000)
+    assert adm.arrive("premium", "a", cost=5000)[0] == Decision.ADMIT
+    assert adm.arrive("premium", "a", cost=1)[0] == Decision.QUEUE
+
+
+def test_cost_counts_in_tier_shares():
+    # Two equal-weight tiers: one sends requests 10x as expensive; slots follow cost, not count.
+    adm = Admission([TierPolicy("big", 1, 100, 1000, 10.0), TierPolicy("small", 1, 100, 1000, 10.0)],
+                    clock=lambda: 0.0)
+    adm.set_capacity(1, 10_000)
+    adm.arrive("small", "s", cost=10)
+    for _ in range(100):
+        adm.arrive("big", "b", cost=100)
+        adm.arrive("small", "s", cost=10)
+    served = {"big": 0, "small": 0}
+    running, cost = "small", 10
+    for _ in range(110):
+        (nxt,) = adm.release(running, cost)
+        served[nxt.tier] += 1
+        running, cost = nxt.tier, nxt.cost
+    assert served["small"] >= 9 * served["big"]

@@ -10,6 +10,7 @@ class W:
     inflight: int
     capacity: int = 4
     weight: float = 1.0
+    inflight_tokens: int = 0
 
 
 def test_full_workers_are_never_picked():
@@ -27,3 +28,9 @@ def test_low_weight_worker_gets_less():
     rng = random.Random(2)
     workers = [W("warm", 2, 100, 1.0), W("ramping", 1, 100, 0.1)]
     assert sum(pick(workers, rng).name == "warm" for _ in range(20)) == 20
+
+
+def test_tokens_in_flight_count_as_load():
+    rng = random.Random(3)
+    workers = [W("long", 1, 100, inflight_tokens=8000), W("short", 2, 100, inflight_tokens=20)]
+    assert all(pick(workers, rng).name == "short" for _ in range(20))

@@ -1,0 +1,78 @@
+"""What one request did, recorded once at its end: the structured access log line and the metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+
+from proxy.errors import ApiError, NoWorkerReady, Overloaded, UpstreamTimeout
+from proxy.metrics import Metrics
+
+access_log = logging.getLogger("fullpower.access")
+_json = msgspec.json.Encoder()
+
+
+class RequestRecord:
+    __slots__ = ("id", "started", "client", "method", "path", "key", "tier", "model", "status", "outcome",
+                 "queue_s", "ttft_s", "prompt_tokens", "completion_tokens", "worker", "served_model", "failovers",
+                 "overhead_s", "error")
+
+    def __init__(self, request_id: str, client: str, method: str, path: str) -> None:
+        self.id = request_id
+        self.started = time.monotonic()
+        self.client = client
+        self.method = method
+        self.path = path
+        self.key = self.tier = self.model = self.worker = self.served_model = self.error = None
+        self.status = 200
+        self.outcome = "served"
+        self.queue_s = self.ttft_s = self.overhead_s = None
+        self.prompt_tokens = self.completion_tokens = 0
+        self.failovers = 0
+
+    def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, ApiError):
+            self.status = exc.status
+            self.error = exc.code or exc.type
+            if isinstance(exc, (Overloaded, NoWorkerReady)):
+                self.outcome = "shed"
+            elif isinstance(exc, UpstreamTimeout):
+                self.outcome = "timeout"
+            elif exc.status < 500:
+                self.outcome = "invalid"
+            else:
+                self.outcome = "error"
+        else:
+            self.status, self.outcome, self.error = 499, "cancelled", "client_closed_request"
+
+    def finish(self, metrics: Metrics) -> None:
+        total = time.monotonic() - self.started
+        tier = self.tier or "none"
+        if self.path.startswith("/v1/") and self.method == "POST":
+            metrics.requests.labels(tier, self.served_model or self.model or "none", str(self.status),
+                                    self.outcome).inc()
+            metrics.duration.labels(tier).observe(total)
+            if self.queue_s is not None:
+                metrics.queue_wait.labels(tier).observe(self.queue_s)
+            if self.ttft_s is not None:
+                metrics.ttft.labels(tier).observe(self.ttft_s)
+            if self.overhead_s is not None:
+                metrics.overhead.observe(self.overhead_s)
+            if self.prompt_tokens or self.completion_tokens:
+                metrics.tokens.labels(tier, "prompt").inc(self.prompt_tokens)
+                metrics.tokens.labels(tier, "completion").inc(self.completion_tokens)
+        if access_log.isEnabledFor(logging.INFO):
+            access_log.info(_json.encode({
+                "id": self.id, "client": self.client, "method": self.method, "path": self.path,
+                "key": self.key, "tier": self.tier, "model": self.served_model or self.model, "worker": self.worker,
+                "status": self.status, "outcome": self.outcome, "error": self.error,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "queue_ms": _ms(self.queue_s), "ttft_ms": _ms(self.ttft_s), "total_ms": _ms(total),
+                "overhead_ms": _ms(self.overhead_s), "failovers": self.failovers or None,
+            }).decode())
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
