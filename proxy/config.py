@@ -257,8 +257,6 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             elif not (path / "config.json").is_file():
                 problems.append(f"{where}.model_path: {pool.model_path!r} has no config.json "
                                 "(not a Hugging Face model directory)")
-        if pool.max_batch_size > pool.max_inflight_per_worker:
-            problems.append(f"{where}.max_inflight_per_worker: must be >= max_batch_size ({pool.max_batch_size})")
     for i, tier in enumerate(cfg.tiers):
         if tier.pool not in pool_names:
             problems.append(f"tiers[{i}].pool: no pool named {tier.pool!r}")

@@ -101,7 +101,10 @@ class Generation:
 
     async def _attempt(self, tried: list[str]):
         """One worker's part: its frames, ending with Finished, or with the failure to retry after."""
+        # Prefer workers not tried yet; with attempts left but none untried, any but the last to fail.
         worker = self.pools.pick(self.pool, exclude=tried)
+        if worker is None and tried:
+            worker = self.pools.pick(self.pool, exclude=tried[-1:])
         if worker is None:
             if tried:
                 raise UpstreamError("The worker serving this request failed and no other worker is available.")

@@ -111,6 +111,8 @@ def parse(body: bytes, kind: type):
         raise InvalidRequest(f"Invalid value for '{param}': {reason}" if param else reason, param=param) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidRequest("The request body is not valid UTF-8.") from None
     req.check_common()
     if kind is CompletionRequest and (req.echo or req.suffix):
         raise InvalidRequest("echo and suffix are not supported.", param="echo" if req.echo else "suffix")

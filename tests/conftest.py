@@ -198,3 +198,26 @@ write_manifest(out)
 """
     subprocess.run([PYTHON, "-c", code], check=True, cwd=ROOT)
     return out
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (prometheus-client's parser)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")
