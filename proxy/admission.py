@@ -81,6 +81,16 @@ class Admission:
         return max(1.0, t.policy.queue_timeout_s * t.queued / max(1, t.policy.max_queue))
 
     # --- changing -------------------------------------------------------------------------------
+    def update_policies(self, tiers: list[TierPolicy]) -> list[Waiter]:
+        """A reloaded config: new limits and weights apply from now on; running and queued requests stay."""
+        for policy in tiers:
+            state = self.tiers.get(policy.name)
+            if state is None:
+                self.tiers[policy.name] = _TierState(policy)
+            else:
+                state.policy = policy
+        return self.dispatch()
+
     def set_capacity(self, capacity: int, token_capacity: int) -> list[Waiter]:
         self.capacity = capacity
         self.token_capacity = token_capacity

@@ -30,19 +30,31 @@ CHARS_PER_TOKEN = 4  # the proxy has no tokenizer; admission estimates prompt to
 
 class OpenAIApi:
     def __init__(self, cfg: Config, pools: PoolState, gate: Gate, metrics: Metrics, budget: RetryBudget) -> None:
-        self.cfg = cfg
         self.pools = pools
         self.gate = gate
         self.metrics = metrics
         self.budget = budget
-        self.auth = Authenticator(cfg)
         self.created = int(time.time())
-        self.models: dict[str, str] = {}  # served model name -> first pool serving it
+        self.key_limits: dict[str, KeyLimits] = {}
+        self.update(cfg)
+
+    def update(self, cfg: Config) -> None:
+        """Take a (re)loaded config. Requests in flight keep what they started with."""
+        self.cfg = cfg
+        self.auth = Authenticator(cfg)
+        models: dict[str, str] = {}  # served model name -> first pool serving it
         for pool in cfg.pools:
-            self.models.setdefault(pool.model, pool.name)
+            models.setdefault(pool.model, pool.name)
+        self.models = models
         self.tier_rank = {t.name: i for i, t in enumerate(cfg.tiers)}  # config order: first = highest
-        self.key_limits = {k.name: KeyLimits(k.requests_per_second, k.tokens_per_minute, time.monotonic)
-                           for k in cfg.auth.keys if k.requests_per_second or k.tokens_per_minute}
+        old = self.key_limits
+        self.key_limits = {}
+        for k in cfg.auth.keys:
+            if k.requests_per_second or k.tokens_per_minute:
+                kept = old.get(k.name)
+                same = kept is not None and kept.settings == (k.requests_per_second, k.tokens_per_minute)
+                self.key_limits[k.name] = kept if same else KeyLimits(k.requests_per_second, k.tokens_per_minute,
+                                                                      time.monotonic)
 
     def routes(self) -> list[web.RouteDef]:
         return [

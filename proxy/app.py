@@ -16,7 +16,7 @@ from aiohttp import web
 
 from proxy import systemd
 from proxy.api import OpenAIApi
-from proxy.config import Config, parse_host_port
+from proxy.config import Config, ConfigError, load_config, parse_host_port
 from proxy.errors import ApiError, MethodNotAllowed, NoWorkerReady, NotFound, PayloadTooLarge
 from proxy.gate import Gate
 from proxy.generation import RetryBudget
@@ -73,12 +73,16 @@ class ClientAddress:
 class Appliance:
     """Owns every long-lived component; `start` and `stop` are the only lifecycle entry points."""
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, config_path: str | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path
         self.metrics = Metrics()
-        self.pools = PoolState(slow_start_s=cfg.routing.slow_start_s)
-        self.supervisor = Supervisor(cfg, self.pools)
+        self.pools = PoolState(slow_start_s=cfg.routing.slow_start_s,
+                               restart_after_ejections=cfg.outlier.restart_after_ejections)
+        self.supervisor = Supervisor(cfg, self.pools, self.metrics)
         self.gate = Gate(cfg, self.pools)
+        self.supervisor.queue_depth = self.gate.queue_depth
+        self._reload_lock = asyncio.Lock()
         self.inflight = 0
         budget = RetryBudget(cfg.routing.retry_budget_ratio, cfg.routing.min_retry_concurrency, lambda: self.inflight)
         self.api = OpenAIApi(cfg, self.pools, self.gate, self.metrics, budget)
@@ -97,7 +101,10 @@ class Appliance:
     def admin_app(self) -> web.Application:
         app = web.Application(middlewares=[self._request_context])
         app.add_routes([web.get("/admin/pool", self.admin_pool), web.get("/metrics", self.metrics_endpoint),
-                        web.get("/healthz", self.healthz), web.get("/readyz", self.readyz)])
+                        web.get("/healthz", self.healthz), web.get("/readyz", self.readyz),
+                        web.post("/admin/reload", self.admin_reload),
+                        web.post("/admin/workers/{id}/{action:drain|undrain|restart}", self.admin_worker),
+                        web.post("/admin/pools/{pool}/restart", self.admin_rolling_restart)])
         return app
 
     @web.middleware
@@ -152,8 +159,66 @@ class Appliance:
         return web.Response(body=_json.encode({"workers": workers, "queues": queues, "draining": self.draining}),
                             content_type="application/json")
 
+    async def admin_worker(self, request: web.Request) -> web.Response:
+        worker_id, action = request.match_info["id"], request.match_info["action"]
+        try:
+            if action == "drain":
+                self.supervisor.drain(worker_id)
+            elif action == "undrain":
+                self.supervisor.undrain(worker_id)
+            else:
+                await self.supervisor.restart_worker(worker_id)
+        except LookupError as exc:
+            raise NotFound(str(exc)) from None
+        except TimeoutError as exc:
+            raise ApiError(str(exc)) from None
+        return web.json_response({"worker": worker_id, "action": action, "state": self.pools.workers[worker_id].state})
+
+    async def admin_rolling_restart(self, request: web.Request) -> web.Response:
+        pool = request.match_info["pool"]
+        if not self.supervisor.running(pool):
+            raise NotFound(f"no running workers in pool {pool!r}")
+        try:
+            restarted = await self.supervisor.rolling_restart(pool)
+        except TimeoutError as exc:
+            raise ApiError(str(exc)) from None
+        return web.json_response({"pool": pool, "restarted": restarted})
+
+    async def admin_reload(self, request: web.Request) -> web.Response:
+        ok, lines = await self.reload()
+        return web.json_response({"ok": ok, "changes" if ok else "problems": lines}, status=200 if ok else 400)
+
+    async def reload(self) -> tuple[bool, list[str]]:
+        """Read and validate the config file again; apply it if valid, else keep the running one."""
+        if not self.config_path:
+            return False, ["(file): this server was not started from a config file"]
+        try:
+            new = load_config(self.config_path)
+            problems = [f"{field}: changing it needs a restart" for field in ("listen", "admin_listen", "data_dir")
+                        if getattr(new, field) != getattr(self.cfg, field)]
+            if problems:
+                raise ConfigError(problems)
+        except ConfigError as exc:
+            self.metrics.config_reloads.labels("invalid").inc()
+            log.error("reload refused, still running the previous config: %s", "; ".join(exc.problems))
+            return False, exc.problems
+        async with self._reload_lock:
+            self.cfg = new
+            self.gate.update(new)
+            self.api.update(new)
+            changes = await self.supervisor.apply(new)
+        self.metrics.config_reloads.labels("applied").inc()
+        log.info("config reloaded: %s", "; ".join(changes) or "no worker changes")
+        return True, changes
+
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    def status_line(self) -> str:
+        workers = list(self.pools.workers.values())
+        ready = sum(1 for w in workers if w.state.value == "ready")
+        queued = sum(a.queued() for a in self.gate.admissions.values())
+        return f"{ready}/{len(workers)} workers ready, {self.inflight} requests in flight, {queued} queued"
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -190,16 +255,29 @@ class Appliance:
         log.info("stopped")
 
 
-async def serve(cfg: Config) -> None:
-    appliance = Appliance(cfg)
+async def serve(cfg: Config, config_path: str | None = None) -> None:
+    appliance = Appliance(cfg, config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Signal handlers only queue work for the loop (gunicorn's rule).
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(appliance.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     await appliance.start()
+    watchdog = asyncio.create_task(systemd.watchdog_loop(appliance.status_line))
     systemd.notify("READY=1")
     try:
         await stop.wait()
         log.info("signal received: shutting down")
     finally:
+        watchdog.cancel()
+        for task in reloads:
+            task.cancel()
         await appliance.stop()

@@ -51,9 +51,9 @@ def cmd_serve(args) -> int:
     try:
         import uvloop
 
-        uvloop.run(serve(cfg))
+        uvloop.run(serve(cfg, args.config))
     except ImportError:
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, args.config))
     return 0
 
 
@@ -82,8 +82,56 @@ def _admin_get(address: str, path: str):
         return json.load(resp)
 
 
+def _admin_post(address: str, path: str, timeout: float = 1800):
+    """(HTTP status, parsed JSON) of a POST to the admin listener."""
+    host, port = parse_host_port(address)
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
+def _admin_address(args) -> str:
+    return args.admin or _load_or_exit(args.config).admin_listen
+
+
+def cmd_reload(args) -> int:
+    address = _admin_address(args)
+    try:
+        status, body = _admin_post(address, "/admin/reload")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the admin listener at {address}: {exc}", file=sys.stderr)
+        return 1
+    if status == 200:
+        for line in body.get("changes") or ["no worker changes"]:
+            print(line)
+        return 0
+    for line in body.get("problems") or [body.get("error", {}).get("message", "reload failed")]:
+        print(line, file=sys.stderr)
+    print("reload refused: the server keeps running its previous config", file=sys.stderr)
+    return 2
+
+
+def cmd_worker(args) -> int:
+    address = _admin_address(args)
+    path = (f"/admin/pools/{args.target}/restart" if args.action == "rolling-restart"
+            else f"/admin/workers/{args.target}/{args.action}")
+    try:
+        status, body = _admin_post(address, path)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the admin listener at {address}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(body.get("error", {}).get("message", f"HTTP {status}"), file=sys.stderr)
+        return 1
+    print(json.dumps(body))
+    return 0
+
+
 def cmd_status(args) -> int:
-    address = args.admin or _load_or_exit(args.config).admin_listen
+    address = _admin_address(args)
     try:
         data = _admin_get(address, "/admin/pool")
     except (urllib.error.URLError, OSError) as exc:
@@ -129,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("reload", help="re-read and apply the config file of the running server "
+                                      "(exit 2 and no change if it is invalid); SIGHUP does the same")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("worker", help="drain, undrain or restart one worker; rolling-restart a pool")
+    p.add_argument("action", choices=["drain", "undrain", "restart", "rolling-restart"])
+    p.add_argument("target", help="worker id (e.g. main-0), or the pool name for rolling-restart")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
+    p.set_defaults(func=cmd_worker)
     return parser
 
 

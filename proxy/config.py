@@ -41,6 +41,14 @@ class FakeEngineSettings(_Base, kw_only=True):
     boot_fail: str = ""
 
 
+class Autoscale(_Base, kw_only=True):
+    """Cold standby: start a cold worker when the pool's queue stays deep, stop it when idle."""
+
+    queue_depth: PosInt = 50
+    sustain_s: NonNegFloat = 10.0
+    idle_s: PosFloat = 300.0
+
+
 class Pool(_Base, kw_only=True):
     name: Name
     model: Name  # the name clients put in "model"
@@ -48,6 +56,7 @@ class Pool(_Base, kw_only=True):
     model_path: str = ""  # "" = the embedded SmolLM2 under data_dir
     devices: list[str] = msgspec.field(default_factory=lambda: ["cpu"])  # one entry per replica slot: "cpu" or "cuda:N"
     replicas: Replicas = msgspec.field(default_factory=Replicas)
+    autoscale: Autoscale = msgspec.field(default_factory=Autoscale)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_batch_size: PosInt = 8
     # Sampling defaults for requests that leave temperature / top_p out (OpenAI's are 1.0 and 1.0).
@@ -114,6 +123,16 @@ class Timeouts(_Base, kw_only=True):
     drain_s: NonNegFloat = 30.0
 
 
+class Outlier(_Base, kw_only=True):
+    """Passive outlier detection and circuit breaking per worker (Envoy's defaults)."""
+
+    consecutive_errors: PosInt = 5  # connection lost / timed out
+    consecutive_5xx: PosInt = 3  # the worker reported an internal error
+    base_eject_s: PosFloat = 30.0  # x times ejected, capped, +-10% jitter
+    max_eject_s: PosFloat = 300.0
+    restart_after_ejections: PosInt = 3  # ejected this often in a row: restart the process
+
+
 class Routing(_Base, kw_only=True):
     slow_start_s: NonNegFloat = 30.0  # a (re)started worker's weight ramps from 10% over this
     retry_budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2  # retries in flight / active requests
@@ -133,6 +152,7 @@ class Config(_Base, kw_only=True):
     limits: Limits = msgspec.field(default_factory=Limits)
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     routing: Routing = msgspec.field(default_factory=Routing)
+    outlier: Outlier = msgspec.field(default_factory=Outlier)
 
     def pool(self, name: str) -> Pool:
         return next(p for p in self.pools if p.name == name)

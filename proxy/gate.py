@@ -26,11 +26,22 @@ class Gate:
     def __init__(self, cfg: Config, pools: PoolState) -> None:
         self.pools = pools
         self.admissions: dict[str, Admission] = {}
-        for pool in cfg.pools:
-            policies = [TierPolicy(t.name, t.weight, t.max_concurrent, t.max_queue, t.queue_timeout_s)
-                        for t in cfg.tiers]
-            self.admissions[pool.name] = Admission(policies, time.monotonic)
+        self.update(cfg)
         pools.listeners.append(self._capacity_changed)
+
+    def update(self, cfg: Config) -> None:
+        policies = [TierPolicy(t.name, t.weight, t.max_concurrent, t.max_queue, t.queue_timeout_s)
+                    for t in cfg.tiers]
+        for pool in cfg.pools:
+            admission = self.admissions.get(pool.name)
+            if admission is None:
+                self.admissions[pool.name] = Admission(policies, time.monotonic)
+            else:
+                _wake(admission.update_policies(policies))
+
+    def queue_depth(self, pool: str) -> int:
+        admission = self.admissions.get(pool)
+        return admission.queued() if admission is not None else 0
 
     def _sync_capacity(self, pool: str) -> Admission:
         admission = self.admissions[pool]

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Callable
 
 from backend.protocol import Failed, Finished, Generate, Tokens
 from proxy.errors import InvalidRequest, NoWorkerReady, UpstreamError, UpstreamTimeout
-from proxy.pool import PoolState, Worker
+from proxy.pool import Outcome, PoolState, Worker
 from proxy.worker_client import WorkerGone
 
 _request_ids = itertools.count(1)
@@ -117,17 +117,27 @@ class Generation:
         self._since = loop.time()
         if self.dispatched_at is None:
             self.dispatched_at = time.monotonic()
+        outcome = None
         try:
             while True:
-                item = await self._next(stream)
+                try:
+                    item = await self._next(stream)
+                except UpstreamTimeout:
+                    outcome = Outcome.GONE
+                    raise
                 if isinstance(item, Tokens):
                     self.token_ids.extend(item.token_ids)
                     self._since = loop.time()
+                elif isinstance(item, Finished):
+                    outcome = Outcome.OK
                 elif isinstance(item, Failed):
                     if item.code == "invalid_request":
+                        outcome = Outcome.OK  # the request was at fault, not the worker
                         raise InvalidRequest(item.message, param="messages")
+                    outcome = Outcome.INTERNAL
                     tried.append(worker.id)
                 elif isinstance(item, WorkerGone):
+                    outcome = Outcome.GONE
                     tried.append(worker.id)
                 yield item
                 if isinstance(item, (Finished, Failed, WorkerGone)):
@@ -135,7 +145,7 @@ class Generation:
         finally:
             if not stream.closed and worker.conn is not None:
                 worker.conn.cancel(rid)
-            self.pools.release(worker, generation, self.cost)
+            self.pools.release(worker, generation, self.cost, outcome)
 
     async def _next(self, stream):
         limit = self.idle_s if self.token_ids else self.first_token_s

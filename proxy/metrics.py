@@ -40,6 +40,11 @@ class Metrics:
                                "were sent", registry=r)
         self.cancellations = Counter("fullpower_cancellations", "Generations cancelled because the client left",
                                      ["stage"], registry=r)
+        self.ejections = Counter("fullpower_worker_ejections", "Workers ejected by outlier detection", ["pool"],
+                                 registry=r)
+        self.scaling_events = Counter("fullpower_scaling_events", "Cold workers started (up) or stopped (down)",
+                                      ["pool", "direction"], registry=r)
+        self.config_reloads = Counter("fullpower_config_reloads", "Configuration reloads", ["result"], registry=r)
         self.rate_limited = Counter("fullpower_rate_limited", "Requests refused by a key's rate limit",
                                     ["tier", "limit"], registry=r)
 
@@ -70,6 +75,8 @@ def pool_collector(pools, gate) -> Callable[[], list]:
                                        labels=["worker", "pool"])
         boot_fail = CounterMetricFamily("fullpower_worker_boot_failures", "Consecutive failures at boot",
                                         labels=["worker", "pool"])
+        breaker = GaugeMetricFamily("fullpower_worker_breaker_state", "1 for the breaker state of the worker",
+                                    labels=["worker", "pool", "state"])
         hb_age = GaugeMetricFamily("fullpower_worker_heartbeat_age_seconds", "Seconds since the last heartbeat",
                                    labels=["worker", "pool"])
         tokens = CounterMetricFamily("fullpower_worker_generated_tokens", "Tokens the worker process generated "
@@ -79,6 +86,8 @@ def pool_collector(pools, gate) -> Callable[[], list]:
             for s in WorkerState:
                 state.add_metric(labels + [s.value], 1.0 if w.state is s else 0.0)
             inflight.add_metric(labels, w.inflight)
+            for b in ("closed", "open", "half_open"):
+                breaker.add_metric(labels + [b], 1.0 if w.breaker.state == b else 0.0)
             running.add_metric(labels, w.engine_running)
             restarts.add_metric(labels, w.restarts)
             boot_fail.add_metric(labels, w.boot_failures)
@@ -91,6 +100,6 @@ def pool_collector(pools, gate) -> Callable[[], list]:
             for tier in admission.tiers:
                 depth.add_metric([pool, tier], admission.queued(tier))
                 active.add_metric([pool, tier], admission.active_in(tier))
-        return [state, inflight, running, restarts, boot_fail, hb_age, tokens, depth, active]
+        return [state, inflight, running, restarts, boot_fail, breaker, hb_age, tokens, depth, active]
 
     return collect

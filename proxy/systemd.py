@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Callable
 
 
 def notify(state: str) -> bool:
@@ -18,3 +19,18 @@ def notify(state: str) -> bool:
         return True
     except OSError:
         return False
+
+
+async def watchdog_loop(status: "Callable[[], str]") -> None:
+    """WATCHDOG=1 from the event loop itself (a blocked loop stops the pings, and systemd restarts
+    the service), every half of WatchdogSec, with a STATUS line; STATUS only outside a watchdog."""
+    import asyncio
+
+    usec = os.environ.get("WATCHDOG_USEC")
+    interval = int(usec) / 2e6 if usec and usec.isdigit() else 10.0
+    while True:
+        parts = [f"STATUS={status()}"]
+        if usec:
+            parts.append("WATCHDOG=1")
+        notify("\n".join(parts))
+        await asyncio.sleep(interval)
