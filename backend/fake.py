@@ -32,6 +32,8 @@ class FakeEngine(BatchEngine):
         self.token_latency = settings.fake_token_latency_ms / 1000.0
         self.prompt_latency = settings.fake_prompt_latency_ms / 1000.0
         self.requests_seen = 0
+        if settings.fake_boot_delay_ms:
+            time.sleep(settings.fake_boot_delay_ms / 1000)  # stands in for loading a model
         if settings.fake_boot_fail:
             raise RuntimeError(settings.fake_boot_fail)
 

@@ -185,3 +185,4 @@ class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
     fake_hang_after: int = 0
     fake_exit_after: int = 0
     fake_boot_fail: str = ""
+    fake_boot_delay_ms: float = 0.0

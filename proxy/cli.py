@@ -94,7 +94,21 @@ def _admin_post(address: str, path: str, timeout: float = 1800):
 
 
 def _admin_address(args) -> str:
-    return args.admin or _load_or_exit(args.config).admin_listen
+    """--admin, else the config's admin_listen (read leniently: `reload` must reach the server even
+    when the file now holds errors, so that the server reports them)."""
+    if args.admin:
+        return args.admin
+    try:
+        import yaml
+
+        raw = yaml.safe_load(Path(args.config).read_text())
+        if isinstance(raw, dict) and isinstance(raw.get("admin_listen"), str):
+            return raw["admin_listen"]
+    except (OSError, ValueError):
+        pass
+    from proxy.config import DEFAULT_ADMIN_LISTEN
+
+    return DEFAULT_ADMIN_LISTEN
 
 
 def cmd_reload(args) -> int:

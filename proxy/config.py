@@ -19,6 +19,7 @@ NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 EMBEDDED_MODEL_DIRNAME = "smollm2-135m-instruct"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:9091"
 
 
 class _Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -39,6 +40,7 @@ class FakeEngineSettings(_Base, kw_only=True):
     hang_after: NonNegInt = 0
     exit_after: NonNegInt = 0
     boot_fail: str = ""
+    boot_delay_ms: NonNegFloat = 0.0
 
 
 class Autoscale(_Base, kw_only=True):
@@ -142,7 +144,7 @@ class Routing(_Base, kw_only=True):
 
 class Config(_Base, kw_only=True):
     listen: str = "127.0.0.1:8080"
-    admin_listen: str = "127.0.0.1:9091"
+    admin_listen: str = DEFAULT_ADMIN_LISTEN
     data_dir: str = ""  # "" = $FULLPOWER_DATA_DIR, else $XDG_DATA_HOME/fullpower, else ~/.local/share/fullpower
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     pools: list[Pool]

@@ -63,7 +63,8 @@ class RequestRecord:
             if self.prompt_tokens or self.completion_tokens:
                 metrics.tokens.labels(tier, "prompt").inc(self.prompt_tokens)
                 metrics.tokens.labels(tier, "completion").inc(self.completion_tokens)
-        if access_log.isEnabledFor(logging.INFO):
+        # Probes and admin calls would drown the log: one line per API request.
+        if self.path.startswith("/v1/") and access_log.isEnabledFor(logging.INFO):
             access_log.info(_json.encode({
                 "id": self.id, "client": self.client, "method": self.method, "path": self.path,
                 "key": self.key, "tier": self.tier, "model": self.served_model or self.model, "worker": self.worker,

@@ -49,6 +49,7 @@ class Worker:
         self.generation = 0  # bumped per process, so requests of a dead process release nothing
         self.restarts = 0
         self.boot_failures = 0
+        self.backoff_s = 0.0  # the last restart delay
         self.last_error = ""
         self.last_heartbeat = 0.0
         self.engine_stall_s = 0.0
@@ -67,7 +68,7 @@ class Worker:
             "engine_running": self.engine_running, "engine_waiting": self.engine_waiting,
             "weight": round(self.weight, 3), "breaker": self.breaker.state,
             "times_ejected": self.breaker.times_ejected, "restarts": self.restarts,
-            "boot_failures": self.boot_failures,
+            "boot_failures": self.boot_failures, "backoff_s": round(self.backoff_s, 3),
             "heartbeat_age_s": round(now - self.last_heartbeat, 3) if self.last_heartbeat else None,
             "ready_for_s": round(now - self.ready_since, 1) if self.ready_since else None,
             "last_error": self.last_error or None,
@@ -162,8 +163,9 @@ class PoolState:
             worker.state = WorkerState.READY
             self._notify(worker.pool)
 
-    def gone(self, worker: Worker, error: str, at_boot: bool) -> None:
+    def gone(self, worker: Worker, error: str, at_boot: bool, backoff_s: float = 0.0) -> None:
         worker.state = WorkerState.BACKOFF
+        worker.backoff_s = backoff_s
         worker.pid = None
         worker.conn = None
         worker.ready_since = None

@@ -42,7 +42,7 @@ def worker_settings(cfg: Config, pool: Pool, device: str) -> WorkerSettings:
         fake_token_latency_ms=f.token_latency_ms, fake_prompt_latency_ms=f.prompt_latency_ms,
         fake_output_tokens=f.output_tokens, fake_context_length=f.context_length,
         fake_fail_every=f.fail_every, fake_hang_after=f.hang_after, fake_exit_after=f.exit_after,
-        fake_boot_fail=f.boot_fail)
+        fake_boot_fail=f.boot_fail, fake_boot_delay_ms=f.boot_delay_ms)
 
 
 def worker_env(device: str) -> dict[str, str]:
@@ -313,11 +313,11 @@ class Supervisor:
                 return
             if time.monotonic() - started >= HEALTHY_RESET_S and not at_boot:
                 backoff = w.restart_backoff_initial_s
-            self.pools.gone(worker, error, at_boot)
+            delay = 0.0 if requested else backoff * random.uniform(0.8, 1.2)
+            self.pools.gone(worker, error, at_boot, delay)
             if requested:
                 log.info("worker %s restarting (%s)", worker.id, error)
                 continue
-            delay = backoff * random.uniform(0.8, 1.2)
             log.warning("worker %s %s (%s); restarting in %.1fs (restart %d)", worker.id,
                         "failed at boot" if at_boot else "stopped", error, delay, worker.restarts)
             await asyncio.sleep(delay)

@@ -93,7 +93,8 @@ class Server:
                 raise AssertionError(f"fullpower serve exited with {self.proc.returncode}:\n{self.log()}")
             try:
                 status, _, body = http_json(self.url + "/readyz", timeout=2)
-                if status == 200 and all(w["state"] == "ready" for w in self.pool()):
+                # every hot worker ready (cold standby workers stay stopped until needed)
+                if status == 200 and all(w["state"] in ("ready", "stopped") for w in self.pool()):
                     return
             except (urllib.error.URLError, OSError):
                 pass
