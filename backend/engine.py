@@ -167,11 +167,16 @@ class TransformersEngine(BatchEngine):
         if p.temperature <= 0:
             return None
         gen = torch.Generator(device=self.device)
-        if p.seed is not None:
-            gen.manual_seed(p.seed)
-        else:
+        if p.seed is None:
             gen.seed()
         return gen
+
+    @staticmethod
+    def _step_seed(seed: int, position: int) -> int:
+        # Seeded sampling draws token i from a generator seeded with (seed, i), not from one stream
+        # of random numbers: a generation resumed on another worker at position i continues
+        # exactly as the first worker would have.
+        return (seed * 1_000_003 + position * 7_919 + 0x5DEECE66D) % (2**63)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence_]) -> list[int]:
         greedy = logits.argmax(dim=-1).tolist()
@@ -189,5 +194,7 @@ class TransformersEngine(BatchEngine):
                 cut = cumulative - sorted_probs > p.top_p  # keep the smallest set reaching top_p
                 sorted_probs[cut] = 0.0
                 probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            if p.seed is not None:
+                s.slot.manual_seed(self._step_seed(p.seed, len(s.generated)))
             out.append(int(torch.multinomial(probs, 1, generator=s.slot)))
         return out

@@ -128,6 +128,13 @@ def test_resume_continues_token_exact(engine):
     assert end.completion_tokens == 20
 
 
+def test_seeded_resume_continues_exactly(engine):
+    p = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+    full_ids = run(engine, [Generate(id=1, prompt="sample me", params=p)])[1][0]
+    ids = run(engine, [Generate(id=2, prompt="sample me", params=p, resume_token_ids=full_ids[:6])])[2][0]
+    assert full_ids[:6] + ids == full_ids
+
+
 def test_tampered_model_is_refused_naming_the_file(tiny_model, tmp_path):
     import shutil
     bad = tmp_path / "bad"

@@ -1,0 +1,69 @@
+"""PoolState (pure): outlier ejection never takes more than half a pool, the least-bad worker is
+still tried, and a worker ejected again and again is sent for a restart."""
+
+from backend.protocol import Ready
+from proxy.breaker import Breaker, BreakerPolicy
+from proxy.pool import Outcome, PoolState, Worker
+
+
+def make_pool(n, **policy):
+    now = [0.0]
+    pools = PoolState(clock=lambda: now[0], restart_after_ejections=2)
+    for i in range(n):
+        w = Worker(f"p-{i}", "p", "m", "cpu", 10, breaker=Breaker(BreakerPolicy(jitter=0.0, **policy), lambda: now[0]))
+        pools.add(w)
+        pools.starting(w, 100 + i, conn=None)
+        pools.became_ready(w, Ready(pid=1, model="m", device="cpu", engine="fake", max_batch_size=1, context_length=9))
+    return pools, now
+
+
+def fail(pools, worker, outcome=Outcome.INTERNAL, times=1):
+    for _ in range(times):
+        gen = pools.acquire(worker, 1)
+        pools.release(worker, gen, 1, outcome)
+
+
+def test_never_more_than_half_the_pool_is_ejected():
+    pools, _ = make_pool(4, consecutive_5xx=1)
+    for w in pools.workers.values():
+        fail(pools, w)
+    assert sum(w.breaker.ejected for w in pools.workers.values()) == 2
+
+
+def test_ejected_worker_gets_no_traffic_until_its_probe():
+    pools, now = make_pool(2, consecutive_5xx=1, base_eject_s=30)
+    bad = pools.workers["p-0"]
+    fail(pools, bad)
+    assert {pools.pick("p").id for _ in range(20)} == {"p-1"}
+    now[0] = 31
+    picks = [pools.pick("p").id for _ in range(20)]
+    assert picks.count("p-0") == 1  # one probe while half-open
+
+
+def test_least_bad_worker_is_tried_when_all_are_ejected():
+    pools, now = make_pool(2, consecutive_5xx=1, base_eject_s=30)
+    pools.workers["p-0"].breaker.record_failure(True, True)
+    now[0] = 5
+    pools.workers["p-1"].breaker.record_failure(True, True)
+    assert pools.pick("p").id == "p-0"  # its ejection ends first
+
+
+def test_repeatedly_ejected_worker_is_sent_for_restart():
+    pools, now = make_pool(2, consecutive_5xx=1, base_eject_s=1)
+    restarted = []
+    pools.on_needs_restart = restarted.append
+    w = pools.workers["p-0"]
+    fail(pools, w)
+    now[0] = 10
+    w.breaker.available()
+    fail(pools, w)
+    assert restarted == [w]
+
+
+def test_connection_errors_need_five_in_a_row():
+    pools, _ = make_pool(2)
+    w = pools.workers["p-0"]
+    fail(pools, w, Outcome.GONE, times=4)
+    assert not w.breaker.ejected
+    fail(pools, w, Outcome.GONE)
+    assert w.breaker.ejected
