@@ -61,7 +61,7 @@ class FakeEngine(BatchEngine):
             raise InternalError(f"injected failure (request {self.requests_seen})")
 
     def prefill(self, seqs: list[Sequence_]) -> list[int]:
-        if self.prompt_latency:
+        if self.prompt_latency and any(seq.id >= 0 for seq in seqs):
             time.sleep(self.prompt_latency)
         for seq in seqs:
             digest = hashlib.blake2b(repr((seq.prompt_ids, seq.params.seed if seq.params.temperature else None)).encode(),
@@ -70,7 +70,7 @@ class FakeEngine(BatchEngine):
         return [self._next(seq) for seq in seqs]
 
     def decode(self, seqs: list[Sequence_]) -> list[int]:
-        if self.token_latency:
+        if self.token_latency and any(seq.id >= 0 for seq in seqs):  # the warm-up runs at full speed
             time.sleep(self.token_latency)
         return [self._next(seq) for seq in seqs]
 

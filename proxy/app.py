@@ -103,7 +103,7 @@ class Appliance:
         app.add_routes([web.get("/admin/pool", self.admin_pool), web.get("/metrics", self.metrics_endpoint),
                         web.get("/healthz", self.healthz), web.get("/readyz", self.readyz),
                         web.post("/admin/reload", self.admin_reload),
-                        web.post("/admin/workers/{id}/{action:drain|undrain|restart}", self.admin_worker),
+                        web.post("/admin/workers/{id}/{action:drain|undrain|restart|kill}", self.admin_worker),
                         web.post("/admin/pools/{pool}/restart", self.admin_rolling_restart)])
         return app
 
@@ -166,6 +166,8 @@ class Appliance:
                 self.supervisor.drain(worker_id)
             elif action == "undrain":
                 self.supervisor.undrain(worker_id)
+            elif action == "kill":
+                self.supervisor.kill(worker_id)
             else:
                 await self.supervisor.restart_worker(worker_id)
         except LookupError as exc:

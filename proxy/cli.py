@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fullpower", description="LLM serving appliance")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
+    p = sub.add_parser("loadtest", help="offer a workload to a running server (see python -m loadtest --help)",
+                       add_help=False)
+    p.set_defaults(func=None)
+
     p = sub.add_parser("serve", help="run the proxy and its workers in the foreground")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--listen", help="HOST:PORT, overrides the config's listen")
@@ -208,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["loadtest"]:
+        from loadtest.cli import main as loadtest_main
+
+        return loadtest_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args) or 0
 

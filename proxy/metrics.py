@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # 1 ms .. 60 s, dense around the 1.5 s P99 alert.
@@ -21,6 +21,7 @@ OUTCOMES = ("served", "shed", "timeout", "cancelled", "error", "invalid")
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, memory, open fds (the CPU alert)
         self.requests = Counter("fullpower_requests", "Requests by tier, model, HTTP status and outcome",
                                 ["tier", "model", "status", "outcome"], registry=r)
         self.duration = Histogram("fullpower_request_duration_seconds", "Total time of a request", ["tier"],

@@ -150,6 +150,16 @@ class Supervisor:
     def drain(self, worker_id: str) -> None:
         self.pools.draining(self.slot(worker_id).worker)
 
+    def kill(self, worker_id: str) -> None:
+        """SIGKILL the worker's process, as a crash would (chaos testing); the slot restarts it."""
+        pid = self.slot(worker_id).worker.pid
+        if pid is None:
+            raise LookupError(f"worker {worker_id!r} has no running process")
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     def undrain(self, worker_id: str) -> None:
         self.pools.undrain(self.slot(worker_id).worker)
 

@@ -1,0 +1,84 @@
+"""/metrics parses with prometheus-client's parser, and the counters move as traffic says."""
+
+import os
+import shutil
+import signal
+import subprocess
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, fake_config, http_json, metric_value, wait_until
+from tests.test_request_path import KEYS, body, read_stream
+
+
+def scrape(server) -> str:
+    status, headers, text = http_json(server.admin + "/metrics")
+    assert status == 200 and headers["Content-Type"].startswith("text/plain")
+    return text
+
+
+def test_metrics_parse_and_move(start_server):
+    config = fake_config(max_inflight_per_worker=1, max_batch_size=1, fake={"token_latency_ms": 30, "output_tokens": 8})
+    for tier in config["tiers"]:
+        tier.update(max_queue=0)
+    server = start_server(config)
+    families = {f.name for f in text_string_to_metric_families(scrape(server))}
+    for name in ("fullpower_requests", "fullpower_request_duration_seconds", "fullpower_queue_wait_seconds",
+                 "fullpower_time_to_first_token_seconds", "fullpower_inter_token_seconds",
+                 "fullpower_proxy_overhead_seconds", "fullpower_queue_depth", "fullpower_inflight_requests",
+                 "fullpower_worker_state", "fullpower_worker_inflight", "fullpower_worker_restarts",
+                 "fullpower_worker_breaker_state", "fullpower_worker_heartbeat_age_seconds", "fullpower_tokens",
+                 "fullpower_retries", "fullpower_stream_resumes", "fullpower_config_reloads",
+                 "fullpower_worker_batch_size", "process_cpu_seconds"):
+        assert name in families, name
+
+    # served: one stream (TTFT, inter-token) and one plain request
+    read_stream(server.url, body("m", stream=True), KEYS["premium"])
+    assert http_json(server.url + "/v1/chat/completions", body("n"), {"Authorization": KEYS["premium"]})[0] == 200
+    # shed: both workers busy with long streams, no queue -> 429
+    import threading
+    holders = [threading.Thread(target=read_stream, args=(server.url, body(f"h{i}", stream=True, max_tokens=30),
+                                                          KEYS["batch"])) for i in range(2)]
+    for t in holders:
+        t.start()
+    wait_until(lambda: sum(w["inflight"] for w in server.pool()) == 2, what="both workers busy")
+    assert http_json(server.url + "/v1/chat/completions", body("x"), {"Authorization": KEYS["standard"]})[0] == 429
+    for t in holders:
+        t.join(30)
+    # a killed worker counts as a restart
+    os.kill(server.pool()[0]["pid"], signal.SIGKILL)
+    wait_until(lambda: server.pool()[0]["restarts"] == 1 and server.pool()[0]["state"] == "ready", what="restarted")
+
+    text = scrape(server)
+    assert metric_value(text, "fullpower_requests_total", tier="premium", outcome="served", status="200") == 2
+    assert metric_value(text, "fullpower_requests_total", tier="standard", outcome="shed", status="429") == 1
+    assert metric_value(text, "fullpower_request_duration_seconds_count", tier="premium") == 2
+    assert metric_value(text, "fullpower_time_to_first_token_seconds_count", tier="premium") == 2
+    assert metric_value(text, "fullpower_inter_token_seconds_count", tier="premium") >= 7
+    assert metric_value(text, "fullpower_tokens_total", tier="premium", kind="completion") == 16
+    assert metric_value(text, "fullpower_worker_restarts_total", worker="main-0") == 1
+    assert metric_value(text, "fullpower_worker_state", worker="main-0", state="ready") == 1
+    # label values stay bounded: no request ids or key secrets anywhere
+    assert "sk-test" not in text and "chatcmpl-" not in text
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.mark.skipif(PROMTOOL is None and not os.environ.get("CI"), reason="promtool is not installed")
+def test_alert_rules_pass_promtool():
+    result = subprocess.run([PROMTOOL or "promtool", "check", "rules", str(ROOT / "config/prometheus/fullpower-alerts.yml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 8 rules found" in result.stdout
+
+
+def test_alert_rules_name_metrics_that_exist():
+    import re
+    rules = (ROOT / "config/prometheus/fullpower-alerts.yml").read_text()
+    dashboard = (ROOT / "config/grafana/fullpower-dashboard.json").read_text()
+    source = "".join(p.read_text() for p in (ROOT / "proxy").glob("*.py"))
+    for name in set(re.findall(r"fullpower_[a-z_]+", rules + dashboard)):
+        base = re.sub(r"_(total|bucket|count|sum)$", "", name)
+        assert f'"{base}"' in source, name
