@@ -56,7 +56,7 @@ def test_metrics_parse_and_move(start_server):
     assert metric_value(text, "fullpower_request_duration_seconds_count", tier="premium") == 2
     assert metric_value(text, "fullpower_time_to_first_token_seconds_count", tier="premium") == 2
     assert metric_value(text, "fullpower_inter_token_seconds_count", tier="premium") >= 7
-    assert metric_value(text, "fullpower_tokens_total", tier="premium", kind="completion") == 16
+    assert metric_value(text, "fullpower_tokens_total", tier="premium", kind="completion") == 18  # (8 + EOS) x 2
     assert metric_value(text, "fullpower_worker_restarts_total", worker="main-0") == 1
     assert metric_value(text, "fullpower_worker_state", worker="main-0", state="ready") == 1
     # label values stay bounded: no request ids or key secrets anywhere
