@@ -11,8 +11,12 @@ import uuid
 import msgspec
 from aiohttp import web
 
-from backend.protocol import ChatMessage, Finished, Generate, SamplingParams
+from backend.protocol import ChatMessage, Finished, Generate, SamplingParams, Tokens
 from proxy.auth import Authenticator
+from proxy.cache import AnswerCache, CachedAnswer
+from proxy.cachekey import cache_key, shareable
+from proxy.coalesce import Coalescer, Flight
+from proxy.degrade import Degrader, Load
 from proxy.config import Config
 from proxy.errors import (ApiError, InvalidRequest, NotFound, Overloaded, PayloadTooLarge, RequestTimeout,
                           UnsupportedMediaType)
@@ -29,8 +33,13 @@ CHARS_PER_TOKEN = 4  # the proxy has no tokenizer; admission estimates prompt to
 
 
 class OpenAIApi:
-    def __init__(self, cfg: Config, pools: PoolState, gate: Gate, metrics: Metrics, budget: RetryBudget) -> None:
+    def __init__(self, cfg: Config, pools: PoolState, gate: Gate, metrics: Metrics, budget: RetryBudget,
+                 cache: AnswerCache) -> None:
         self.pools = pools
+        self.cache = cache
+        self.coalescer = Coalescer()
+        self._background: set[asyncio.Task] = set()
+        self.degraders: dict[str, Degrader] = {}
         self.gate = gate
         self.metrics = metrics
         self.budget = budget
@@ -47,6 +56,8 @@ class OpenAIApi:
             models.setdefault(pool.model, pool.name)
         self.models = models
         self.tier_rank = {t.name: i for i, t in enumerate(cfg.tiers)}  # config order: first = highest
+        self.degraders = {t.name: Degrader(t.fallback.queue_depth, t.fallback.utilization, t.fallback.expected_wait_s,
+                                           t.fallback.recover_ratio) for t in cfg.tiers if t.fallback is not None}
         old = self.key_limits
         self.key_limits = {}
         for k in cfg.auth.keys:
@@ -83,23 +94,22 @@ class OpenAIApi:
         req = parse(await self._read_body(request), kind)
         rec.model = req.model
         pool = self._pool_for(req.model, tier)
+        pool = self._degrade(tier, pool, rec)
         pool_cfg = self.cfg.pool(pool)
         params = SamplingParams(
             max_tokens=req.output_limit() or self.cfg.limits.max_tokens_default,
             temperature=pool_cfg.default_temperature if req.temperature is None else req.temperature,
             top_p=pool_cfg.default_top_p if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop_list())
+        messages = prompt = None
         if kind is ChatCompletionRequest:
             messages = [ChatMessage(m.role, m.text(i)) for i, m in enumerate(req.messages)]
             prompt_chars = sum(len(m.content) for m in messages)
-
-            def make(rid: int, resume: list[int]) -> Generate:
-                return Generate(id=rid, params=params, messages=messages, resume_token_ids=resume)
         else:
             prompt = req.prompt_text()
             prompt_chars = len(prompt)
 
-            def make(rid: int, resume: list[int]) -> Generate:
-                return Generate(id=rid, params=params, prompt=prompt, resume_token_ids=resume)
+        def make(rid: int, resume: list[int]) -> Generate:
+            return Generate(id=rid, params=params, messages=messages, prompt=prompt, resume_token_ids=resume)
 
         cost = prompt_chars // CHARS_PER_TOKEN + 1 + params.max_tokens
         limits = self.key_limits.get(principal.key_name)
@@ -114,26 +124,100 @@ class OpenAIApi:
         gen = Generation(self.pools, pool, make, cost, first_token_s=tier_cfg.first_token_s or t.first_token_s,
                          idle_s=tier_cfg.idle_s or t.idle_s, keepalive_s=t.keepalive_comment_s,
                          budget=self.budget, max_attempts=self.cfg.routing.max_attempts, metrics=self.metrics)
+        fmt = _Formatter(kind, req.model)
+        include_usage = bool(req.stream and req.stream_options and req.stream_options.include_usage)
+        c = self.cfg.cache
+        directives = {d.strip().lower() for d in request.headers.get("Cache-Control", "").split(",")}
+        key = None
+        if c.enabled and shareable(params, c.include_sampled):
+            scope = principal.key_name if c.scope == "key" else "shared"
+            key = cache_key(scope, pool_cfg.model, "chat" if messages is not None else "text", params, messages, prompt)
         try:
-            ticket = await self.gate.acquire(pool, tier, principal.key_name, cost)
-        except asyncio.CancelledError:
-            self.metrics.cancellations.labels("queued").inc()
-            raise
-        rec.queue_s = ticket.queued_s
-        try:
-            fmt = _Formatter(kind, req.model)
-            if req.stream:
-                include_usage = bool(req.stream_options and req.stream_options.include_usage)
-                return await self._stream(request, rec, gen, fmt, include_usage)
-            return await self._complete(request, rec, gen, fmt)
+            if key is None:
+                source = await self._direct(rec, gen, pool, tier, principal.key_name, cost)
+            else:
+                source = await self._shared(rec, gen, pool, tier, principal.key_name, cost, key,
+                                            read="no-cache" not in directives, store="no-store" not in directives)
+            self.metrics.cache_requests.labels(source.cache).inc()
+            try:
+                if req.stream:
+                    return await self._stream(request, rec, source, fmt, include_usage)
+                return await self._complete(request, rec, source, fmt)
+            finally:
+                source.close()
         except (asyncio.CancelledError, ConnectionResetError):
-            self.metrics.cancellations.labels("generating").inc()
+            self.metrics.cancellations.labels("generating" if gen.dispatched_at else "queued").inc()
             raise
         finally:
-            self.gate.release(ticket)
             rec.failovers = gen.failovers
             if limits is not None:
                 limits.refund(cost - (rec.prompt_tokens + rec.completion_tokens))
+
+    async def _direct(self, rec, gen: Generation, pool: str, tier: str, key_name: str, cost: int) -> "_Source":
+        ticket = await self.gate.acquire(pool, tier, key_name, cost)
+        rec.queue_s = ticket.queued_s
+        return _Source("bypass", gen.frames(), lambda: _served_by(gen.worker, gen.dispatched_at),
+                       on_close=lambda: self.gate.release(ticket))
+
+    async def _shared(self, rec, gen: Generation, pool: str, tier: str, key_name: str, cost: int, key: str,
+                      read: bool, store: bool) -> "_Source":
+        if read:
+            answer = await self.cache.get(key)
+            if answer is not None:
+                return _Source("hit", _replay(answer), lambda: (answer.worker, answer.model, None))
+            flight = self.coalescer.get(key) if self.cfg.cache.coalesce else None
+            if flight is not None:
+                self.coalescer.join(flight)
+                return _Source("coalesced", flight.follow(self.cfg.timeouts.keepalive_comment_s),
+                               lambda: _served_by(flight.worker, flight.dispatched_at),
+                               on_close=lambda: self.coalescer.leave(flight))
+
+        async def run(flight: Flight) -> None:
+            ticket = await self.gate.acquire(pool, tier, key_name, cost)
+            flight.queued_s = ticket.queued_s
+            text: list[str] = []
+            try:
+                async with contextlib.aclosing(gen.frames()) as frames:
+                    async for item in frames:
+                        if item is None:
+                            continue  # each waiter sends its own keepalives
+                        flight.worker, flight.dispatched_at = gen.worker, gen.dispatched_at
+                        if isinstance(item, Finished):
+                            if store:
+                                self._store(key, CachedAnswer(text, item.finish_reason, item.prompt_tokens,
+                                                              item.completion_tokens, gen.worker.model, gen.worker.id))
+                        elif item.text:
+                            text.append(item.text)
+                        flight.publish(item)
+            finally:
+                self.gate.release(ticket)
+
+        flight = self.coalescer.start(key, run)
+        self.coalescer.join(flight)
+
+        def info():
+            rec.queue_s = flight.queued_s
+            return _served_by(flight.worker, flight.dispatched_at)
+        return _Source("miss", flight.follow(self.cfg.timeouts.keepalive_comment_s), info,
+                       on_close=lambda: self.coalescer.leave(flight))
+
+    def _store(self, key: str, answer: CachedAnswer) -> None:
+        task = asyncio.create_task(self.cache.put(key, answer))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _degrade(self, tier: str, pool: str, rec: RequestRecord) -> str:
+        """The tier's fallback pool while its own pool is saturated (with hysteresis)."""
+        fallback = self.cfg.tier(tier).fallback
+        degrader = self.degraders.get(tier)
+        if fallback is None or degrader is None or pool != self.cfg.tier(tier).pool:
+            return pool
+        admission = self.gate.admissions[pool]
+        utilization = admission.active / admission.capacity if admission.capacity else 1.0
+        if degrader.update(Load(admission.queued(), utilization, self.gate.expected_wait_s(pool))):
+            self.metrics.degraded.labels(tier, fallback.pool).inc()
+            return fallback.pool
+        return pool
 
     def _effective_tier(self, tier: str, requested: str | None) -> str:
         """X-Priority may lower a request's tier, never raise it."""
@@ -170,24 +254,25 @@ class OpenAIApi:
                            param="model", code="model_not_found")
         return pool
 
-    def _headers(self, request: web.Request, rec: RequestRecord, gen: Generation) -> dict[str, str]:
-        worker = gen.worker
-        rec.worker = worker.id if worker else None
-        rec.served_model = worker.model if worker else None
-        dispatched = gen.dispatched_at or time.monotonic()
+    def _headers(self, rec: RequestRecord, source: "_Source") -> dict[str, str]:
+        rec.worker, rec.served_model, dispatched = source.info()
         # Time in the proxy: before dispatch (less the queue wait) and after the last frame.
+        dispatched = dispatched or time.monotonic()
         rec.overhead_s = max(0.0, (dispatched - rec.started) - (rec.queue_s or 0.0))
+        if source.cache in ("hit", "coalesced"):
+            rec.overhead_s = time.monotonic() - rec.started
         return {
             "X-Request-Id": rec.id,
             "X-Fullpower-Backend": rec.worker or "",
             "X-Fullpower-Model": rec.served_model or "",
+            "X-Fullpower-Cache": source.cache,
             "X-Fullpower-Overhead-Ms": f"{rec.overhead_s * 1000:.3f}",
         }
 
-    async def _complete(self, request, rec: RequestRecord, gen: Generation, fmt: "_Formatter") -> web.Response:
+    async def _complete(self, request, rec: RequestRecord, source: "_Source", fmt: "_Formatter") -> web.Response:
         parts: list[str] = []
         finished: Finished | None = None
-        async with contextlib.aclosing(gen.frames()) as frames:
+        async with contextlib.aclosing(source.frames) as frames:
             async for item in frames:
                 if isinstance(item, Finished):
                     finished = item
@@ -198,17 +283,18 @@ class OpenAIApi:
         finished_at = time.monotonic()
         rec.prompt_tokens, rec.completion_tokens = finished.prompt_tokens, finished.completion_tokens
         body = _json.encode(fmt.complete("".join(parts), finished))
-        headers = self._headers(request, rec, gen)
-        rec.overhead_s += time.monotonic() - finished_at
+        headers = self._headers(rec, source)
+        if source.cache not in ("hit", "coalesced"):
+            rec.overhead_s += time.monotonic() - finished_at
         headers["X-Fullpower-Overhead-Ms"] = f"{rec.overhead_s * 1000:.3f}"
         return web.Response(body=body, content_type="application/json", headers=headers)
 
-    async def _stream(self, request, rec: RequestRecord, gen: Generation, fmt: "_Formatter",
+    async def _stream(self, request, rec: RequestRecord, source: "_Source", fmt: "_Formatter",
                       include_usage: bool) -> web.StreamResponse:
         response: web.StreamResponse | None = None
         inter_token = self.metrics.inter_token.labels(rec.tier)
         last = None
-        async with contextlib.aclosing(gen.frames()) as frames:
+        async with contextlib.aclosing(source.frames) as frames:
             try:
                 async for item in frames:
                     if response is None:
@@ -216,7 +302,7 @@ class OpenAIApi:
                         # invisibly and the headers name the worker that served.
                         rec.ttft_s = time.monotonic() - rec.started
                         response = web.StreamResponse(headers={
-                            **self._headers(request, rec, gen), "Content-Type": "text/event-stream",
+                            **self._headers(rec, source), "Content-Type": "text/event-stream",
                             "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                         await response.prepare(request)
                         await response.write(_sse(fmt.first_chunk(include_usage)))
@@ -244,6 +330,36 @@ class OpenAIApi:
                 await response.write(b"data: " + exc.body() + b"\n\n")
         await response.write_eof()
         return response
+
+
+class _Source:
+    """Where a response's frames come from (a generation, a shared flight, the cache), what the
+    X-Fullpower-Cache header says about it, and who served it."""
+
+    __slots__ = ("cache", "frames", "info", "_on_close")
+
+    def __init__(self, cache: str, frames, info, on_close=None) -> None:
+        self.cache = cache
+        self.frames = frames
+        self.info = info  # () -> (worker id, model, time the generation was dispatched or None)
+        self._on_close = on_close
+
+    def close(self) -> None:
+        if self._on_close is not None:
+            on_close, self._on_close = self._on_close, None
+            on_close()
+
+
+def _served_by(worker, dispatched_at):
+    return (worker.id, worker.model, dispatched_at) if worker is not None else (None, None, dispatched_at)
+
+
+async def _replay(answer: CachedAnswer):
+    """A cached answer as frames, at once (no artificial delays), in the pieces it first came in."""
+    for piece in answer.pieces:
+        yield Tokens(id=0, token_ids=[], text=piece)
+    yield Finished(id=0, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
+                   completion_tokens=answer.completion_tokens)
 
 
 def _sse(obj) -> bytes:

@@ -20,7 +20,8 @@ from proxy.config import Config, ConfigError, load_config, parse_host_port
 from proxy.errors import ApiError, MethodNotAllowed, NoWorkerReady, NotFound, PayloadTooLarge
 from proxy.gate import Gate
 from proxy.generation import RetryBudget
-from proxy.metrics import Metrics, pool_collector
+from proxy.cache import AnswerCache
+from proxy.metrics import Metrics, cache_collector, pool_collector
 from proxy.observe import RequestRecord
 from proxy.pool import PoolState
 from proxy.supervisor import Supervisor
@@ -85,7 +86,10 @@ class Appliance:
         self._reload_lock = asyncio.Lock()
         self.inflight = 0
         budget = RetryBudget(cfg.routing.retry_budget_ratio, cfg.routing.min_retry_concurrency, lambda: self.inflight)
-        self.api = OpenAIApi(cfg, self.pools, self.gate, self.metrics, budget)
+        c = cfg.cache
+        self.cache = AnswerCache(c.memory_bytes, c.disk_bytes, cfg.cache_dir(), c.ttl_s, self.metrics)
+        self.api = OpenAIApi(cfg, self.pools, self.gate, self.metrics, budget, self.cache)
+        self.metrics.add_collector(cache_collector(self.cache))
         self.metrics.add_collector(pool_collector(self.pools, self.gate))
         self.client_address = ClientAddress(cfg.limits.trusted_proxies)
         self.draining = False
@@ -103,6 +107,8 @@ class Appliance:
         app.add_routes([web.get("/admin/pool", self.admin_pool), web.get("/metrics", self.metrics_endpoint),
                         web.get("/healthz", self.healthz), web.get("/readyz", self.readyz),
                         web.post("/admin/reload", self.admin_reload),
+                        web.post("/admin/cache/clear", self.admin_cache_clear),
+                        web.get("/admin/cache", self.admin_cache_stats),
                         web.post("/admin/workers/{id}/{action:drain|undrain|restart|kill}", self.admin_worker),
                         web.post("/admin/pools/{pool}/restart", self.admin_rolling_restart)])
         return app
@@ -186,6 +192,12 @@ class Appliance:
             raise ApiError(str(exc)) from None
         return web.json_response({"pool": pool, "restarted": restarted})
 
+    async def admin_cache_clear(self, request: web.Request) -> web.Response:
+        return web.json_response({"cleared": await self.cache.clear()})
+
+    async def admin_cache_stats(self, request: web.Request) -> web.Response:
+        return web.json_response(await self.cache.stats())
+
     async def admin_reload(self, request: web.Request) -> web.Response:
         ok, lines = await self.reload()
         return web.json_response({"ok": ok, "changes" if ok else "problems": lines}, status=200 if ok else 400)
@@ -253,7 +265,9 @@ class Appliance:
             log.warning("drain period over; cancelling %d requests", self.inflight)
         for runner in reversed(self._runners):
             await runner.cleanup()
+        await self.api.coalescer.close()
         await self.supervisor.stop()
+        self.cache.close()
         log.info("stopped")
 
 

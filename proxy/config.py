@@ -72,6 +72,18 @@ class Pool(_Base, kw_only=True):
     fake: FakeEngineSettings = msgspec.field(default_factory=FakeEngineSettings)
 
 
+class Fallback(_Base, kw_only=True):
+    """Graceful degradation: send this tier to a smaller model's pool while its own pool is
+    saturated. Any threshold that is set and exceeded degrades; all must fall below
+    `recover_ratio` x their threshold before requests go back (hysteresis)."""
+
+    pool: Name
+    queue_depth: Union[PosInt, None] = None  # requests waiting in the primary pool
+    utilization: Union[Annotated[float, msgspec.Meta(gt=0, le=1)], None] = None  # active / capacity
+    expected_wait_s: Union[PosFloat, None] = None  # recent queue waits (moving average)
+    recover_ratio: Annotated[float, msgspec.Meta(gt=0, lt=1)] = 0.5
+
+
 class Tier(_Base, kw_only=True):
     name: Name
     pool: Name
@@ -82,6 +94,7 @@ class Tier(_Base, kw_only=True):
     # Streaming-aware timeouts; unset = the global ones under `timeouts`.
     first_token_s: Union[PosFloat, None] = None
     idle_s: Union[PosFloat, None] = None
+    fallback: Union[Fallback, None] = None  # none by default: premium tiers never degrade unless told
 
 
 class ApiKey(_Base, kw_only=True):
@@ -135,6 +148,19 @@ class Outlier(_Base, kw_only=True):
     restart_after_ejections: PosInt = 3  # ejected this often in a row: restart the process
 
 
+class Cache(_Base, kw_only=True):
+    """Coalescing of identical in-flight requests and an answer cache (memory, then disk)."""
+
+    enabled: bool = True
+    coalesce: bool = True
+    ttl_s: PosFloat = 3600.0
+    memory_bytes: NonNegInt = 64 << 20
+    disk_bytes: NonNegInt = 1 << 30  # 0 = memory only
+    disk_dir: str = ""  # "" = <data_dir>/cache
+    scope: Literal["shared", "key"] = "shared"  # shared by all API keys, or one cache per key
+    include_sampled: bool = False  # also share sampled requests (temperature > 0, no seed)
+
+
 class Routing(_Base, kw_only=True):
     slow_start_s: NonNegFloat = 30.0  # a (re)started worker's weight ramps from 10% over this
     retry_budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2  # retries in flight / active requests
@@ -155,6 +181,7 @@ class Config(_Base, kw_only=True):
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     routing: Routing = msgspec.field(default_factory=Routing)
     outlier: Outlier = msgspec.field(default_factory=Outlier)
+    cache: Cache = msgspec.field(default_factory=Cache)
 
     def pool(self, name: str) -> Pool:
         return next(p for p in self.pools if p.name == name)
@@ -164,6 +191,9 @@ class Config(_Base, kw_only=True):
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def cache_dir(self) -> Path:
+        return Path(self.cache.disk_dir) if self.cache.disk_dir else self.resolved_data_dir() / "cache"
 
     def model_dir(self, pool: Pool) -> Path:
         if pool.model_path:
@@ -282,6 +312,14 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     for i, tier in enumerate(cfg.tiers):
         if tier.pool not in pool_names:
             problems.append(f"tiers[{i}].pool: no pool named {tier.pool!r}")
+        fb = tier.fallback
+        if fb is not None:
+            if fb.pool not in pool_names:
+                problems.append(f"tiers[{i}].fallback.pool: no pool named {fb.pool!r}")
+            elif fb.pool == tier.pool:
+                problems.append(f"tiers[{i}].fallback.pool: a fallback loop ({tier.pool!r} falls back to itself)")
+            if fb.queue_depth is None and fb.utilization is None and fb.expected_wait_s is None:
+                problems.append(f"tiers[{i}].fallback: set at least one of queue_depth, utilization, expected_wait_s")
     for i, key in enumerate(cfg.auth.keys):
         if key.tier not in tier_names:
             problems.append(f"auth.keys[{i}].tier: no tier named {key.tier!r}")

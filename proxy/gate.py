@@ -26,6 +26,7 @@ class Gate:
     def __init__(self, cfg: Config, pools: PoolState) -> None:
         self.pools = pools
         self.admissions: dict[str, Admission] = {}
+        self._recent_wait: dict[str, float] = {}  # pool -> moving average of queue waits (s)
         self.update(cfg)
         pools.listeners.append(self._capacity_changed)
 
@@ -38,6 +39,12 @@ class Gate:
                 self.admissions[pool.name] = Admission(policies, time.monotonic)
             else:
                 _wake(admission.update_policies(policies))
+
+    def expected_wait_s(self, pool: str) -> float:
+        return self._recent_wait.get(pool, 0.0)
+
+    def _observe_wait(self, pool: str, waited: float) -> None:
+        self._recent_wait[pool] = 0.8 * self._recent_wait.get(pool, 0.0) + 0.2 * waited
 
     def queue_depth(self, pool: str) -> int:
         admission = self.admissions.get(pool)
@@ -62,6 +69,7 @@ class Gate:
             raise NoWorkerReady("No worker is ready to serve this model; retry shortly.", retry_after=1.0)
         decision, waiter = admission.arrive(tier, key, cost)
         if decision == Decision.ADMIT:
+            self._observe_wait(pool, 0.0)
             return Ticket(pool, tier, cost, 0.0)
         if decision == Decision.REJECT:
             raise self._refusal(pool, admission, tier, "queue full")
@@ -79,7 +87,9 @@ class Gate:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise self._refusal(pool, admission, tier, "queue deadline passed") from None
-        return Ticket(pool, tier, cost, time.monotonic() - started)
+        waited = time.monotonic() - started
+        self._observe_wait(pool, waited)
+        return Ticket(pool, tier, cost, waited)
 
     def release(self, ticket: Ticket) -> None:
         if not ticket.released:

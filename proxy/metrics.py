@@ -46,6 +46,14 @@ class Metrics:
         self.scaling_events = Counter("fullpower_scaling_events", "Cold workers started (up) or stopped (down)",
                                       ["pool", "direction"], registry=r)
         self.config_reloads = Counter("fullpower_config_reloads", "Configuration reloads", ["result"], registry=r)
+        self.cache_requests = Counter("fullpower_cache_requests", "Answers by cache outcome (miss, hit, coalesced, "
+                                      "bypass)", ["result"], registry=r)
+        self.cache_evictions = Counter("fullpower_cache_evictions", "Entries evicted from the cache", ["tier"],
+                                       registry=r)
+        self.cache_disk_errors = Counter("fullpower_cache_disk_errors", "Disk cache failures (memory only for a "
+                                         "while)", registry=r)
+        self.degraded = Counter("fullpower_degraded_requests", "Requests sent to a tier's fallback pool",
+                                ["tier", "pool"], registry=r)
         self.rate_limited = Counter("fullpower_rate_limited", "Requests refused by a key's rate limit",
                                     ["tier", "limit"], registry=r)
 
@@ -102,5 +110,19 @@ def pool_collector(pools, gate) -> Callable[[], list]:
                 depth.add_metric([pool, tier], admission.queued(tier))
                 active.add_metric([pool, tier], admission.active_in(tier))
         return [state, inflight, running, restarts, boot_fail, breaker, hb_age, tokens, depth, active]
+
+    return collect
+
+
+def cache_collector(cache) -> Callable[[], list]:
+    """Memory-tier size at scrape time (the disk tier's size is read off the loop: /admin/cache)."""
+
+    def collect() -> list:
+        entries = GaugeMetricFamily("fullpower_cache_entries", "Entries in the memory cache", labels=["tier"])
+        size = GaugeMetricFamily("fullpower_cache_bytes", "Bytes in the memory cache", labels=["tier"])
+        memory = cache.memory
+        entries.add_metric(["memory"], len(memory) if memory is not None else 0)
+        size.add_metric(["memory"], memory.currsize if memory is not None else 0)
+        return [entries, size]
 
     return collect

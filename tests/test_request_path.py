@@ -156,9 +156,12 @@ def test_worker_error_before_first_byte_is_retried_elsewhere(start_server):
     assert metric_value(metrics, "fullpower_retries_total", reason="worker_error") >= 1
 
 
-def read_stream(url, payload, key, on_event=None):
+NO_CACHE = {"Cache-Control": "no-cache, no-store"}  # every request reaches a worker
+
+
+def read_stream(url, payload, key, on_event=None, headers=None):
     req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(payload).encode(),
-                                 headers={"Content-Type": "application/json", "Authorization": key})
+                                 headers={"Content-Type": "application/json", "Authorization": key, **(headers or {})})
     events, n = [], 0
     with urllib.request.urlopen(req, timeout=60) as resp:
         buf = b""
@@ -193,7 +196,7 @@ def stream_text(events):
 def test_stream_survives_worker_crash_token_exact(start_server):
     server = start_server(fake_config(fake={"token_latency_ms": 30, "output_tokens": 40}))
     payload = body("resume this", stream=True, temperature=0)
-    reference = stream_text(read_stream(server.url, payload, KEYS["premium"]))
+    reference = stream_text(read_stream(server.url, payload, KEYS["premium"], headers=NO_CACHE))
 
     killed = []
 
@@ -203,7 +206,7 @@ def test_stream_survives_worker_crash_token_exact(start_server):
             os.kill(busy[0]["pid"], signal.SIGKILL)
             killed.append(busy[0]["id"])
 
-    events = read_stream(server.url, payload, KEYS["premium"], kill_serving_worker)
+    events = read_stream(server.url, payload, KEYS["premium"], kill_serving_worker, headers=NO_CACHE)
     assert killed and events[-1] == "[DONE]"
     assert not any("error" in json.loads(e) for e in events[:-1])
     assert stream_text(events) == reference

@@ -11,7 +11,7 @@ import time
 import yaml
 
 from tests.conftest import FULLPOWER, ROOT, fake_config, http_json, metric_value, process_alive, wait_until
-from tests.test_request_path import KEYS, body, read_stream, stream_text
+from tests.test_request_path import KEYS, NO_CACHE, body, read_stream, stream_text
 
 
 def chat(server, tier="standard", **kw):
@@ -56,12 +56,12 @@ def three_workers(**fake):
 def test_sigkill_under_load_loses_nothing(start_server):
     server = start_server(three_workers(boot_delay_ms=800))
     payload = body("stream me", stream=True, temperature=0)
-    reference = stream_text(read_stream(server.url, payload, KEYS["premium"]))
+    reference = stream_text(read_stream(server.url, payload, KEYS["premium"], headers=NO_CACHE))
     victim = server.pool()[0]
     results = []
 
     def stream():
-        results.append(stream_text(read_stream(server.url, payload, KEYS["premium"])))
+        results.append(stream_text(read_stream(server.url, payload, KEYS["premium"], headers=NO_CACHE)))
 
     with Load(server, max_tokens=10) as load:
         streams = [threading.Thread(target=stream) for _ in range(3)]
@@ -86,7 +86,7 @@ def test_sigkill_under_load_loses_nothing(start_server):
 def test_sigstop_is_detected_and_work_fails_over(start_server):
     server = start_server(fake_config(fake={"token_latency_ms": 40, "output_tokens": 60}))
     payload = body("stop me", stream=True, temperature=0)
-    reference = stream_text(read_stream(server.url, payload, KEYS["premium"]))
+    reference = stream_text(read_stream(server.url, payload, KEYS["premium"], headers=NO_CACHE))
     stopped = {}
 
     def freeze(n):
@@ -95,7 +95,7 @@ def test_sigstop_is_detected_and_work_fails_over(start_server):
             os.kill(w["pid"], signal.SIGSTOP)
             stopped.update(w, at=time.monotonic())
 
-    events = read_stream(server.url, payload, KEYS["premium"], freeze)
+    events = read_stream(server.url, payload, KEYS["premium"], freeze, headers=NO_CACHE)
     assert stream_text(events) == reference and events[-1] == "[DONE]"
     # hung = silent for 3 heartbeat intervals (3 x 0.5 s here), then SIGTERM/SIGKILL and a new process
     replaced = wait_until(lambda: next((w for w in server.pool() if w["id"] == stopped["id"] and w["restarts"] == 1),
@@ -191,7 +191,8 @@ def test_invalid_reload_keeps_old_config_and_valid_reload_resizes_without_drops(
         server.config_path.write_text(yaml.safe_dump(grown))
         payload = body("during reload", stream=True, temperature=0)
         results = []
-        threads = [threading.Thread(target=lambda: results.append(read_stream(server.url, payload, KEYS["batch"])))
+        threads = [threading.Thread(target=lambda: results.append(read_stream(server.url, payload, KEYS["batch"],
+                                                                              headers=NO_CACHE)))
                    for _ in range(4)]
         with Load(server, max_tokens=5) as load:
             for t in threads:

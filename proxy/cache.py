@@ -1,0 +1,149 @@
+"""The answer cache: L1 in memory (cachetools, bounded by bytes, TTL) and L2 on disk (diskcache,
+bounded by bytes, TTL, survives restarts). Every disk call runs in one worker thread, never on the
+event loop. A failing or full disk degrades to memory only - with a log line and a metric - and is
+tried again a minute later; the client never sees an error from the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from pathlib import Path
+
+import cachetools
+import msgspec
+
+log = logging.getLogger("fullpower.cache")
+DISK_RETRY_S = 60.0
+
+
+class CachedAnswer(msgspec.Struct, array_like=True):
+    pieces: list[str]  # the text deltas as first streamed, so a replayed stream keeps its shape
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    model: str
+    worker: str
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder(CachedAnswer).decode
+
+
+class _BytesTTLCache(cachetools.TLRUCache):
+    """TTL + LRU bounded by total bytes; counts evictions."""
+
+    def __init__(self, max_bytes: int, ttl_s: float, on_evict) -> None:
+        super().__init__(maxsize=max_bytes, ttu=lambda key, value, now: now + ttl_s, timer=time.monotonic,
+                         getsizeof=len)
+        self._on_evict = on_evict
+
+    def popitem(self):
+        item = super().popitem()
+        self._on_evict()
+        return item
+
+
+class AnswerCache:
+    def __init__(self, memory_bytes: int, disk_bytes: int, disk_dir: Path, ttl_s: float, metrics=None) -> None:
+        self.ttl_s = ttl_s
+        self.metrics = metrics
+        self.memory = _BytesTTLCache(memory_bytes, ttl_s, self._evicted) if memory_bytes else None
+        self._disk_dir = disk_dir
+        self._disk_bytes = disk_bytes
+        self._disk = None
+        self._disk_down_until = 0.0
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
+
+    def _evicted(self) -> None:
+        if self.metrics is not None:
+            self.metrics.cache_evictions.labels("memory").inc()
+
+    # --- disk, always on the executor thread ----------------------------------------------------
+    def _open_disk(self):
+        if self._disk is None:
+            import diskcache
+
+            self._disk_dir.mkdir(parents=True, exist_ok=True)
+            self._disk = diskcache.Cache(str(self._disk_dir), size_limit=self._disk_bytes,
+                                         eviction_policy="least-recently-stored", cull_limit=10)
+        return self._disk
+
+    def _disk_get(self, key: str):
+        return self._open_disk().get(key)
+
+    def _disk_set(self, key: str, value: bytes) -> None:
+        disk = self._open_disk()
+        if not disk.set(key, value, expire=self.ttl_s):
+            raise OSError("diskcache refused the entry")
+
+    def _disk_clear(self) -> int:
+        return self._open_disk().clear()
+
+    def _disk_stats(self) -> tuple[int, int]:
+        disk = self._open_disk()
+        return len(disk), disk.volume()
+
+    async def _on_disk(self, fn, *args):
+        """Run a disk call off the loop; None (and memory-only for a while) if the disk fails."""
+        if not self._disk_bytes or time.monotonic() < self._disk_down_until:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except Exception as exc:  # noqa: BLE001 - sqlite3, OSError, timeouts: all mean "no disk now"
+            self._disk_down_until = time.monotonic() + DISK_RETRY_S
+            self._disk = None
+            log.warning("disk cache unavailable (%s: %s); memory only for %.0fs", type(exc).__name__, exc,
+                        DISK_RETRY_S)
+            if self.metrics is not None:
+                self.metrics.cache_disk_errors.inc()
+            return None
+
+    # --- API ------------------------------------------------------------------------------------
+    async def get(self, key: str) -> CachedAnswer | None:
+        raw = self.memory.get(key) if self.memory is not None else None
+        if raw is None:
+            raw = await self._on_disk(self._disk_get, key)
+            if raw is not None and self.memory is not None:
+                self.memory[key] = raw  # promote
+        if raw is None:
+            return None
+        try:
+            return _decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            # An entry from another fullpower version, or corrupt: a miss, never an error.
+            log.warning("unreadable cache entry %s ignored", key[:12])
+            if self.memory is not None:
+                self.memory.pop(key, None)
+            return None
+
+    async def put(self, key: str, answer: CachedAnswer) -> None:
+        raw = _encode(answer)
+        if self.memory is not None and len(raw) <= self.memory.maxsize:
+            self.memory[key] = raw
+        await self._on_disk(self._disk_set, key, raw)
+
+    async def clear(self) -> int:
+        n = len(self.memory) if self.memory is not None else 0
+        if self.memory is not None:
+            self.memory.clear()
+        removed = await self._on_disk(self._disk_clear)
+        return n + (removed or 0)
+
+    async def stats(self) -> dict:
+        disk = await self._on_disk(self._disk_stats)
+        return {"memory_entries": len(self.memory) if self.memory is not None else 0,
+                "memory_bytes": self.memory.currsize if self.memory is not None else 0,
+                "disk_entries": disk[0] if disk else 0, "disk_bytes": disk[1] if disk else 0,
+                "disk_available": disk is not None}
+
+    def close(self) -> None:
+        def _close():
+            if self._disk is not None:
+                self._disk.close()
+        try:
+            self._executor.submit(_close).result(timeout=5)
+        except Exception:  # noqa: BLE001
+            pass
+        self._executor.shutdown(wait=False)
