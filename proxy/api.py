@@ -138,6 +138,7 @@ class OpenAIApi:
             else:
                 source = await self._shared(rec, gen, pool, tier, principal.key_name, cost, key,
                                             read="no-cache" not in directives, store="no-store" not in directives)
+            rec.cache = source.cache
             self.metrics.cache_requests.labels(source.cache).inc()
             try:
                 if req.stream:

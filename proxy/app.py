@@ -131,7 +131,10 @@ class Appliance:
             return response
         except ApiError as exc:
             rec.fail(exc)
-            return _error_response(exc, rec.id)
+            response = _error_response(exc, rec.id)
+            if rec.cache:
+                response.headers["X-Fullpower-Cache"] = rec.cache
+            return response
         except web.HTTPException as exc:
             api_error = _as_api_error(exc, request)
             if api_error is None:

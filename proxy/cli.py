@@ -144,6 +144,20 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    address = _admin_address(args)
+    try:
+        status, body = _admin_post(address, "/admin/cache/clear", timeout=60)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the admin listener at {address}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(body.get("error", {}).get("message", f"HTTP {status}"), file=sys.stderr)
+        return 1
+    print(f"cleared {body['cleared']} cache entries")
+    return 0
+
+
 def cmd_status(args) -> int:
     address = _admin_address(args)
     try:
@@ -201,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("cache", help="clear the answer cache (memory and disk) of the running server")
+    p.add_argument("action", choices=["clear"])
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("worker", help="drain, undrain or restart one worker; rolling-restart a pool")
     p.add_argument("action", choices=["drain", "undrain", "restart", "rolling-restart"])

@@ -17,7 +17,7 @@ _json = msgspec.json.Encoder()
 class RequestRecord:
     __slots__ = ("id", "started", "client", "method", "path", "key", "tier", "model", "status", "outcome",
                  "queue_s", "ttft_s", "prompt_tokens", "completion_tokens", "worker", "served_model", "failovers",
-                 "overhead_s", "error")
+                 "overhead_s", "error", "cache")
 
     def __init__(self, request_id: str, client: str, method: str, path: str) -> None:
         self.id = request_id
@@ -25,7 +25,7 @@ class RequestRecord:
         self.client = client
         self.method = method
         self.path = path
-        self.key = self.tier = self.model = self.worker = self.served_model = self.error = None
+        self.key = self.tier = self.model = self.worker = self.served_model = self.error = self.cache = None
         self.status = 200
         self.outcome = "served"
         self.queue_s = self.ttft_s = self.overhead_s = None
@@ -71,7 +71,7 @@ class RequestRecord:
                 "status": self.status, "outcome": self.outcome, "error": self.error,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "queue_ms": _ms(self.queue_s), "ttft_ms": _ms(self.ttft_s), "total_ms": _ms(total),
-                "overhead_ms": _ms(self.overhead_s), "failovers": self.failovers or None,
+                "overhead_ms": _ms(self.overhead_s), "failovers": self.failovers or None, "cache": self.cache,
             }).decode())
 
 
