@@ -29,5 +29,10 @@ run: model
 test: model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+bench: install
+	@command -v wrk >/dev/null || (echo "make bench needs wrk and nginx: apt-get install wrk nginx-light" && exit 2)
+	$(PY) -m loadtest.bench_proxy $(BENCH_ARGS)
+	$(PY) -m loadtest.bench_cache $(BENCH_ARGS_CACHE)
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
 
 import msgspec
 from aiohttp import web
@@ -23,7 +22,7 @@ from proxy.errors import (ApiError, InvalidRequest, NotFound, Overloaded, Payloa
 from proxy.gate import Gate
 from proxy.generation import Generation, RetryBudget
 from proxy.metrics import Metrics
-from proxy.observe import RequestRecord
+from proxy.observe import RequestRecord, new_request_id
 from proxy.openai_types import ChatCompletionRequest, CompletionRequest, parse
 from proxy.pool import PoolState
 from proxy.ratelimit import KeyLimits
@@ -139,7 +138,7 @@ class OpenAIApi:
                 source = await self._shared(rec, gen, pool, tier, principal.key_name, cost, key,
                                             read="no-cache" not in directives, store="no-store" not in directives)
             rec.cache = source.cache
-            self.metrics.cache_requests.labels(source.cache).inc()
+            self.metrics.child(self.metrics.cache_requests, source.cache).inc()
             try:
                 if req.stream:
                     return await self._stream(request, rec, source, fmt, include_usage)
@@ -238,6 +237,8 @@ class OpenAIApi:
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"The request body exceeds the {limit} byte limit.")
         try:
+            if request.content.is_eof():  # the whole body came with the head: no timer needed
+                return await request.read()
             async with asyncio.timeout(self.cfg.limits.body_timeout_s):
                 return await request.read()
         except web.HTTPRequestEntityTooLarge:
@@ -293,7 +294,7 @@ class OpenAIApi:
     async def _stream(self, request, rec: RequestRecord, source: "_Source", fmt: "_Formatter",
                       include_usage: bool) -> web.StreamResponse:
         response: web.StreamResponse | None = None
-        inter_token = self.metrics.inter_token.labels(rec.tier)
+        inter_token = self.metrics.child(self.metrics.inter_token, rec.tier)
         last = None
         async with contextlib.aclosing(source.frames) as frames:
             try:
@@ -376,7 +377,7 @@ class _Formatter:
 
     def __init__(self, kind: type, model: str) -> None:
         self.chat = kind is ChatCompletionRequest
-        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + new_request_id()
         self.model = model
         self.created = int(time.time())
 

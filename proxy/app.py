@@ -9,7 +9,6 @@ import logging
 import re
 import signal
 import time
-import uuid
 
 import msgspec
 from aiohttp import web
@@ -22,7 +21,7 @@ from proxy.gate import Gate
 from proxy.generation import RetryBudget
 from proxy.cache import AnswerCache
 from proxy.metrics import Metrics, cache_collector, pool_collector
-from proxy.observe import RequestRecord
+from proxy.observe import RequestRecord, new_request_id
 from proxy.pool import PoolState
 from proxy.supervisor import Supervisor
 
@@ -118,7 +117,7 @@ class Appliance:
         """Request id in and out, one record per request (access log + metrics), and every error as
         an OpenAI-shaped body (never a traceback)."""
         incoming = request.headers.get("X-Request-Id", "")
-        rec = RequestRecord(incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex,
+        rec = RequestRecord(incoming if _REQUEST_ID.match(incoming) else new_request_id(),
                             self.client_address.of(request), request.method, request.path)
         request["record"] = rec
         self.inflight += 1

@@ -20,6 +20,7 @@ OUTCOMES = ("served", "shed", "timeout", "cancelled", "error", "invalid")
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict = {}
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)  # process_cpu_seconds_total, memory, open fds (the CPU alert)
         self.requests = Counter("fullpower_requests", "Requests by tier, model, HTTP status and outcome",
@@ -56,6 +57,15 @@ class Metrics:
                                 ["tier", "pool"], registry=r)
         self.rate_limited = Counter("fullpower_rate_limited", "Requests refused by a key's rate limit",
                                     ["tier", "limit"], registry=r)
+
+    def child(self, metric, *labels):
+        """metric.labels(*labels), memoised: prometheus-client's labels() costs microseconds on the
+        hot path, and our label sets are few and bounded."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def add_collector(self, collect: Callable[[], list]) -> None:
         class _Adapter:

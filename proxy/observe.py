@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import time
 
 import msgspec
@@ -51,18 +53,19 @@ class RequestRecord:
         total = time.monotonic() - self.started
         tier = self.tier or "none"
         if self.path.startswith("/v1/") and self.method == "POST":
-            metrics.requests.labels(tier, self.served_model or self.model or "none", str(self.status),
-                                    self.outcome).inc()
-            metrics.duration.labels(tier).observe(total)
+            child = metrics.child
+            child(metrics.requests, tier, self.served_model or self.model or "none", str(self.status),
+                  self.outcome).inc()
+            child(metrics.duration, tier).observe(total)
             if self.queue_s is not None:
-                metrics.queue_wait.labels(tier).observe(self.queue_s)
+                child(metrics.queue_wait, tier).observe(self.queue_s)
             if self.ttft_s is not None:
-                metrics.ttft.labels(tier).observe(self.ttft_s)
+                child(metrics.ttft, tier).observe(self.ttft_s)
             if self.overhead_s is not None:
                 metrics.overhead.observe(self.overhead_s)
             if self.prompt_tokens or self.completion_tokens:
-                metrics.tokens.labels(tier, "prompt").inc(self.prompt_tokens)
-                metrics.tokens.labels(tier, "completion").inc(self.completion_tokens)
+                child(metrics.tokens, tier, "prompt").inc(self.prompt_tokens)
+                child(metrics.tokens, tier, "completion").inc(self.completion_tokens)
         # Probes and admin calls would drown the log: one line per API request.
         if self.path.startswith("/v1/") and access_log.isEnabledFor(logging.INFO):
             access_log.info(_json.encode({
@@ -73,6 +76,16 @@ class RequestRecord:
                 "queue_ms": _ms(self.queue_s), "ttft_ms": _ms(self.ttft_s), "total_ms": _ms(total),
                 "overhead_ms": _ms(self.overhead_s), "failovers": self.failovers or None, "cache": self.cache,
             }).decode())
+
+
+_ID_PREFIX = os.urandom(4).hex()
+_ID_COUNTER = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """Unique per process start, and cheap: uuid4 reads the kernel's random source every call,
+    which showed up as 10% of the proxy's time at saturation."""
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -1,0 +1,53 @@
+"""Talk to one worker process directly over the worker protocol (no proxy): the baseline for the
+streaming benchmark. Spawns `python -m backend` like the supervisor does."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import sys
+import time
+
+import msgspec
+
+from backend import protocol
+from backend.protocol import ChatMessage, Finished, Generate, Ready, SamplingParams, Tokens, WorkerSettings
+
+
+async def stream_tokens_per_s(settings: WorkerSettings, max_tokens: int, rounds: int = 3) -> float:
+    parent, child = socket.socketpair()
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "--fd", str(child.fileno()), "--settings",
+                             msgspec.json.encode(settings).decode()], pass_fds=[child.fileno()])
+    child.close()
+    reader, writer = await asyncio.open_unix_connection(sock=parent)
+    decoder = protocol.proxy_decoder()
+
+    async def next_messages():
+        while True:
+            msgs = decoder.feed(await reader.read(1 << 16))
+            if msgs:
+                return msgs
+
+    try:
+        while not any(isinstance(m, Ready) for m in await next_messages()):
+            pass
+        best = 0.0
+        for r in range(rounds):
+            writer.write(protocol.encode(Generate(id=r + 1, params=SamplingParams(max_tokens=max_tokens, temperature=0,
+                                                                                   ignore_eos=True),
+                                                  messages=[ChatMessage("user", "go")])))
+            started, tokens = time.perf_counter(), 0
+            done = False
+            while not done:
+                for m in await next_messages():
+                    if isinstance(m, Tokens):
+                        tokens += len(m.token_ids)
+                    elif isinstance(m, Finished):
+                        done = True
+            best = max(best, tokens / (time.perf_counter() - started))
+        return best
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        writer.close()
