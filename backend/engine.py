@@ -1,30 +1,81 @@
 """The transformers engine: the only module that imports torch and transformers.
 
-Continuous batching over a padded KV cache (transformers' DynamicCache): every step decodes all
-running sequences together; new requests are prefilled (batched, left-padded) between steps and their
-cache rows merged into the running batch; finished or cancelled rows are dropped at once. Replace
-`prefill`/`decode` to change the decode strategy: the request lifecycle lives in BatchEngine.
+Continuous batching over a preallocated slot KV cache. The model is the transformers model class,
+unchanged; only its attention goes through `slot_attention` (registered with transformers'
+AttentionInterface), which writes each new key/value into the request's slot and attends over the
+slot's cached prefix:
+
+- every step decodes all running sequences together (batch row b = slot b; slots are handed out
+  lowest-first, so the rows in use stay packed at the front);
+- new requests are prefilled between steps, several at once (right-padded, causal);
+- finished or cancelled requests free their slot at once;
+- on CUDA the decode step runs as a captured CUDA graph, one per (batch bucket, length bucket);
+  on CPU the same code runs eagerly.
+
+The request lifecycle (max_tokens, EOS, stop sequences, streaming frames) lives in BatchEngine.
 """
 
 from __future__ import annotations
 
-import inspect
+import heapq
 import logging
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from backend.manifest import ManifestError, has_manifest, verify_manifest
 from backend.protocol import Generate, WorkerSettings
+from backend.sampling import sample
 from backend.scheduler import BatchEngine, RequestError, Sequence_
 
 log = logging.getLogger("fullpower.worker")
 
+ATTENTION = "fullpower_slots"
+PREFILL_TOKEN_BUDGET = 8192  # tokens per prefill batch (rows x padded length)
+MIN_LENGTH_BUCKET = 64
+
 
 class BootError(Exception):
     """The engine cannot start (bad model, manifest mismatch, unusable device)."""
+
+
+class _Step:
+    """What slot_attention needs for one forward pass; handed down through the model's kwargs."""
+
+    __slots__ = ("k", "v", "decode", "rows", "positions", "length")
+
+    def __init__(self, k, v, decode: bool, rows: torch.Tensor, positions: torch.Tensor | None = None,
+                 length: int = 0) -> None:
+        self.k, self.v, self.decode, self.rows, self.positions, self.length = k, v, decode, rows, positions, length
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, fp_step: _Step = None,
+                   **kwargs):
+    """query [rows, heads, T, dim]; key/value [rows, kv_heads, T, dim] for the new tokens only."""
+    if fp_step is None:  # called outside the engine (e.g. HF generate as a reference): plain SDPA
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    k_cache, v_cache = fp_step.k[module.layer_idx], fp_step.v[module.layer_idx]
+    if fp_step.decode:
+        rows, positions = fp_step.rows, fp_step.positions
+        k_cache[rows, :, positions] = key[:, :, 0]
+        v_cache[rows, :, positions] = value[:, :, 0]
+        n, length = query.shape[0], fp_step.length
+        out = F.scaled_dot_product_attention(query, k_cache[:n, :, :length], v_cache[:n, :, :length],
+                                             attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+    else:  # prefill from position 0: the prompt attends to itself, causally
+        t = query.shape[2]
+        k_cache[fp_step.rows, :, :t] = key
+        v_cache[fp_step.rows, :, :t] = value
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, slot_attention)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -34,6 +85,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
         raise BootError(f"unknown dtype {name!r}") from None
+
+
+def _bucket(n: int, cap: int, floor: int = 1) -> int:
+    size = floor
+    while size < n:
+        size *= 2
+    return min(size, cap)
 
 
 class TransformersEngine(BatchEngine):
@@ -55,9 +113,11 @@ class TransformersEngine(BatchEngine):
         if settings.cpu_threads:
             torch.set_num_threads(settings.cpu_threads)
         self.device = torch.device(settings.device)
-        dtype = resolve_dtype(settings.dtype, self.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation=ATTENTION)
+        self.model.to(self.device).eval()
+        self.body, self.lm_head = self.model.model, self.model.lm_head
         config = self.model.config
         eos = set()
         for source in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
@@ -65,15 +125,41 @@ class TransformersEngine(BatchEngine):
                 eos.add(source)
             elif source:
                 eos.update(source)
-        context = getattr(config, "max_position_embeddings", None) or 2048
-        super().__init__(settings.max_batch_size, context, sorted(eos))
-        # transformers renamed `past_key_values` to `cache` (5.2x); accept either version.
-        forward_params = inspect.signature(self.model.forward).parameters
-        self._cache_kw = "cache" if "cache" in forward_params else "past_key_values"
+        model_len = getattr(config, "max_position_embeddings", None) or 2048
+        max_len = min(settings.max_context or model_len, model_len)
+        slots = self._allocate_kv(config, settings, max_len)
+        super().__init__(slots, max_len, sorted(eos))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._rows: list[Sequence_] = []  # cache row i belongs to _rows[i]
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, cached length]; 0 = left padding
+        self._free = list(range(slots))  # a heap: the lowest free slot goes first
+        self.vocab = config.vocab_size
+        d = self.device
+        self._ids = torch.zeros((slots, 1), dtype=torch.long, device=d)
+        self._pos = torch.zeros(slots, dtype=torch.long, device=d)
+        self._rows = torch.arange(slots, dtype=torch.long, device=d)
+        self._cols = torch.arange(max_len, dtype=torch.long, device=d)
+        self.use_graphs = settings.cuda_graphs and d.type == "cuda"
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._pinned = d.type == "cuda"
+
+    def _allocate_kv(self, config, settings: WorkerSettings, max_len: int) -> int:
+        layers = config.num_hidden_layers
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        per_slot = 2 * layers * kv_heads * max_len * head_dim * torch.finfo(self.dtype).bits // 8
+        slots = settings.max_batch_size
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * settings.kv_cache_fraction)
+            slots = min(slots, budget // per_slot)
+            if slots < 1:
+                raise BootError(f"the KV cache for one sequence of {max_len} tokens needs {per_slot >> 20} MiB; "
+                                f"only {budget >> 20} MiB are available (lower max_context)")
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
+        self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
+        log.info("KV cache: %d slots x %d tokens (%.0f MiB)", slots, max_len, slots * per_slot / 2**20)
+        return slots
 
     # --- tokens ---------------------------------------------------------------------------------
     def encode(self, req: Generate) -> list[int]:
@@ -91,110 +177,117 @@ class TransformersEngine(BatchEngine):
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def detokenize_batch(self, windows: list[Sequence[int]]) -> list[str]:
+        return self.tokenizer.batch_decode(windows, skip_special_tokens=True)
+
     # --- model ----------------------------------------------------------------------------------
     def prefill(self, seqs: list[Sequence_]) -> list[int]:
-        inputs = [s.all_ids for s in seqs]
-        width = max(len(x) for x in inputs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, x in enumerate(inputs):
-            ids[i, width - len(x):] = torch.tensor(x)
-            mask[i, width - len(x):] = 1
         for s in seqs:
-            s.slot = self._generator(s)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=1, **{self._cache_kw: cache})
-        self._merge(seqs, cache, mask)
-        return self._sample(out.logits[:, -1, :], seqs)
+            s.slot = heapq.heappop(self._free)
+        first: dict[int, int] = {}
+        group: list[Sequence_] = []
+        for s in sorted(seqs, key=lambda s: len(s.all_ids)):
+            width = max([len(s.all_ids)] + [len(g.all_ids) for g in group])
+            if group and width * (len(group) + 1) > PREFILL_TOKEN_BUDGET:
+                first.update(self._prefill_group(group))
+                group = []
+            group.append(s)
+        first.update(self._prefill_group(group))
+        return [first[id(s)] for s in seqs]
+
+    def _prefill_group(self, group: list[Sequence_]) -> dict[int, int]:
+        inputs = [s.all_ids for s in group]
+        width = max(len(x) for x in inputs)
+        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
+        for i, x in enumerate(inputs):
+            ids[i, :len(x)] = torch.tensor(x)  # right padding: causal attention never looks past a row's end
+        ids = ids.to(self.device, non_blocking=True)
+        rows = torch.tensor([s.slot for s in group], dtype=torch.long, device=self.device)
+        positions = self._cols[:width].expand(len(group), width)
+        step = _Step(self.k, self.v, False, rows)
+        mask = torch.ones((len(group), 1, 1, 1), dtype=torch.bool, device=self.device)  # unused: causal in-kernel
+        hidden = self.body(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
+                           fp_step=step).last_hidden_state
+        last = torch.tensor([len(x) - 1 for x in inputs], device=self.device)
+        logits = self.lm_head(hidden[torch.arange(len(group), device=self.device), last])
+        tokens = self._sample(logits, group)
+        return {id(s): t for s, t in zip(group, tokens)}
+
+    def _decode_forward(self, n: int, length: int) -> torch.Tensor:
+        positions = self._pos[:n]
+        mask = (self._cols[:length][None, :] <= positions[:, None])[:, None, None, :]
+        step = _Step(self.k, self.v, True, self._rows[:n], positions, length)
+        hidden = self.body(input_ids=self._ids[:n], position_ids=positions[:, None], attention_mask=mask,
+                           use_cache=False, fp_step=step).last_hidden_state
+        return self.lm_head(hidden[:, -1])
+
+    def _graph(self, n: int, length: int):
+        key = (n, length)
+        entry = self._graphs.get(key)
+        if entry is None:
+            # Warm-up runs write the same keys/values the real step will: harmless to live slots.
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._decode_forward(n, length)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                out = self._decode_forward(n, length)
+            entry = self._graphs[key] = (graph, out)
+        return entry
 
     def decode(self, seqs: list[Sequence_]) -> list[int]:
-        rows = self._rows
-        last = torch.tensor([[s.generated[-1]] for s in rows], dtype=torch.long, device=self.device)
-        self._mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
-        positions = self._mask.sum(dim=1, keepdim=True) - 1
-        out = self.model(input_ids=last, attention_mask=self._mask, position_ids=positions, use_cache=True,
-                         **{self._cache_kw: self._cache})
-        tokens = self._sample(out.logits[:, -1, :], rows)
-        by_seq = {id(s): t for s, t in zip(rows, tokens)}
-        return [by_seq[id(s)] for s in seqs]
+        top = max(s.slot for s in seqs) + 1
+        n = _bucket(top, self.max_batch_size)
+        ids = [0] * n
+        pos = [0] * n
+        for s in seqs:
+            ids[s.slot] = s.generated[-1]
+            pos[s.slot] = len(s.prompt_ids) + len(s.generated) - 1
+        length = _bucket(max(pos) + 1, self.context_length, MIN_LENGTH_BUCKET)
+        self._ids[:n, 0].copy_(torch.tensor(ids, pin_memory=self._pinned), non_blocking=True)
+        self._pos[:n].copy_(torch.tensor(pos, pin_memory=self._pinned), non_blocking=True)
+        if self.use_graphs:
+            graph, out = self._graph(n, length)
+            graph.replay()
+            logits = out
+        else:
+            logits = self._decode_forward(n, length)
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)
+        return self._sample(logits[rows], seqs)
 
     def release(self, seqs: list[Sequence_]) -> None:
-        gone = {id(s) for s in seqs}
-        keep = [i for i, s in enumerate(self._rows) if id(s) not in gone]
-        if len(keep) == len(self._rows):
-            return
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._cache = self._mask = None
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.device)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        # Drop cache columns that are padding in every remaining row.
-        leading = int((self._mask.sum(dim=0) == 0).long().cumprod(dim=0).sum())
-        if leading:
-            self._mask = self._mask[:, leading:]
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, leading:, :]
-                layer.values = layer.values[:, :, leading:, :]
+        for s in seqs:
+            if isinstance(s.slot, int):
+                heapq.heappush(self._free, s.slot)
+                s.slot = None
 
-    def _merge(self, seqs: list[Sequence_], cache: DynamicCache, mask: torch.Tensor) -> None:
-        if self._cache is None:
-            self._cache, self._mask, self._rows = cache, mask, list(seqs)
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-
-        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
-            missing = width - t.shape[dim]
-            if not missing:
-                return t
-            shape = list(t.shape)
-            shape[dim] = missing
-            return torch.cat([t.new_zeros(shape), t], dim=dim)
-
-        for old, new in zip(self._cache.layers, cache.layers):
-            old.keys = torch.cat([left_pad(old.keys, 2), left_pad(new.keys, 2)], dim=0)
-            old.values = torch.cat([left_pad(old.values, 2), left_pad(new.values, 2)], dim=0)
-        self._mask = torch.cat([left_pad(self._mask, 1), left_pad(mask, 1)], dim=0)
-        self._rows.extend(seqs)
+    def warm_up(self) -> None:
+        super().warm_up()
+        if self.use_graphs:
+            # Capture the common decode graphs now rather than on the first busy step.
+            n = 1
+            while True:
+                for length in (MIN_LENGTH_BUCKET, 128, 256, 512):
+                    if length <= self.context_length:
+                        self._graph(n, length)
+                if n >= self.max_batch_size:
+                    break
+                n = min(n * 2, self.max_batch_size)
+            torch.cuda.synchronize()
 
     # --- sampling -------------------------------------------------------------------------------
-    def _generator(self, seq: Sequence_) -> torch.Generator | None:
-        p = seq.params
-        if p.temperature <= 0:
-            return None
-        gen = torch.Generator(device=self.device)
-        if p.seed is None:
-            gen.seed()
-        return gen
-
-    @staticmethod
-    def _step_seed(seed: int, position: int) -> int:
-        # Seeded sampling draws token i from a generator seeded with (seed, i), not from one stream
-        # of random numbers: a generation resumed on another worker at position i continues
-        # exactly as the first worker would have.
-        return (seed * 1_000_003 + position * 7_919 + 0x5DEECE66D) % (2**63)
-
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence_]) -> list[int]:
-        greedy = logits.argmax(dim=-1).tolist()
-        out = []
-        for i, s in enumerate(seqs):
-            p = s.params
-            if p.temperature <= 0 or s.slot is None:
-                out.append(greedy[i])
-                continue
-            row = logits[i].float() / p.temperature
-            probs = torch.softmax(row, dim=-1)
-            if p.top_p < 1.0:
-                sorted_probs, order = probs.sort(descending=True)
-                cumulative = sorted_probs.cumsum(-1)
-                cut = cumulative - sorted_probs > p.top_p  # keep the smallest set reaching top_p
-                sorted_probs[cut] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-            if p.seed is not None:
-                s.slot.manual_seed(self._step_seed(p.seed, len(s.generated)))
-            out.append(int(torch.multinomial(probs, 1, generator=s.slot)))
-        return out
+        params = [s.params for s in seqs]
+        any_sampled = any(p.temperature > 0 for p in params)
+        if not any_sampled:
+            return logits.argmax(dim=-1).tolist()
+        d = self.device
+        temperature = torch.tensor([p.temperature for p in params], device=d)
+        top_p = torch.tensor([p.top_p for p in params], device=d)
+        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.long, device=d)
+        # the noise position: index of the sampled token within the completion (resume-stable)
+        positions = torch.tensor([len(s.generated) for s in seqs], dtype=torch.long, device=d)
+        return sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params)).tolist()

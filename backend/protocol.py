@@ -176,6 +176,9 @@ class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
     verify_manifest: bool = True
     # torch threads for CPU workers; 0 = torch's default
     cpu_threads: int = 0
+    max_context: int = 0  # tokens per sequence in the KV cache; 0 = the model's maximum
+    kv_cache_fraction: float = 0.9  # of the GPU memory free after loading the model
+    cuda_graphs: bool = True
     # fake engine only
     fake_token_latency_ms: float = 1.0
     fake_prompt_latency_ms: float = 0.0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
 from typing import Callable, Optional, Sequence
@@ -33,7 +34,7 @@ class InternalError(Exception):
 class Sequence_:
     """One request's generation state inside the engine."""
 
-    __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "new_ids", "resumed")
+    __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "new_ids", "resumed", "seed")
 
     def __init__(self, req: Generate, prompt_ids: list[int], detok: IncrementalDetokenizer) -> None:
         self.req = req
@@ -45,6 +46,8 @@ class Sequence_:
         self.stops = StopMatcher(req.params.stop)
         self.slot = None  # engine-private
         self.new_ids: list[int] = []
+        # sampling noise is a function of (seed, position): unseeded requests get a random seed
+        self.seed = req.params.seed if req.params.seed is not None else random.getrandbits(62)
 
     @property
     def id(self) -> int:
@@ -76,6 +79,10 @@ class BatchEngine:
 
     def detokenize(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
+
+    def detokenize_batch(self, windows: list[Sequence[int]]) -> list[str]:
+        """Many decodes in one call (engines override it with their tokenizer's batch decode)."""
+        return [self.detokenize(w) for w in windows]
 
     def prefill(self, seqs: list[Sequence_]) -> list[int]:
         raise NotImplementedError
@@ -204,17 +211,26 @@ class BatchEngine:
 
     def _advance(self, seqs: list[Sequence_], next_ids: list[int], frames: list) -> None:
         finished: list[Sequence_] = []
+        ends: list[str | None] = []
+        windows: list = []
         for seq, tok in zip(seqs, next_ids):
-            reason = None
             seq.generated.append(tok)
             self.generated_tokens += 1
-            is_eos = tok in self.eos_ids and not seq.params.ignore_eos
-            text = "" if is_eos else seq.detok.push([tok])
-            if is_eos:
-                reason = "stop"
-            elif len(seq.generated) >= seq.params.max_tokens or (
+            if tok in self.eos_ids and not seq.params.ignore_eos:
+                ends.append("stop")
+                continue
+            if len(seq.generated) >= seq.params.max_tokens or (
                     len(seq.prompt_ids) + len(seq.generated) >= self.context_length):
-                reason = "length"
+                ends.append("length")
+            else:
+                ends.append(None)
+            seq.detok.ids.append(tok)
+            windows.extend(seq.detok.windows())
+        # One tokenizer call for the whole batch: per-sequence decodes dominate big batches.
+        texts = iter(self.detokenize_batch(windows)) if windows else iter(())
+        for seq, tok, reason in zip(seqs, next_ids, ends):
+            is_eos = tok in self.eos_ids and not seq.params.ignore_eos
+            text = "" if is_eos else seq.detok.accept(next(texts), next(texts))
             if reason is not None:
                 text += seq.detok.flush()
             text, hit_stop = seq.stops.push(text)

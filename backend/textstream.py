@@ -23,8 +23,15 @@ class IncrementalDetokenizer:
 
     def push(self, token_ids: Sequence[int]) -> str:
         self.ids.extend(token_ids)
-        prefix_text = self._decode(self.ids[self._prefix : self._read])
-        full_text = self._decode(self.ids[self._prefix :])
+        prefix, full = self.windows()
+        return self.accept(self._decode(prefix), self._decode(full))
+
+    def windows(self) -> tuple[list[int], list[int]]:
+        """The two id windows to decode (for batching many sequences into one tokenizer call)."""
+        return self.ids[self._prefix : self._read], self.ids[self._prefix :]
+
+    def accept(self, prefix_text: str, full_text: str) -> str:
+        """The text delta, given the decoded windows (after the new ids were appended to .ids)."""
         if full_text.endswith("\ufffd") or len(full_text) < len(prefix_text):
             return ""
         delta = full_text[len(prefix_text) :]

@@ -68,6 +68,9 @@ class Pool(_Base, kw_only=True):
     # Cost-aware admission: estimated tokens (prompt + max_tokens) in flight per worker.
     max_tokens_inflight_per_worker: PosInt = 262144
     cpu_threads: NonNegInt = 0
+    max_context: NonNegInt = 0  # tokens per sequence (prompt + output) in the KV cache; 0 = the model's maximum
+    kv_cache_fraction: Annotated[float, msgspec.Meta(gt=0, le=0.98)] = 0.9  # of free GPU memory after loading
+    cuda_graphs: bool = True  # capture the decode step in CUDA graphs (GPU only)
     verify_manifest: bool = True
     fake: FakeEngineSettings = msgspec.field(default_factory=FakeEngineSettings)
 

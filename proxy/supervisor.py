@@ -38,7 +38,8 @@ def worker_settings(cfg: Config, pool: Pool, device: str) -> WorkerSettings:
         engine=pool.engine, model_name=pool.model, model_path=str(cfg.model_dir(pool)),
         device="cuda:0" if device.startswith("cuda") else "cpu", dtype=pool.dtype,
         max_batch_size=pool.max_batch_size, heartbeat_interval_s=cfg.workers.heartbeat_interval_s,
-        verify_manifest=pool.verify_manifest, cpu_threads=pool.cpu_threads,
+        verify_manifest=pool.verify_manifest, cpu_threads=pool.cpu_threads, max_context=pool.max_context,
+        kv_cache_fraction=pool.kv_cache_fraction, cuda_graphs=pool.cuda_graphs,
         fake_token_latency_ms=f.token_latency_ms, fake_prompt_latency_ms=f.prompt_latency_ms,
         fake_output_tokens=f.output_tokens, fake_context_length=f.context_length,
         fake_fail_every=f.fail_every, fake_hang_after=f.hang_after, fake_exit_after=f.exit_after,
@@ -56,7 +57,8 @@ def worker_env(device: str) -> dict[str, str]:
 def _process_settings(pool: Pool) -> tuple:
     """The pool settings a running worker process was started with (changing them needs a restart)."""
     return (pool.engine, pool.model, pool.model_path, pool.dtype, pool.max_batch_size, pool.cpu_threads,
-            pool.verify_manifest, msgspec.structs.astuple(pool.fake))
+            pool.max_context, pool.kv_cache_fraction, pool.cuda_graphs, pool.verify_manifest,
+            msgspec.structs.astuple(pool.fake))
 
 
 class Slot:

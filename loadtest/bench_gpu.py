@@ -1,0 +1,179 @@
+"""GPU worker throughput (run on the GPU host): the slot engine against plain HF `generate`, in
+one run, for the SmolLM2-135M and Llama-3.2-1B shapes with random weights (configs committed under
+loadtest/models/, tokenizer from the embedded model). Prompt 128 tokens, 128 new tokens, EOS
+ignored. Also checks greedy output of the engine against HF generate token for token.
+
+    python -m loadtest.bench_gpu --tokenizer DIR [--shapes smollm2-135m,llama-3.2-1b]
+        [--concurrency 1,16,64,256] [--out reports/bench-gpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from backend.engine import TransformersEngine
+from backend.protocol import Finished, Generate, SamplingParams, Tokens, WorkerSettings
+
+HERE = Path(__file__).resolve().parent
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+def build_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
+    config = AutoConfig.from_pretrained(HERE / "models" / shape)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, out / name)
+    del model
+    torch.cuda.empty_cache()
+    return out
+
+
+def run_engine(engine: TransformersEngine, prompt: str, concurrency: int, total: int, new_tokens: int) -> dict:
+    """Closed loop: `concurrency` requests in flight until `total` are done."""
+    lock = threading.Lock()
+    state = {"next": 0, "done": 0, "tokens": 0}
+    sent_at: dict[int, float] = {}
+    last_at: dict[int, float] = {}
+    ttft: list[float] = []
+    itl: list[float] = []
+    done = threading.Event()
+
+    def submit():
+        rid = state["next"]
+        state["next"] += 1
+        sent_at[rid] = time.perf_counter()
+        engine.submit(Generate(id=rid, prompt=prompt, params=SamplingParams(max_tokens=new_tokens, temperature=0,
+                                                                             ignore_eos=True)))
+
+    def emit(frames):
+        now = time.perf_counter()
+        with lock:
+            for f in frames:
+                if isinstance(f, Tokens):
+                    state["tokens"] += len(f.token_ids)
+                    if f.id in last_at:
+                        itl.append(now - last_at[f.id])
+                    else:
+                        ttft.append(now - sent_at[f.id])
+                    last_at[f.id] = now
+                elif isinstance(f, Finished):
+                    state["done"] += 1
+                    last_at.pop(f.id, None)
+                    if state["next"] < total:
+                        submit()
+                    if state["done"] == total:
+                        done.set()
+
+    engine.emit = emit
+    started = time.perf_counter()
+    with lock:
+        for _ in range(min(concurrency, total)):
+            submit()
+    with torch.inference_mode():
+        while not done.is_set():
+            engine.step()
+    wall = time.perf_counter() - started
+
+    def pct(values, p):
+        values = sorted(values)
+        return round(values[min(len(values) - 1, int(len(values) * p / 100))] * 1000, 3) if values else None
+    return {"concurrency": concurrency, "requests": total, "output_tokens": state["tokens"],
+            "tokens_per_s": round(state["tokens"] / wall, 1), "wall_s": round(wall, 3),
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
+            "itl_p99_ms": pct(itl, 99)}
+
+
+def run_hf(model, prompt_ids: list[int], batch: int, new_tokens: int) -> dict:
+    ids = torch.tensor([prompt_ids] * batch, device="cuda")
+    with torch.inference_mode():
+        model.generate(ids[:1], max_new_tokens=4, do_sample=False)  # warm
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    produced = (out.shape[1] - ids.shape[1]) * batch
+    return {"batch": batch, "tokens_per_s": round(produced / wall, 1), "step_ms": round(wall / new_tokens * 1000, 3)}
+
+
+def greedy_check(engine: TransformersEngine, prompts: list[str], n: int) -> list[dict]:
+    results = []
+    for i, prompt in enumerate(prompts):
+        frames = []
+        engine.emit = frames.extend
+        engine.submit(Generate(id=10_000 + i, prompt=prompt, params=SamplingParams(max_tokens=n, temperature=0,
+                                                                                   ignore_eos=True)))
+        with torch.inference_mode():
+            while not any(isinstance(f, Finished) for f in frames):
+                engine.step()
+        ours = [t for f in frames if isinstance(f, Tokens) for t in f.token_ids]
+        ids = torch.tensor([engine.tokenizer(prompt).input_ids], device="cuda")
+        with torch.inference_mode():
+            ref = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                        min_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
+        same = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+        results.append({"prompt": prompt[:40], "tokens": n, "identical": ours == ref, "first_divergence": same})
+    return results
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench_gpu", description=__doc__)
+    p.add_argument("--tokenizer", type=Path, required=True)
+    p.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b")
+    p.add_argument("--concurrency", default="1,16,64,256")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--hf-batches", default="1,64")
+    p.add_argument("--out", default="reports/bench-gpu.json")
+    args = p.parse_args(argv)
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+               "transformers": __import__("transformers").__version__, "shapes": {}}
+    tmp = Path(tempfile.mkdtemp(prefix="fullpower-gpu-"))
+    for shape in args.shapes.split(","):
+        model_dir = build_model(shape, args.tokenizer, tmp / shape)
+        concurrency = [int(c) for c in args.concurrency.split(",")]
+        settings = WorkerSettings(engine="transformers", model_name=shape, model_path=str(model_dir), device="cuda:0",
+                                  max_batch_size=max(concurrency), max_context=512, verify_manifest=False)
+        t0 = time.perf_counter()
+        engine = TransformersEngine(settings)
+        engine.warm_up()
+        boot = time.perf_counter() - t0
+        prompt = " word" * 128
+        n_prompt = len(engine.tokenizer(prompt).input_ids)
+        entry = {"boot_s": round(boot, 1), "prompt_tokens": n_prompt, "slots": engine.max_batch_size,
+                 "graphs": len(engine._graphs), "engine": [], "hf_generate": []}
+        entry["greedy_vs_hf"] = greedy_check(engine, ["Hello there", " word" * 20, "1 2 3 4 5"], 32)
+        for c in concurrency:
+            entry["engine"].append(run_engine(engine, prompt, c, max(2 * c, 8), args.new_tokens))
+            print(shape, entry["engine"][-1], file=sys.stderr, flush=True)
+        prompt_ids = engine.tokenizer(prompt).input_ids
+        for b in [int(x) for x in args.hf_batches.split(",")]:
+            entry["hf_generate"].append(run_hf(engine.model, prompt_ids, b, args.new_tokens))
+            print(shape, "hf", entry["hf_generate"][-1], file=sys.stderr, flush=True)
+        results["shapes"][shape] = entry
+        del engine
+        torch.cuda.empty_cache()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
