@@ -6,7 +6,8 @@ set -u
 OUT=${OUT:-reports}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-pip install -q --no-deps --no-index .gpu/wheels/*.whl 2>&1 | tail -1
+python3 -m pip install -q --no-deps --no-index --root-user-action=ignore .gpu/wheels/*.whl 2>&1 | tail -3
+python3 -c "import msgspec, cachetools, diskcache; print('carried wheels ok')"
 nvidia-smi -L
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 
