@@ -143,6 +143,9 @@ class BatchEngine:
         self._drain_inbox(block=idle)
         frames: list = []
         self._admit(frames)
+        if frames:
+            self.emit(frames)  # first tokens go out now, not after the next decode step
+            frames = []
         if self._running:
             ids = self.decode(self._running)
             self._advance(self._running, ids, frames)

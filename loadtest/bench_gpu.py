@@ -112,6 +112,34 @@ def run_hf(model, prompt_ids: list[int], batch: int, new_tokens: int) -> dict:
     return {"batch": batch, "tokens_per_s": round(produced / wall, 1), "step_ms": round(wall / new_tokens * 1000, 3)}
 
 
+def step_breakdown(engine: TransformersEngine, batch: int, length: int = 256, steps: int = 50) -> dict:
+    """GPU time of one captured decode step (CUDA events around graph replays) against the time
+    the whole engine step takes at the same batch size (its inter-token latency): the difference
+    is Python and launch overhead outside the graph (scheduling, sampling, detokenizing, frames)."""
+    graph, _ = engine._graph(batch, length)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    gpu_ms = start.elapsed_time(end) / steps
+    logits = torch.randn(batch, engine.vocab, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(steps):
+        logits.argmax(dim=-1).tolist()
+    sample_ms = (time.perf_counter() - t) / steps * 1000
+    windows = [[100, 200, 300, 400, 500, 600], [100, 200, 300, 400, 500, 600, 700]] * batch
+    t = time.perf_counter()
+    for _ in range(10):
+        engine.detokenize_batch(windows)
+    detok_ms = (time.perf_counter() - t) / 10 * 1000
+    return {"batch": batch, "length_bucket": length, "graph_gpu_ms": round(gpu_ms, 3),
+            "greedy_sample_and_sync_ms": round(sample_ms, 3), "batch_detokenize_ms": round(detok_ms, 3)}
+
+
 def greedy_check(engine: TransformersEngine, prompts: list[str], n: int) -> list[dict]:
     results = []
     for i, prompt in enumerate(prompts):
@@ -161,6 +189,8 @@ def main(argv=None) -> int:
         for c in concurrency:
             entry["engine"].append(run_engine(engine, prompt, c, max(2 * c, 8), args.new_tokens))
             print(shape, entry["engine"][-1], file=sys.stderr, flush=True)
+        entry["step_breakdown"] = step_breakdown(engine, max(concurrency))
+        print(shape, "breakdown", entry["step_breakdown"], file=sys.stderr, flush=True)
         prompt_ids = engine.tokenizer(prompt).input_ids
         for b in [int(x) for x in args.hf_batches.split(",")]:
             entry["hf_generate"].append(run_hf(engine.model, prompt_ids, b, args.new_tokens))
