@@ -64,27 +64,15 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         rows, positions = fp_step.rows, fp_step.positions
         k_cache[rows, :, positions] = key[:, :, 0]
         v_cache[rows, :, positions] = value[:, :, 0]
-        out = _decode_attention(query, k_cache[:query.shape[0], :, :fp_step.length],
-                                v_cache[:query.shape[0], :, :fp_step.length], attention_mask, scaling)
+        n, length = query.shape[0], fp_step.length
+        out = F.scaled_dot_product_attention(query, k_cache[:n, :, :length], v_cache[:n, :, :length],
+                                             attn_mask=attention_mask, scale=scaling, enable_gqa=True)
     else:  # prefill from position 0: the prompt attends to itself, causally
         t = query.shape[2]
         k_cache[fp_step.rows, :, :t] = key
         v_cache[fp_step.rows, :, :t] = value
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _decode_attention(query, keys, values, mask, scaling):
-    """One query token per row against the row's cached keys. Grouped-query attention as batched
-    matmuls over [rows, kv_heads, group, ...]: no copy of the keys and values per query head, which
-    SDPA's GQA path makes and which cost more than the rest of the step on small models."""
-    rows, heads, _, dim = query.shape
-    kv_heads = keys.shape[1]
-    q = query.reshape(rows, kv_heads, heads // kv_heads, dim)
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * (scaling or dim ** -0.5)  # [rows, kv, group, L]
-    scores = scores.masked_fill(~mask[:, :, 0, :].unsqueeze(2), float("-inf"))  # mask: [rows, 1, 1, L]
-    probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).reshape(rows, heads, 1, dim)
 
 
 AttentionInterface.register(ATTENTION, slot_attention)
