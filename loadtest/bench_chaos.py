@@ -1,0 +1,69 @@
+"""Chaos benchmark: steady open-loop load on three fake workers while a random worker is
+SIGKILLed through the admin API every few seconds. Reports the success ratio and latency
+percentiles (and writes the JSON, Markdown and PNGs of the load generator).
+
+    python -m loadtest.bench_chaos [--rate 50] [--duration 60] [--chaos-every 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from loadtest.bench_proxy import PY, ROOT, free_port, wait_port
+from loadtest.report import markdown, summarize, write_reports
+from loadtest.runner import run_workload
+from loadtest.workload import TierMix, Workload
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench_chaos", description=__doc__)
+    p.add_argument("--rate", type=float, default=50.0)
+    p.add_argument("--duration", type=float, default=60.0)
+    p.add_argument("--chaos-every", type=float, default=5.0)
+    p.add_argument("--out", default="reports")
+    args = p.parse_args(argv)
+    tmp = Path(tempfile.mkdtemp(prefix="fullpower-chaos-"))
+    config = yaml.safe_load((ROOT / "config/examples/bench-fake.yaml").read_text())
+    port, admin = free_port(), free_port()
+    config.update(listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{admin}", data_dir=str(tmp), log_level="warning")
+    config["pools"][0].update(devices=["cpu"] * 3, replicas={"hot": 3},
+                              fake={"token_latency_ms": 10, "output_tokens": 32, "boot_delay_ms": 500})
+    config["workers"] = {"restart_backoff_initial_s": 0.5}
+    config["cache"] = {"enabled": False}
+    (tmp / "c.yaml").write_text(yaml.safe_dump(config))
+    server = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(tmp / "c.yaml")], cwd=ROOT)
+    try:
+        wait_port(port)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        w = Workload(url=f"http://127.0.0.1:{port}", admin_url=f"http://127.0.0.1:{admin}", rate=args.rate,
+                     duration_s=args.duration, chaos_every_s=args.chaos_every, stream_share=0.5,
+                     max_tokens=(16, 32), tiers={"premium": TierMix(key="sk-test-premium", share=0.2),
+                                                 "standard": TierMix(key="sk-test-standard", share=0.5),
+                                                 "batch": TierMix(key="sk-test-batch", share=0.3)})
+        run = asyncio.run(run_workload(w, progress=False))
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    write_reports(run, Path(args.out), "chaos")
+    print(markdown(summarize(run)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
