@@ -1,7 +1,7 @@
 """One request's run on the workers: pick a worker, send the Generate frame, yield its frames.
 
 A worker that fails before the first token (crash, hang, internal error) is replaced by another
-worker, within the retry budget. A worker that fails after tokens went out is replaced too: the
+worker (internal errors within the retry budget). A worker that fails after tokens went out is replaced too: the
 generation resumes on another worker from the prompt plus every token id already sent, so the
 client sees one uninterrupted stream (token-exact for greedy decoding). Only when no other worker
 can take over does the client get an error.
@@ -83,7 +83,10 @@ class Generation:
                     return
                 if len(tried) >= self.max_attempts:
                     raise UpstreamError(f"The request failed on {len(tried)} workers ({failure}).")
-                if not holding_retry:
+                # A dead worker's requests fail over freely: they completed nowhere, and the
+                # process is gone, so retrying them cannot feed a retry storm. Errors from live
+                # workers spend the retry budget.
+                if not holding_retry and not isinstance(failure, WorkerGone):
                     if not self.budget.try_take():
                         raise UpstreamError("The worker failed and the retry budget is spent; retry later.")
                     holding_retry = True
