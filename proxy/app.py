@@ -20,7 +20,8 @@ from proxy.errors import ApiError, MethodNotAllowed, NoWorkerReady, NotFound, Pa
 from proxy.gate import Gate
 from proxy.generation import RetryBudget
 from proxy.cache import AnswerCache
-from proxy.metrics import Metrics, cache_collector, pool_collector
+from proxy.jobs import Jobs
+from proxy.metrics import Metrics, cache_collector, jobs_collector, pool_collector
 from proxy.observe import RequestRecord, new_request_id
 from proxy.pool import PoolState
 from proxy.supervisor import Supervisor
@@ -89,6 +90,9 @@ class Appliance:
         self.cache = AnswerCache(c.memory_bytes, c.disk_bytes, cfg.cache_dir(), c.ttl_s, self.metrics)
         self.api = OpenAIApi(cfg, self.pools, self.gate, self.metrics, budget, self.cache)
         self.metrics.add_collector(cache_collector(self.cache))
+        self.jobs = Jobs(cfg, self.api, self.metrics) if cfg.jobs.enabled else None
+        if self.jobs is not None:
+            self.metrics.add_collector(jobs_collector(self.jobs))
         self.metrics.add_collector(pool_collector(self.pools, self.gate))
         self.client_address = ClientAddress(cfg.limits.trusted_proxies)
         self.draining = False
@@ -98,6 +102,8 @@ class Appliance:
     def public_app(self) -> web.Application:
         app = web.Application(middlewares=[self._request_context], client_max_size=self.cfg.limits.max_body_bytes)
         app.add_routes(self.api.routes())
+        if self.jobs is not None:
+            app.add_routes(self.jobs.routes())
         app.add_routes([web.get("/healthz", self.healthz), web.get("/readyz", self.readyz)])
         return app
 
@@ -110,6 +116,8 @@ class Appliance:
                         web.get("/admin/cache", self.admin_cache_stats),
                         web.post("/admin/workers/{id}/{action:drain|undrain|restart|kill}", self.admin_worker),
                         web.post("/admin/pools/{pool}/restart", self.admin_rolling_restart)])
+        if self.jobs is not None:
+            app.add_routes(self.jobs.admin_routes())
         return app
 
     @web.middleware
@@ -222,6 +230,8 @@ class Appliance:
             self.cfg = new
             self.gate.update(new)
             self.api.update(new)
+            if self.jobs is not None:
+                self.jobs.update(new)
             changes = await self.supervisor.apply(new)
         self.metrics.config_reloads.labels("applied").inc()
         log.info("config reloaded: %s", "; ".join(changes) or "no worker changes")
@@ -239,6 +249,8 @@ class Appliance:
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         self.supervisor.start()
+        if self.jobs is not None:
+            await self.jobs.start()
         limits = self.cfg.limits
         for app, address in ((self.public_app(), self.cfg.listen), (self.admin_app(), self.cfg.admin_listen)):
             # keepalive_timeout runs from the connection's start (and from each response): a client
@@ -265,6 +277,8 @@ class Appliance:
             await asyncio.sleep(0.05)
         if self.inflight:
             log.warning("drain period over; cancelling %d requests", self.inflight)
+        if self.jobs is not None:
+            await self.jobs.stop()  # running jobs go back to the queue at the next start
         for runner in reversed(self._runners):
             await runner.cleanup()
         await self.api.coalescer.close()

@@ -158,6 +158,38 @@ def cmd_cache(args) -> int:
     return 0
 
 
+def cmd_jobs(args) -> int:
+    address = _admin_address(args)
+    try:
+        if args.action == "list":
+            query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
+            data = _admin_get(address, "/admin/jobs" + query)
+            if args.json:
+                print(json.dumps(data, indent=2))
+            else:
+                for job in data["data"]:
+                    print(f"{job['id']}  {job['status']:<10} attempts={job['attempts']}  {job['error'] or ''}")
+            return 0
+        if not args.id:
+            print("a job id is needed", file=sys.stderr)
+            return 2
+        if args.action == "show":
+            print(json.dumps(_admin_get(address, f"/admin/jobs/{args.id}"), indent=2))
+            return 0
+        status, body = _admin_post(address, f"/admin/jobs/{args.id}/{args.action}", timeout=60)
+    except urllib.error.HTTPError as exc:
+        print(json.load(exc).get("error", {}).get("message", f"HTTP {exc.code}"), file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"cannot reach the admin listener at {address}: {exc}", file=sys.stderr)
+        return 1
+    if status != 200:
+        print(body.get("error", {}).get("message", f"HTTP {status}"), file=sys.stderr)
+        return 1
+    print(f"{body['id']}  {body['status']}")
+    return 0
+
+
 def cmd_status(args) -> int:
     address = _admin_address(args)
     try:
@@ -221,6 +253,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
     p.set_defaults(func=cmd_cache)
+
+    p = sub.add_parser("jobs", help="list, show, cancel or retry async jobs")
+    p.add_argument("action", choices=["list", "show", "cancel", "retry"])
+    p.add_argument("id", nargs="?")
+    p.add_argument("--status")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("worker", help="drain, undrain or restart one worker; rolling-restart a pool")
     p.add_argument("action", choices=["drain", "undrain", "restart", "rolling-restart"])

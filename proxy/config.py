@@ -104,6 +104,7 @@ class ApiKey(_Base, kw_only=True):
     name: Name
     key: Annotated[str, msgspec.Meta(min_length=8)]
     tier: Name
+    callback_secret: str = ""  # signs this key's job callbacks (HMAC-SHA256); needed to use callback_url
     requests_per_second: Union[PosFloat, None] = None  # token bucket; burst = max(1, rate)
     tokens_per_minute: Union[PosInt, None] = None  # prompt + max_tokens, refunded down to the tokens used
 
@@ -164,6 +165,22 @@ class Cache(_Base, kw_only=True):
     include_sampled: bool = False  # also share sampled requests (temperature > 0, no seed)
 
 
+class Jobs(_Base, kw_only=True):
+    """Async jobs: durable submission (SQLite), execution at a low tier, signed callbacks."""
+
+    enabled: bool = True
+    db_path: str = ""  # "" = <data_dir>/jobs.sqlite3
+    max_db_bytes: NonNegInt = 0  # refuse new jobs (503) beyond this database size; 0 = no bound
+    tier: str = ""  # the tier jobs run at; "" = the last (lowest) tier
+    concurrency: PosInt = 16  # jobs running at once (they still pass admission at their tier)
+    max_attempts: PosInt = 3
+    expire_after_s: PosFloat = 86400.0  # a job not started by then is marked expired
+    retention_s: PosFloat = 7 * 86400.0  # finished jobs are deleted after this
+    callback_timeout_s: PosFloat = 10.0
+    callback_retry_s: PosFloat = 3600.0  # keep retrying a failing callback for this long
+    callback_allow: list[str] = []  # hosts and CIDRs callbacks may go to; loopback only when listed
+
+
 class Routing(_Base, kw_only=True):
     slow_start_s: NonNegFloat = 30.0  # a (re)started worker's weight ramps from 10% over this
     retry_budget_ratio: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.2  # retries in flight / active requests
@@ -185,6 +202,7 @@ class Config(_Base, kw_only=True):
     routing: Routing = msgspec.field(default_factory=Routing)
     outlier: Outlier = msgspec.field(default_factory=Outlier)
     cache: Cache = msgspec.field(default_factory=Cache)
+    jobs: Jobs = msgspec.field(default_factory=Jobs)
 
     def pool(self, name: str) -> Pool:
         return next(p for p in self.pools if p.name == name)
@@ -194,6 +212,12 @@ class Config(_Base, kw_only=True):
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def jobs_tier(self) -> str:
+        return self.jobs.tier or self.tiers[-1].name
+
+    def jobs_db(self) -> Path:
+        return Path(self.jobs.db_path) if self.jobs.db_path else self.resolved_data_dir() / "jobs.sqlite3"
 
     def cache_dir(self) -> Path:
         return Path(self.cache.disk_dir) if self.cache.disk_dir else self.resolved_data_dir() / "cache"
@@ -338,6 +362,11 @@ def _cross_field_problems(cfg: Config) -> list[str]:
             ipaddress.ip_network(net, strict=False)
         except ValueError:
             problems.append(f"limits.trusted_proxies[{i}]: not an IP address or CIDR: {net!r}")
+    if cfg.jobs.tier and cfg.jobs.tier not in tier_names:
+        problems.append(f"jobs.tier: no tier named {cfg.jobs.tier!r}")
+    for i, entry in enumerate(cfg.jobs.callback_allow):
+        if not entry or " " in entry:
+            problems.append(f"jobs.callback_allow[{i}]: expected a host name or a CIDR, got {entry!r}")
     w = cfg.workers
     if w.restart_backoff_initial_s > w.restart_backoff_max_s:
         problems.append("workers.restart_backoff_max_s: must be >= restart_backoff_initial_s")

@@ -55,6 +55,10 @@ class Metrics:
                                          "while)", registry=r)
         self.degraded = Counter("fullpower_degraded_requests", "Requests sent to a tier's fallback pool",
                                 ["tier", "pool"], registry=r)
+        self.jobs_finished = Counter("fullpower_jobs_finished", "Jobs that reached a final state", ["status"],
+                                     registry=r)
+        self.job_callbacks = Counter("fullpower_job_callbacks", "Job callback delivery attempts", ["result"],
+                                     registry=r)
         self.rate_limited = Counter("fullpower_rate_limited", "Requests refused by a key's rate limit",
                                     ["tier", "limit"], registry=r)
 
@@ -134,5 +138,19 @@ def cache_collector(cache) -> Callable[[], list]:
         entries.add_metric(["memory"], len(memory) if memory is not None else 0)
         size.add_metric(["memory"], memory.currsize if memory is not None else 0)
         return [entries, size]
+
+    return collect
+
+
+def jobs_collector(jobs) -> Callable[[], list]:
+    """Jobs by state and the age of the oldest queued job (refreshed every second off the loop)."""
+
+    def collect() -> list:
+        by_state = GaugeMetricFamily("fullpower_jobs", "Jobs by state", labels=["state"])
+        for state in ("queued", "running", "succeeded", "failed", "cancelled", "expired"):
+            by_state.add_metric([state], jobs.counts.get(state, 0))
+        age = GaugeMetricFamily("fullpower_jobs_oldest_queued_seconds", "Age of the oldest queued job")
+        age.add_metric([], jobs.oldest_queued_s)
+        return [by_state, age]
 
     return collect
