@@ -15,13 +15,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
-from loadtest.bench_proxy import PY, ROOT, free_port, wait_port
+from loadtest.bench_proxy import ROOT, free_port, start_server
 from loadtest.report import summarize
 from loadtest.runner import run_workload
 from loadtest.workload import TierMix, Workload
@@ -37,18 +35,8 @@ def serve(tmp: Path, cache_on: bool) -> tuple[subprocess.Popen, int]:
     config["cache"] = {"enabled": cache_on, "coalesce": cache_on}
     for tier in config["tiers"]:
         tier.update(max_queue=1024, queue_timeout_s=60)
-    path = tmp / f"cache-{'on' if cache_on else 'off'}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    proc = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT)
-    wait_port(port)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
-                return proc, port
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("server not ready")
+    proc = start_server(config, tmp / f"cache-{'on' if cache_on else 'off'}.yaml", port)
+    return proc, port
 
 
 def main(argv=None) -> int:

@@ -10,16 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
-from loadtest.bench_proxy import PY, ROOT, free_port, wait_port
+from loadtest.bench_proxy import ROOT, free_port, start_server
 from loadtest.report import markdown, summarize, write_reports
 from loadtest.runner import run_workload
 from loadtest.workload import TierMix, Workload
@@ -40,17 +37,8 @@ def main(argv=None) -> int:
                               fake={"token_latency_ms": 10, "output_tokens": 32, "boot_delay_ms": 500})
     config["workers"] = {"restart_backoff_initial_s": 0.5}
     config["cache"] = {"enabled": False}
-    (tmp / "c.yaml").write_text(yaml.safe_dump(config))
-    server = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(tmp / "c.yaml")], cwd=ROOT)
+    server = start_server(config, tmp / "c.yaml", port)
     try:
-        wait_port(port)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
         w = Workload(url=f"http://127.0.0.1:{port}", admin_url=f"http://127.0.0.1:{admin}", rate=args.rate,
                      duration_s=args.duration, chaos_every_s=args.chaos_every, stream_share=0.5,
                      max_tokens=(16, 32), tiers={"premium": TierMix(key="sk-test-premium", share=0.2),

@@ -49,6 +49,22 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"port {port} never opened")
 
 
+def start_server(config: dict, path: Path, port: int, timeout: float = 120) -> subprocess.Popen:
+    """`fullpower serve` with this config (written to `path`), once /readyz answers on `port`."""
+    path.write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT)
+    wait_port(port, timeout)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("fullpower never became ready")
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))

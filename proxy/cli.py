@@ -76,21 +76,12 @@ def cmd_model(args) -> int:
     os.execv(sys.executable, argv)
 
 
-def _admin_get(address: str, path: str):
-    host, port = parse_host_port(address)
-    with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as resp:
-        return json.load(resp)
+class AdminError(Exception):
+    """The admin listener could not be reached or refused; `body` is its JSON answer, if any."""
 
-
-def _admin_post(address: str, path: str, timeout: float = 1800):
-    """(HTTP status, parsed JSON) of a POST to the admin listener."""
-    host, port = parse_host_port(address)
-    req = urllib.request.Request(f"http://{host}:{port}{path}", data=b"", method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return resp.status, json.load(resp)
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.load(exc)
+    def __init__(self, message: str, body: dict | None = None) -> None:
+        super().__init__(message)
+        self.body = body or {}
 
 
 def _admin_address(args) -> str:
@@ -111,92 +102,76 @@ def _admin_address(args) -> str:
     return DEFAULT_ADMIN_LISTEN
 
 
-def cmd_reload(args) -> int:
+def _admin(args, path: str, post: bool = False, timeout: float = 1800) -> dict:
+    """One call to the admin listener; its JSON answer, or AdminError saying why not."""
     address = _admin_address(args)
+    host, port = parse_host_port(address)
+    req = urllib.request.Request(f"http://{host}:{port}{path}", data=b"" if post else None,
+                                 method="POST" if post else "GET")
     try:
-        status, body = _admin_post(address, "/admin/reload")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.load(resp)
+    except urllib.error.HTTPError as exc:
+        try:
+            body = json.load(exc)
+        except ValueError:
+            body = {}
+        raise AdminError(body.get("error", {}).get("message") or f"HTTP {exc.code}", body) from None
     except (urllib.error.URLError, OSError) as exc:
-        print(f"cannot reach the admin listener at {address}: {exc}", file=sys.stderr)
+        raise AdminError(f"cannot reach the admin listener at {address}: {exc}") from None
+
+
+def cmd_reload(args) -> int:
+    try:
+        body = _admin(args, "/admin/reload", post=True)
+    except AdminError as exc:
+        for line in exc.body.get("problems") or [str(exc)]:
+            print(line, file=sys.stderr)
+        if exc.body.get("problems"):
+            print("reload refused: the server keeps running its previous config", file=sys.stderr)
+            return 2
         return 1
-    if status == 200:
-        for line in body.get("changes") or ["no worker changes"]:
-            print(line)
-        return 0
-    for line in body.get("problems") or [body.get("error", {}).get("message", "reload failed")]:
-        print(line, file=sys.stderr)
-    print("reload refused: the server keeps running its previous config", file=sys.stderr)
-    return 2
+    for line in body.get("changes") or ["no worker changes"]:
+        print(line)
+    return 0
 
 
 def cmd_worker(args) -> int:
-    address = _admin_address(args)
     path = (f"/admin/pools/{args.target}/restart" if args.action == "rolling-restart"
             else f"/admin/workers/{args.target}/{args.action}")
-    try:
-        status, body = _admin_post(address, path)
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"cannot reach the admin listener at {address}: {exc}", file=sys.stderr)
-        return 1
-    if status != 200:
-        print(body.get("error", {}).get("message", f"HTTP {status}"), file=sys.stderr)
-        return 1
-    print(json.dumps(body))
+    print(json.dumps(_admin(args, path, post=True)))
     return 0
 
 
 def cmd_cache(args) -> int:
-    address = _admin_address(args)
-    try:
-        status, body = _admin_post(address, "/admin/cache/clear", timeout=60)
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"cannot reach the admin listener at {address}: {exc}", file=sys.stderr)
-        return 1
-    if status != 200:
-        print(body.get("error", {}).get("message", f"HTTP {status}"), file=sys.stderr)
-        return 1
+    body = _admin(args, "/admin/cache/clear", post=True, timeout=60)
     print(f"cleared {body['cleared']} cache entries")
     return 0
 
 
 def cmd_jobs(args) -> int:
-    address = _admin_address(args)
-    try:
-        if args.action == "list":
-            query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
-            data = _admin_get(address, "/admin/jobs" + query)
-            if args.json:
-                print(json.dumps(data, indent=2))
-            else:
-                for job in data["data"]:
-                    print(f"{job['id']}  {job['status']:<10} attempts={job['attempts']}  {job['error'] or ''}")
-            return 0
-        if not args.id:
-            print("a job id is needed", file=sys.stderr)
-            return 2
-        if args.action == "show":
-            print(json.dumps(_admin_get(address, f"/admin/jobs/{args.id}"), indent=2))
-            return 0
-        status, body = _admin_post(address, f"/admin/jobs/{args.id}/{args.action}", timeout=60)
-    except urllib.error.HTTPError as exc:
-        print(json.load(exc).get("error", {}).get("message", f"HTTP {exc.code}"), file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"cannot reach the admin listener at {address}: {exc}", file=sys.stderr)
-        return 1
-    if status != 200:
-        print(body.get("error", {}).get("message", f"HTTP {status}"), file=sys.stderr)
-        return 1
+    if args.action == "list":
+        query = f"?limit={args.limit}" + (f"&status={args.status}" if args.status else "")
+        data = _admin(args, "/admin/jobs" + query)
+        if args.json:
+            print(json.dumps(data, indent=2))
+        else:
+            for job in data["data"]:
+                print(f"{job['id']}  {job['status']:<10} attempts={job['attempts']}  {job['error'] or ''}")
+        return 0
+    if not args.id:
+        print("a job id is needed", file=sys.stderr)
+        return 2
+    if args.action == "show":
+        print(json.dumps(_admin(args, f"/admin/jobs/{args.id}"), indent=2))
+        return 0
+    body = _admin(args, f"/admin/jobs/{args.id}/{args.action}", post=True, timeout=60)
     print(f"{body['id']}  {body['status']}")
     return 0
 
 
 def cmd_status(args) -> int:
-    address = _admin_address(args)
-    try:
-        data = _admin_get(address, "/admin/pool")
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"cannot reach the admin listener at {address}: {exc}", file=sys.stderr)
-        return 1
+    data = _admin(args, "/admin/pool", timeout=5)
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -280,7 +255,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return loadtest_main(argv[1:])
     args = build_parser().parse_args(argv)
-    return args.func(args) or 0
+    try:
+        return args.func(args) or 0
+    except AdminError as exc:
+        print(exc, file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
