@@ -109,7 +109,14 @@ def run_hf(model, prompt_ids: list[int], batch: int, new_tokens: int) -> dict:
         torch.cuda.synchronize()
     wall = time.perf_counter() - started
     produced = (out.shape[1] - ids.shape[1]) * batch
-    return {"batch": batch, "tokens_per_s": round(produced / wall, 1), "step_ms": round(wall / new_tokens * 1000, 3)}
+    with torch.inference_mode():  # time to first token: the same batch, one new token
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False)
+        torch.cuda.synchronize()
+    ttft = time.perf_counter() - t
+    return {"batch": batch, "tokens_per_s": round(produced / wall, 1), "ttft_ms": round(ttft * 1000, 3),
+            "step_ms": round((wall - ttft) / max(1, new_tokens - 1) * 1000, 3)}
 
 
 def step_breakdown(engine: TransformersEngine, batch: int, length: int = 256, steps: int = 50) -> dict:
@@ -166,7 +173,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default="smollm2-135m,llama-3.2-1b")
     p.add_argument("--concurrency", default="1,16,64,256")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--hf-batches", default="1,64")
+    p.add_argument("--hf-batches", default="1,16,64,256")
     p.add_argument("--out", default="reports/bench-gpu.json")
     args = p.parse_args(argv)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

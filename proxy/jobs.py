@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import random
+import sqlite3
 import time
 import urllib.parse
 
@@ -116,14 +117,27 @@ class Jobs:
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.store.open()
-        requeued, failed = await self.store.recover(self.cfg.jobs.max_attempts)
-        if requeued or failed:
-            log.warning("recovered jobs after a restart: %d back in the queue, %d failed (attempts used up)",
-                        requeued, failed)
+        await self._open()
         self._tasks = [asyncio.create_task(self._run_loop(), name="jobs runner"),
                        asyncio.create_task(self._callback_loop(), name="jobs callbacks"),
                        asyncio.create_task(self._housekeeping(), name="jobs housekeeping")]
+
+    async def _open(self) -> bool:
+        """Open the database and recover jobs left running by a crash. An unusable database does
+        not stop the appliance: job calls get 503 and opening is tried again every few seconds."""
+        if self.store.is_open:
+            return True
+        try:
+            await self.store.open()
+            requeued, failed = await self.store.recover(self.cfg.jobs.max_attempts)
+        except (StoreUnavailable, OSError, sqlite3.Error) as exc:
+            log.error("job database %s unusable (%s); new jobs get 503 until it works", self.cfg.jobs_db(), exc)
+            self.store.forget()
+            return False
+        if requeued or failed:
+            log.warning("recovered jobs after a restart: %d back in the queue, %d failed (attempts used up)",
+                        requeued, failed)
+        return True
 
     async def stop(self) -> None:
         running, attempts = dict(self._running), dict(self._attempts)
@@ -365,6 +379,9 @@ class Jobs:
     # --- housekeeping ---------------------------------------------------------------------------
     async def _housekeeping(self) -> None:
         while True:
+            if not await self._open():
+                await asyncio.sleep(5.0)
+                continue
             try:
                 expired = await self.store.expire()
                 if expired:

@@ -271,7 +271,17 @@ class JobStore:
     async def open(self) -> None:
         def _open():
             self._db = _Db(self._path, self._max_bytes)
-        await self._call(_open)
+        try:
+            await self._call(_open)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(exc)) from exc
+
+    @property
+    def is_open(self) -> bool:
+        return self._db is not None
+
+    def forget(self) -> None:
+        self._db = None
 
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
@@ -293,5 +303,6 @@ class JobStore:
 
     async def aclose(self) -> None:
         if self._db is not None:
-            await self._call(self._db.close)
+            db, self._db = self._db, None
+            await self._call(db.close)
         self._executor.shutdown(wait=False)

@@ -243,3 +243,17 @@ def test_jobs_cli(start_server, tmp_path):
     assert cli("retry", ids[1]).returncode == 0
     wait_until(lambda: json.loads(cli("show", ids[1]).stdout)["status"] == "succeeded", timeout=60, what="retried")
     assert cli("show", "job_nope").returncode == 1
+
+
+def test_unwritable_database_gives_503_while_the_rest_serves(start_server, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the job database's directory should be")
+    config = jobs_config(tmp_path)
+    config["jobs"]["db_path"] = str(blocker / "jobs.sqlite3")
+    server = start_server(config)
+    status, headers, payload = submit(server)
+    assert status == 503 and payload["error"]["code"] == "job_store_unavailable" and headers["Retry-After"]
+    assert get(server, "job_x")[0] == 503
+    assert http_json(server.url + "/v1/chat/completions", body("interactive", max_tokens=2),
+                     {"Authorization": KEYS["standard"]})[0] == 200
+    assert "unusable" in server.log()

@@ -249,3 +249,32 @@ def test_sigterm_under_load_finishes_in_flight_requests(start_server):
         t.join(30)
     assert results == [200] * 6
     assert not any(process_alive(p) for p in pids)
+
+
+def test_stream_resumes_token_exact_on_the_tiny_real_model(start_server, tiny_model):
+    """A greedy stream on the real engine survives SIGKILL of its worker: another worker continues
+    from the prompt plus the tokens already sent, and the text equals an uninterrupted run."""
+    config = {
+        "pools": [{"name": "main", "model": "tiny", "model_path": str(tiny_model), "devices": ["cpu", "cpu"],
+                   "replicas": {"hot": 2}, "max_batch_size": 2, "cpu_threads": 1}],
+        "tiers": [{"name": "standard", "pool": "main"}],
+        "auth": {"allow_anonymous": True, "anonymous_tier": "standard"},
+        "workers": {"heartbeat_interval_s": 0.5, "restart_backoff_initial_s": 0.2},
+    }
+    server = start_server(config)
+    payload = {"model": "tiny", "messages": [{"role": "user", "content": "tell me everything"}], "max_tokens": 120,
+               "temperature": 0, "stream": True}
+    reference = stream_text(read_stream(server.url, payload, "Bearer any", headers=NO_CACHE))
+    killed = []
+
+    def kill(n):
+        if n == 20 and not killed:
+            busy = next(w for w in server.pool() if w["inflight"])
+            os.kill(busy["pid"], signal.SIGKILL)
+            killed.append(busy["id"])
+
+    events = read_stream(server.url, payload, "Bearer any", kill, headers=NO_CACHE)
+    assert killed and events[-1] == "[DONE]"
+    assert stream_text(events) == reference
+    metrics = http_json(server.admin + "/metrics")[2]
+    assert metric_value(metrics, "fullpower_stream_resumes_total") == 1  # it really was resumed
