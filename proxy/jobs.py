@@ -354,21 +354,20 @@ class Jobs:
         secret = self.callback_secrets.get(job["key_name"], "")
         headers = {"Content-Type": "application/json", "X-Fullpower-Job": job["id"],
                    "X-Fullpower-Signature": f"t={ts},v1={sign(secret, ts, body)}"}
-        status, error = None, None
+        status, error, refused = None, None, False
         try:
             await self.policy.check(job["callback_url"])  # the allowlist may have changed since submission
             async with session.post(job["callback_url"], data=body, headers=headers, allow_redirects=False,
                                     timeout=aiohttp.ClientTimeout(total=self.cfg.jobs.callback_timeout_s)) as resp:
                 status = resp.status
                 await resp.read()
-        except InvalidRequest as exc:
-            error = exc.message
+        except InvalidRequest as exc:  # the allowlist no longer admits the target: final
+            error, refused = exc.message, True
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
             error = f"{type(exc).__name__}: {exc}"
         delivered = status is not None and 200 <= status < 300
         # Retry network errors, timeouts and 5xx; a 4xx or a target the allowlist refuses is final.
-        retry = not delivered and not (status is not None and 400 <= status < 500) and not (
-            error is not None and "not allowed" in error)
+        retry = not delivered and not refused and not (status is not None and 400 <= status < 500)
         next_at = None
         if retry:
             backoff = min(300.0, 2.0 ** min(job["callback_attempts"], 10))
