@@ -264,6 +264,9 @@ class TransformersEngine(BatchEngine):
                 heapq.heappush(self._free, s.slot)
                 s.slot = None
 
+    def gpu_memory_bytes(self) -> int:
+        return torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
+
     def warm_up(self) -> None:
         super().warm_up()
         if self.use_graphs:

@@ -73,6 +73,9 @@ class Heartbeat(_Msg, tag="hb"):
     waiting: int = 0
     engine_stall_s: float = 0.0
     generated_tokens: int = 0
+    kv_slots: int = 0  # sequences the KV cache can hold (running ones use one each)
+    memory_bytes: int = 0  # the worker process's resident memory
+    gpu_memory_bytes: int = 0  # memory torch holds on the worker's GPU
 
 
 class Tokens(_Msg, tag="tok"):

@@ -128,6 +128,9 @@ class BatchEngine:
         self._stop.set()
         self._inbox.put(("wake", None))
 
+    def gpu_memory_bytes(self) -> int:
+        return 0
+
     @property
     def load(self) -> tuple[int, int]:
         return len(self._running), len(self._waiting)

@@ -154,9 +154,18 @@ class Worker:
                 running, waiting = engine.load
                 hb = Heartbeat(running=running, waiting=waiting,
                                engine_stall_s=round(time.monotonic() - engine.last_tick, 3),
-                               generated_tokens=engine.generated_tokens)
+                               generated_tokens=engine.generated_tokens, kv_slots=engine.max_batch_size,
+                               memory_bytes=_rss_bytes(), gpu_memory_bytes=engine.gpu_memory_bytes())
             self._write(protocol.encode(hb))
             await asyncio.sleep(interval)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,6 +102,12 @@ def pool_collector(pools, gate) -> Callable[[], list]:
                                     labels=["worker", "pool", "state"])
         hb_age = GaugeMetricFamily("fullpower_worker_heartbeat_age_seconds", "Seconds since the last heartbeat",
                                    labels=["worker", "pool"])
+        slots = GaugeMetricFamily("fullpower_worker_kv_slots", "Sequences the worker's KV cache holds "
+                                  "(batch size / slots = KV use)", labels=["worker", "pool"])
+        memory = GaugeMetricFamily("fullpower_worker_memory_bytes", "Resident memory of the worker process",
+                                   labels=["worker", "pool"])
+        gpu_memory = GaugeMetricFamily("fullpower_worker_gpu_memory_bytes", "GPU memory held by the worker",
+                                       labels=["worker", "pool"])
         tokens = CounterMetricFamily("fullpower_worker_generated_tokens", "Tokens the worker process generated "
                                      "(resets when it restarts)", labels=["worker", "pool"])
         for w in pools.workers.values():
@@ -116,6 +122,9 @@ def pool_collector(pools, gate) -> Callable[[], list]:
             boot_fail.add_metric(labels, w.boot_failures)
             hb_age.add_metric(labels, now - w.last_heartbeat if w.last_heartbeat else 0.0)
             tokens.add_metric(labels, w.generated_tokens)
+            slots.add_metric(labels, w.kv_slots)
+            memory.add_metric(labels, w.memory_bytes)
+            gpu_memory.add_metric(labels, w.gpu_memory_bytes)
         depth = GaugeMetricFamily("fullpower_queue_depth", "Requests waiting for admission", labels=["pool", "tier"])
         active = GaugeMetricFamily("fullpower_inflight_requests", "Requests admitted and running",
                                    labels=["pool", "tier"])
@@ -123,7 +132,8 @@ def pool_collector(pools, gate) -> Callable[[], list]:
             for tier in admission.tiers:
                 depth.add_metric([pool, tier], admission.queued(tier))
                 active.add_metric([pool, tier], admission.active_in(tier))
-        return [state, inflight, running, restarts, boot_fail, breaker, hb_age, tokens, depth, active]
+        return [state, inflight, running, restarts, boot_fail, breaker, hb_age, tokens, slots, memory, gpu_memory,
+                depth, active]
 
     return collect
 

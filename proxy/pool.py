@@ -56,6 +56,9 @@ class Worker:
         self.engine_running = 0  # sequences the worker itself reports (last heartbeat)
         self.engine_waiting = 0
         self.generated_tokens = 0
+        self.kv_slots = 0
+        self.memory_bytes = 0
+        self.gpu_memory_bytes = 0
         self.ready_since: float | None = None
         self.weight = 1.0
         self.info: Ready | None = None
@@ -66,6 +69,7 @@ class Worker:
             "state": self.state.value, "pid": self.pid, "inflight": self.inflight,
             "capacity": self.capacity, "inflight_tokens": self.inflight_tokens,
             "engine_running": self.engine_running, "engine_waiting": self.engine_waiting,
+            "kv_slots": self.kv_slots, "memory_bytes": self.memory_bytes, "gpu_memory_bytes": self.gpu_memory_bytes,
             "weight": round(self.weight, 3), "breaker": self.breaker.state,
             "times_ejected": self.breaker.times_ejected, "restarts": self.restarts,
             "boot_failures": self.boot_failures, "backoff_s": round(self.backoff_s, 3),
@@ -152,6 +156,9 @@ class PoolState:
         worker.engine_running = hb.running
         worker.engine_waiting = hb.waiting
         worker.generated_tokens = hb.generated_tokens
+        worker.kv_slots = hb.kv_slots
+        worker.memory_bytes = hb.memory_bytes
+        worker.gpu_memory_bytes = hb.gpu_memory_bytes
 
     def draining(self, worker: Worker) -> None:
         if worker.state in (WorkerState.READY, WorkerState.STARTING):

@@ -30,7 +30,8 @@ def test_metrics_parse_and_move(start_server):
                  "fullpower_worker_state", "fullpower_worker_inflight", "fullpower_worker_restarts",
                  "fullpower_worker_breaker_state", "fullpower_worker_heartbeat_age_seconds", "fullpower_tokens",
                  "fullpower_retries", "fullpower_stream_resumes", "fullpower_config_reloads",
-                 "fullpower_worker_batch_size", "process_cpu_seconds"):
+                 "fullpower_worker_batch_size", "fullpower_worker_kv_slots", "fullpower_worker_memory_bytes",
+                 "fullpower_worker_gpu_memory_bytes", "process_cpu_seconds"):
         assert name in families, name
 
     # served: one stream (TTFT, inter-token) and one plain request
@@ -59,6 +60,10 @@ def test_metrics_parse_and_move(start_server):
     assert metric_value(text, "fullpower_tokens_total", tier="premium", kind="completion") == 18  # (8 + EOS) x 2
     assert metric_value(text, "fullpower_worker_restarts_total", worker="main-0") == 1
     assert metric_value(text, "fullpower_worker_state", worker="main-0", state="ready") == 1
+    # the workers' own figures come through the proxy: KV slots, process memory, tokens generated
+    assert metric_value(text, "fullpower_worker_kv_slots", worker="main-1") == 1
+    assert metric_value(text, "fullpower_worker_memory_bytes", worker="main-1") > 10 << 20
+    assert metric_value(text, "fullpower_worker_generated_tokens_total", worker="main-1") > 0
     # label values stay bounded: no request ids or key secrets anywhere
     assert "sk-test" not in text and "chatcmpl-" not in text
 
