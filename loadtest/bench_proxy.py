@@ -268,6 +268,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rate", type=float, default=1000.0, help="fixed-rate latency phase (req/s)")
     parser.add_argument("--idle-connections", type=int, default=10000)
     parser.add_argument("--soak", type=float, default=60.0, help="seconds of the memory phase (the goal: 600)")
+    parser.add_argument("--only", choices=["memory"], help="run one phase alone (e.g. the 10-minute soak)")
     parser.add_argument("--out", default="reports/bench-proxy.json")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
@@ -292,6 +293,9 @@ def main(argv=None) -> int:
         wait_port(stack.fp_port_long)
         time.sleep(2)
 
+        if args.only == "memory":
+            results["memory"] = memory(stack, 300.0, args.soak)
+            return _write(results, args.out)
         cases = {
             "a_stub_direct": (f"http://127.0.0.1:{stack.stub_port}/v1/chat/completions", chat_body(0.5)),
             "b_nginx_to_stub": (f"http://127.0.0.1:{stack.nginx_port}/v1/chat/completions", chat_body(0.5)),
@@ -326,7 +330,11 @@ def main(argv=None) -> int:
         results["memory"] = memory(stack, 300.0, args.soak)
     finally:
         stack.stop()
-    out = Path(args.out)
+    return _write(results, args.out)
+
+
+def _write(results: dict, path: str) -> int:
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
