@@ -15,7 +15,7 @@ import queue
 import random
 import threading
 import time
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 from backend.protocol import Failed, Finished, Generate, Tokens
 from backend.textstream import IncrementalDetokenizer, StopMatcher

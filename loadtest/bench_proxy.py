@@ -73,8 +73,9 @@ def rss_kib(pid: int) -> int:
 class Stack:
     """The stub, nginx in front of it, and a fullpower server with fake workers."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, cache: bool = True) -> None:
         self.tmp = tmp
+        self.cache = cache
         self.procs: list[subprocess.Popen] = []
         self.stub_port, self.nginx_port, self.fp_port, self.fp_admin = (free_port() for _ in range(4))
 
@@ -110,6 +111,7 @@ http {{
         for tier in config["tiers"]:
             tier.update(max_concurrent=1024, max_queue=4096)
         config["log_level"] = "warning"
+        config["cache"] = {"enabled": self.cache}
         path = self.tmp / "fullpower.yaml"
         path.write_text(yaml.safe_dump(config))
         self.fullpower = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT)
@@ -257,7 +259,8 @@ def memory(stack: Stack, rate: float, duration: float) -> dict:
     mean = statistics.mean(steady)
     return {"rate": rate, "duration_s": duration, "requests": len(run.results),
             "ok": sum(r.status == 200 for r in run.results), "rss_mib_min": min(steady) / 1024,
-            "rss_mib_max": max(steady) / 1024, "deviation_pct": max(abs(s - mean) for s in steady) / mean * 100}
+            "rss_mib_max": max(steady) / 1024, "deviation_pct": max(abs(s - mean) for s in steady) / mean * 100,
+            "rss_mib_samples": [round(s / 1024, 1) for s in samples]}
 
 
 def main(argv=None) -> int:
@@ -269,6 +272,7 @@ def main(argv=None) -> int:
     parser.add_argument("--idle-connections", type=int, default=10000)
     parser.add_argument("--soak", type=float, default=60.0, help="seconds of the memory phase (the goal: 600)")
     parser.add_argument("--only", choices=["memory"], help="run one phase alone (e.g. the 10-minute soak)")
+    parser.add_argument("--no-cache", action="store_true", help="fullpower with its answer cache off")
     parser.add_argument("--out", default="reports/bench-proxy.json")
     args = parser.parse_args(argv)
     if not shutil.which("wrk"):
@@ -277,7 +281,7 @@ def main(argv=None) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-bench-"))
-    stack = Stack(tmp)
+    stack = Stack(tmp, cache=not args.no_cache)
     results: dict = {"machine": f"{os.cpu_count()} cores, {os.uname().release}", "args": vars(args)}
     try:
         stack.start()

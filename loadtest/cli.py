@@ -11,7 +11,7 @@ import msgspec
 
 from loadtest.report import markdown, summarize, write_reports
 from loadtest.runner import run_workload
-from loadtest.workload import TierMix, load_workload
+from loadtest.workload import load_workload
 
 
 def _tiers(spec: str | None) -> dict | None:

@@ -239,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
     p.set_defaults(func=cmd_jobs)
 
-    p = sub.add_parser("worker", help="drain, undrain or restart one worker; rolling-restart a pool")
-    p.add_argument("action", choices=["drain", "undrain", "restart", "rolling-restart"])
+    p = sub.add_parser("worker", help="drain, undrain, restart or kill one worker; rolling-restart a pool")
+    p.add_argument("action", choices=["drain", "undrain", "restart", "kill", "rolling-restart"])
     p.add_argument("target", help="worker id (e.g. main-0), or the pool name for rolling-restart")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")

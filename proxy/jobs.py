@@ -21,7 +21,7 @@ from aiohttp import web
 
 from proxy.auth import ANONYMOUS
 from proxy.config import Config, parse_host_port
-from proxy.errors import ApiError, InvalidRequest, NoWorkerReady, NotFound
+from proxy.errors import ApiError, InvalidRequest, NotFound
 from proxy.jobstore import FINAL, JobStore, StoreUnavailable
 from proxy.openai_types import ChatCompletionRequest, CompletionRequest, parse
 

@@ -2,11 +2,9 @@
 
 import asyncio
 import json
-import signal
 import time
 
 import aiohttp
-import pytest
 
 from tests.conftest import ROOT, fake_config, http_json, metric_value, wait_until
 from tests.test_request_path import KEYS, body

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import signal
 import sqlite3
 import threading
 import time

@@ -5,7 +5,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 import urllib.request
 
 import aiohttp
