@@ -34,18 +34,16 @@ class InternalError(Exception):
 class Sequence_:
     """One request's generation state inside the engine."""
 
-    __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "new_ids", "resumed", "seed")
+    __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "seed")
 
     def __init__(self, req: Generate, prompt_ids: list[int], detok: IncrementalDetokenizer) -> None:
         self.req = req
         self.params = req.params
         self.prompt_ids = prompt_ids
-        self.resumed = len(req.resume_token_ids)
         self.generated: list[int] = list(req.resume_token_ids)
         self.detok = detok
         self.stops = StopMatcher(req.params.stop)
         self.slot = None  # engine-private
-        self.new_ids: list[int] = []
         # sampling noise is a function of (seed, position): unseeded requests get a random seed
         self.seed = req.params.seed if req.params.seed is not None else random.getrandbits(62)
 
@@ -210,9 +208,7 @@ class BatchEngine:
                 f"completion). Please reduce the length of the messages or completion.")
         if len(req.resume_token_ids) >= p.max_tokens:
             raise RequestError("resume_token_ids already reach max_tokens")
-        prompt_ids = prompt_ids + list(req.resume_token_ids)
-        seq = Sequence_(req, prompt_ids[: len(prompt_ids) - len(req.resume_token_ids)],
-                        IncrementalDetokenizer(self.detokenize, req.resume_token_ids))
+        seq = Sequence_(req, prompt_ids, IncrementalDetokenizer(self.detokenize, req.resume_token_ids))
         return seq
 
     def _advance(self, seqs: list[Sequence_], next_ids: list[int], frames: list) -> None:

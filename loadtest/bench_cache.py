@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import signal
 import statistics
 import subprocess
@@ -17,21 +16,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 
-from loadtest.bench_proxy import ROOT, free_port, start_server
-from loadtest.report import summarize
+from loadtest.bench_proxy import fake_bench_config, start_server
+from loadtest.report import summarize, write_json
 from loadtest.runner import run_workload
 from loadtest.workload import TierMix, Workload
 
 
 def serve(tmp: Path, cache_on: bool) -> tuple[subprocess.Popen, int]:
-    config = yaml.safe_load((ROOT / "config/examples/bench-fake.yaml").read_text())
-    port = free_port()
-    config.update(listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{free_port()}", log_level="warning",
-                  data_dir=str(tmp / ("on" if cache_on else "off")))
-    config["pools"][0].update(max_batch_size=8, max_inflight_per_worker=8,
-                              fake={"token_latency_ms": 10, "output_tokens": 32})
+    config, port, _ = fake_bench_config(tmp / ("on" if cache_on else "off"), max_batch_size=8,
+                                        max_inflight_per_worker=8, fake={"token_latency_ms": 10, "output_tokens": 32})
     config["cache"] = {"enabled": cache_on, "coalesce": cache_on}
     for tier in config["tiers"]:
         tier.update(max_queue=1024, queue_timeout_s=60)
@@ -74,11 +68,7 @@ def main(argv=None) -> int:
                "p50_ms_on": statistics.median(s["overall"]["latency"]["p50_ms"] for s in results["on"]),
                "p50_ms_off": statistics.median(s["overall"]["latency"]["p50_ms"] for s in results["off"]),
                "cache_outcomes_on": results["on"][-1]["overall"]["cache"]}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"summary": summary, "rounds": results}, indent=2))
-    print(json.dumps(summary, indent=2))
-    return 0
+    return write_json({"summary": summary, "rounds": results}, args.out, shown=summary)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
 
-from loadtest.bench_proxy import ROOT, free_port, start_server
+from loadtest.bench_proxy import fake_bench_config, start_server
 from loadtest.report import markdown, summarize, write_reports
 from loadtest.runner import run_workload
 from loadtest.workload import TierMix, Workload
@@ -30,11 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="reports")
     args = p.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-chaos-"))
-    config = yaml.safe_load((ROOT / "config/examples/bench-fake.yaml").read_text())
-    port, admin = free_port(), free_port()
-    config.update(listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{admin}", data_dir=str(tmp), log_level="warning")
-    config["pools"][0].update(devices=["cpu"] * 3, replicas={"hot": 3},
-                              fake={"token_latency_ms": 10, "output_tokens": 32, "boot_delay_ms": 500})
+    config, port, admin = fake_bench_config(tmp, devices=["cpu"] * 3, replicas={"hot": 3},
+                                            fake={"token_latency_ms": 10, "output_tokens": 32, "boot_delay_ms": 500})
     config["workers"] = {"restart_backoff_initial_s": 0.5}
     config["cache"] = {"enabled": False}
     server = start_server(config, tmp / "c.yaml", port)

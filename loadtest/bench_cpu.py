@@ -7,13 +7,13 @@ request at a time, in one run (the engine's CPU path: same code, no CUDA graphs)
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from backend.engine import TransformersEngine
 from backend.protocol import WorkerSettings
 from loadtest.bench_gpu import run_engine
+from loadtest.report import write_json
 
 
 def main(argv=None) -> int:
@@ -38,10 +38,7 @@ def main(argv=None) -> int:
     result = {"prompt_tokens": len(engine.tokenizer(prompt).input_ids), "new_tokens": args.new_tokens,
               "tokens_per_s_1": best[1], "tokens_per_s_8": best[8], "speedup": round(best[8] / best[1], 2),
               "runs": runs}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=2))
-    return 0
+    return write_json(result, args.out, shown={k: v for k, v in result.items() if k != "runs"})
 
 
 if __name__ == "__main__":

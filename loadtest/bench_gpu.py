@@ -10,7 +10,6 @@ ignored. Also checks greedy output of the engine against HF generate token for t
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from backend.engine import TransformersEngine
 from backend.protocol import Finished, Generate, SamplingParams, Tokens, WorkerSettings
+from loadtest.report import write_json
 
 HERE = Path(__file__).resolve().parent
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -204,11 +204,7 @@ def main(argv=None) -> int:
         results["shapes"][shape] = entry
         del engine
         torch.cuda.empty_cache()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
-    return 0
+    return write_json(results, args.out)
 
 
 if __name__ == "__main__":

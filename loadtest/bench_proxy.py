@@ -28,6 +28,8 @@ from pathlib import Path
 
 import yaml
 
+from loadtest.report import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -47,6 +49,16 @@ def wait_port(port: int, timeout: float = 60) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"port {port} never opened")
+
+
+def fake_bench_config(data_dir: Path, **pool) -> tuple[dict, int, int]:
+    """bench-fake.yaml on free loopback ports with the pool settings given: (config, port, admin port)."""
+    config = yaml.safe_load((ROOT / "config/examples/bench-fake.yaml").read_text())
+    port, admin = free_port(), free_port()
+    config.update(listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{admin}", data_dir=str(data_dir),
+                  log_level="warning")
+    config["pools"][0].update(pool)
+    return config, port, admin
 
 
 def start_server(config: dict, path: Path, port: int, timeout: float = 120) -> subprocess.Popen:
@@ -299,7 +311,7 @@ def main(argv=None) -> int:
 
         if args.only == "memory":
             results["memory"] = memory(stack, 300.0, args.soak)
-            return _write(results, args.out)
+            return write_json(results, args.out)
         cases = {
             "a_stub_direct": (f"http://127.0.0.1:{stack.stub_port}/v1/chat/completions", chat_body(0.5)),
             "b_nginx_to_stub": (f"http://127.0.0.1:{stack.nginx_port}/v1/chat/completions", chat_body(0.5)),
@@ -334,15 +346,7 @@ def main(argv=None) -> int:
         results["memory"] = memory(stack, 300.0, args.soak)
     finally:
         stack.stop()
-    return _write(results, args.out)
-
-
-def _write(results: dict, path: str) -> int:
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
-    return 0
+    return write_json(results, args.out)
 
 
 if __name__ == "__main__":

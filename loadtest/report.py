@@ -131,6 +131,15 @@ def plots(run: Run, out: Path, stem: str) -> list[Path]:
     return written
 
 
+def write_json(results: dict, path: str | Path, shown: dict | None = None) -> int:
+    """Write a benchmark's results as JSON and print them (or the `shown` summary); exit code 0."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results if shown is None else shown, indent=2))
+    return 0
+
+
 def write_reports(run: Run, out: Path, stem: str = "loadtest", with_plots: bool = True) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     summary = summarize(run)

@@ -128,9 +128,12 @@ class Appliance:
         rec = RequestRecord(incoming if _REQUEST_ID.match(incoming) else new_request_id(),
                             self.client_address.of(request), request.method, request.path)
         request["record"] = rec
-        self.inflight += 1
+        # Only API requests are in-flight work: the drain waits for them and the retry budget scales
+        # with them; a metrics scrape or an admin rolling restart is neither.
+        api = request.path.startswith("/v1/")
+        self.inflight += api
         try:
-            if self.draining and request.path.startswith("/v1/"):
+            if self.draining and api:
                 raise NoWorkerReady("The server is shutting down.", retry_after=1.0)
             response = await handler(request)
             if not response.prepared:
@@ -157,7 +160,7 @@ class Appliance:
             rec.fail(error)
             return _error_response(error, rec.id)
         finally:
-            self.inflight -= 1
+            self.inflight -= api
             rec.finish(self.metrics)
 
     async def healthz(self, request: web.Request) -> web.Response:

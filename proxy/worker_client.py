@@ -45,12 +45,6 @@ class RequestStream:
                 self._waiter = None
         return self._items.popleft()
 
-    def drain_ready(self) -> list:
-        """Everything already received, without waiting."""
-        items = list(self._items)
-        self._items.clear()
-        return items
-
 
 class WorkerConnection(asyncio.Protocol):
     """Owns the socket to one worker process. `on_control` receives Ready, Heartbeat and Fatal
@@ -103,10 +97,6 @@ class WorkerConnection(asyncio.Protocol):
         self._on_control(None)
 
     # requests
-    @property
-    def open_requests(self) -> int:
-        return len(self._streams)
-
     def generate(self, msg: Generate) -> RequestStream:
         stream = RequestStream(msg.id)
         if self._transport is None or self._transport.is_closing():
