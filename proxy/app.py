@@ -14,17 +14,17 @@ import msgspec
 from aiohttp import web
 
 from proxy import systemd
-from proxy.api import OpenAIApi
+from proxy.http.openai import OpenAIApi
 from proxy.config import Config, ConfigError, load_config, parse_host_port
 from proxy.errors import ApiError, MethodNotAllowed, NoWorkerReady, NotFound, PayloadTooLarge
-from proxy.gate import Gate
-from proxy.generation import RetryBudget
-from proxy.cache import AnswerCache
-from proxy.jobs import Jobs
+from proxy.serving.gate import Gate
+from proxy.serving.generation import RetryBudget
+from proxy.serving.cache import AnswerCache
+from proxy.jobs.service import Jobs
 from proxy.metrics import Metrics, cache_collector, jobs_collector, pool_collector
-from proxy.observe import RequestRecord, new_request_id
-from proxy.pool import PoolState
-from proxy.supervisor import Supervisor
+from proxy.serving.record import RequestRecord, new_request_id
+from proxy.fleet.pool import PoolState
+from proxy.fleet.supervisor import Supervisor
 
 log = logging.getLogger("fullpower")
 _json = msgspec.json.Encoder()

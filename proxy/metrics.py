@@ -84,7 +84,7 @@ class Metrics:
 
 def pool_collector(pools, gate) -> Callable[[], list]:
     """Per-worker and per-queue figures, read from PoolState and the admission gate at scrape time."""
-    from proxy.pool import WorkerState
+    from proxy.fleet.pool import WorkerState
 
     def collect() -> list:
         now = time.monotonic()

@@ -18,8 +18,8 @@ from typing import AsyncIterator, Callable
 
 from backend.protocol import Failed, Finished, Generate, Tokens
 from proxy.errors import InvalidRequest, NoWorkerReady, UpstreamError, UpstreamTimeout
-from proxy.pool import Outcome, PoolState, Worker
-from proxy.worker_client import WorkerGone
+from proxy.fleet.pool import Outcome, PoolState, Worker
+from proxy.fleet.worker_client import WorkerGone
 
 _request_ids = itertools.count(1)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import time
 
-from proxy.admission import Admission, Decision, TierPolicy
+from proxy.serving.admission import Admission, Decision, TierPolicy
 from proxy.config import Config
 from proxy.errors import NoWorkerReady, Overloaded
-from proxy.pool import PoolState
+from proxy.fleet.pool import PoolState
 
 
 class Ticket:

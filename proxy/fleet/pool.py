@@ -10,9 +10,9 @@ import time
 from typing import Callable, Iterable
 
 from backend.protocol import Heartbeat, Ready
-from proxy import routing
-from proxy.breaker import Breaker, BreakerPolicy
-from proxy.worker_client import WorkerConnection
+from proxy.fleet import routing
+from proxy.fleet.breaker import Breaker, BreakerPolicy
+from proxy.fleet.worker_client import WorkerConnection
 
 
 class WorkerState(str, enum.Enum):

@@ -22,10 +22,10 @@ import time
 import msgspec
 
 from backend.protocol import Fatal, Heartbeat, Ready, WorkerSettings
-from proxy.breaker import Breaker, BreakerPolicy
+from proxy.fleet.breaker import Breaker, BreakerPolicy
 from proxy.config import Config, Pool
-from proxy.pool import PoolState, Worker, WorkerState
-from proxy.worker_client import WorkerConnection
+from proxy.fleet.pool import PoolState, Worker, WorkerState
+from proxy.fleet.worker_client import WorkerConnection
 
 log = logging.getLogger("fullpower.supervisor")
 

@@ -11,21 +11,21 @@ import msgspec
 from aiohttp import web
 
 from backend.protocol import ChatMessage, Finished, Generate, SamplingParams, Tokens
-from proxy.auth import Authenticator
-from proxy.cache import AnswerCache, CachedAnswer
-from proxy.cachekey import cache_key, shareable
-from proxy.coalesce import Coalescer, Flight
-from proxy.degrade import Degrader, Load
+from proxy.serving.auth import Authenticator
+from proxy.serving.cache import AnswerCache, CachedAnswer
+from proxy.serving.cachekey import cache_key, shareable
+from proxy.serving.coalesce import Coalescer, Flight
+from proxy.serving.degrade import Degrader, Load
 from proxy.config import Config
 from proxy.errors import (ApiError, InvalidRequest, NotFound, Overloaded, PayloadTooLarge, RequestTimeout,
                           UnsupportedMediaType)
-from proxy.gate import Gate
-from proxy.generation import Generation, RetryBudget
+from proxy.serving.gate import Gate
+from proxy.serving.generation import Generation, RetryBudget
 from proxy.metrics import Metrics
-from proxy.observe import RequestRecord, new_request_id
-from proxy.openai_types import ChatCompletionRequest, CompletionRequest, parse
-from proxy.pool import PoolState
-from proxy.ratelimit import KeyLimits
+from proxy.serving.record import RequestRecord, new_request_id
+from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest, parse
+from proxy.fleet.pool import PoolState
+from proxy.serving.ratelimit import KeyLimits
 
 _json = msgspec.json.Encoder()
 CHARS_PER_TOKEN = 4  # the proxy has no tokenizer; admission estimates prompt tokens from length

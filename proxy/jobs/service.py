@@ -19,11 +19,11 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from proxy.auth import ANONYMOUS
+from proxy.serving.auth import ANONYMOUS
 from proxy.config import Config, parse_host_port
 from proxy.errors import ApiError, InvalidRequest, NotFound
-from proxy.jobstore import FINAL, JobStore, StoreUnavailable
-from proxy.openai_types import ChatCompletionRequest, CompletionRequest, parse
+from proxy.jobs.store import FINAL, JobStore, StoreUnavailable
+from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest, parse
 
 log = logging.getLogger("fullpower.jobs")
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
