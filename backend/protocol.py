@@ -7,6 +7,7 @@ and the standard library: both the proxy and the worker import it, and nothing e
 
 from __future__ import annotations
 
+import signal
 import struct
 from typing import Union
 
@@ -15,6 +16,9 @@ import msgspec
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
+# Sent by the proxy before it kills a worker it found hung: the worker's faulthandler writes every
+# thread's Python stack to stderr (the proxy's log) from its C handler, so it works while stuck.
+STACK_DUMP_SIGNAL = signal.SIGUSR1
 
 
 class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=True):

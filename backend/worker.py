@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import faulthandler
 import logging
 import os
 import signal
@@ -21,7 +22,7 @@ import time
 import msgspec
 
 from backend import protocol
-from backend.protocol import Cancel, Fatal, Generate, Heartbeat, Ready, WorkerSettings
+from backend.protocol import STACK_DUMP_SIGNAL, Cancel, Fatal, Generate, Heartbeat, Ready, WorkerSettings
 
 log = logging.getLogger("fullpower.worker")
 
@@ -175,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-id", default="worker")
     args = parser.parse_args(argv)
     die_with_parent()
+    faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [{args.worker_id} pid={os.getpid()}] %(message)s")
     try:

@@ -50,11 +50,9 @@ def cmd_serve(args) -> int:
 
     try:
         import uvloop
-
-        uvloop.run(serve(cfg, args.config))
     except ImportError:
-        asyncio.run(serve(cfg, args.config))
-    return 0
+        return asyncio.run(serve(cfg, args.config))
+    return uvloop.run(serve(cfg, args.config))
 
 
 def cmd_model(args) -> int:

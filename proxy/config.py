@@ -189,7 +189,7 @@ class Routing(_Base, kw_only=True):
 
 
 class Config(_Base, kw_only=True):
-    listen: str = "127.0.0.1:8080"
+    listen: str = "127.0.0.1:8080"  # "" = no public listener (jobs and the admin listener only)
     admin_listen: str = DEFAULT_ADMIN_LISTEN
     data_dir: str = ""  # "" = $FULLPOWER_DATA_DIR, else $XDG_DATA_HOME/fullpower, else ~/.local/share/fullpower
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -223,15 +223,18 @@ class Config(_Base, kw_only=True):
         return Path(self.cache.disk_dir) if self.cache.disk_dir else self.resolved_data_dir() / "cache"
 
     def model_dir(self, pool: Pool) -> Path:
-        if pool.model_path:
-            return Path(pool.model_path)
-        return self.resolved_data_dir() / "models" / EMBEDDED_MODEL_DIRNAME
+        return model_dir(pool, self.resolved_data_dir())
 
 
 class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+def model_dir(pool: Pool, data_dir: Path) -> Path:
+    """The pool's model directory: its model_path, else the embedded SmolLM2 under data_dir."""
+    return Path(pool.model_path) if pool.model_path else data_dir / "models" / EMBEDDED_MODEL_DIRNAME
 
 
 def default_data_dir() -> Path:
@@ -300,6 +303,8 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     dupes(cfg.tiers, "tiers")
     dupes(cfg.auth.keys, "auth.keys")
     for field in ("listen", "admin_listen"):
+        if field == "listen" and cfg.listen == "":
+            continue  # no public listener: a host that only runs jobs (and answers its admin listener)
         try:
             parse_host_port(getattr(cfg, field))
         except ValueError as exc:
@@ -373,7 +378,7 @@ def _cross_field_problems(cfg: Config) -> list[str]:
     return problems
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
+def parse_config(text: str) -> Config:
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -397,4 +402,4 @@ def load_config(path: str | os.PathLike) -> Config:
         text = Path(path).read_text()
     except OSError as exc:
         raise ConfigError([f"(file): cannot read {path}: {exc.strerror or exc}"]) from None
-    return parse_config(text, str(path))
+    return parse_config(text)

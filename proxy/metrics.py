@@ -5,11 +5,9 @@ ids or keys."""
 
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 # 1 ms .. 60 s, dense around the 1.5 s P99 alert.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -80,87 +78,3 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def pool_collector(pools, gate) -> Callable[[], list]:
-    """Per-worker and per-queue figures, read from PoolState and the admission gate at scrape time."""
-    from proxy.fleet.pool import WorkerState
-
-    def collect() -> list:
-        now = time.monotonic()
-        state = GaugeMetricFamily("fullpower_worker_state", "1 for the state the worker is in",
-                                  labels=["worker", "pool", "state"])
-        inflight = GaugeMetricFamily("fullpower_worker_inflight", "Requests routed to the worker",
-                                     labels=["worker", "pool"])
-        running = GaugeMetricFamily("fullpower_worker_batch_size", "Sequences the worker is decoding (its report)",
-                                    labels=["worker", "pool"])
-        restarts = CounterMetricFamily("fullpower_worker_restarts", "Times the worker process was replaced",
-                                       labels=["worker", "pool"])
-        boot_fail = CounterMetricFamily("fullpower_worker_boot_failures", "Consecutive failures at boot",
-                                        labels=["worker", "pool"])
-        breaker = GaugeMetricFamily("fullpower_worker_breaker_state", "1 for the breaker state of the worker",
-                                    labels=["worker", "pool", "state"])
-        hb_age = GaugeMetricFamily("fullpower_worker_heartbeat_age_seconds", "Seconds since the last heartbeat",
-                                   labels=["worker", "pool"])
-        slots = GaugeMetricFamily("fullpower_worker_kv_slots", "Sequences the worker's KV cache holds "
-                                  "(batch size / slots = KV use)", labels=["worker", "pool"])
-        memory = GaugeMetricFamily("fullpower_worker_memory_bytes", "Resident memory of the worker process",
-                                   labels=["worker", "pool"])
-        gpu_memory = GaugeMetricFamily("fullpower_worker_gpu_memory_bytes", "GPU memory held by the worker",
-                                       labels=["worker", "pool"])
-        tokens = CounterMetricFamily("fullpower_worker_generated_tokens", "Tokens the worker process generated "
-                                     "(resets when it restarts)", labels=["worker", "pool"])
-        for w in pools.workers.values():
-            labels = [w.id, w.pool]
-            for s in WorkerState:
-                state.add_metric(labels + [s.value], 1.0 if w.state is s else 0.0)
-            inflight.add_metric(labels, w.inflight)
-            for b in ("closed", "open", "half_open"):
-                breaker.add_metric(labels + [b], 1.0 if w.breaker.state == b else 0.0)
-            running.add_metric(labels, w.engine_running)
-            restarts.add_metric(labels, w.restarts)
-            boot_fail.add_metric(labels, w.boot_failures)
-            hb_age.add_metric(labels, now - w.last_heartbeat if w.last_heartbeat else 0.0)
-            tokens.add_metric(labels, w.generated_tokens)
-            slots.add_metric(labels, w.kv_slots)
-            memory.add_metric(labels, w.memory_bytes)
-            gpu_memory.add_metric(labels, w.gpu_memory_bytes)
-        depth = GaugeMetricFamily("fullpower_queue_depth", "Requests waiting for admission", labels=["pool", "tier"])
-        active = GaugeMetricFamily("fullpower_inflight_requests", "Requests admitted and running",
-                                   labels=["pool", "tier"])
-        for pool, admission in gate.admissions.items():
-            for tier in admission.tiers:
-                depth.add_metric([pool, tier], admission.queued(tier))
-                active.add_metric([pool, tier], admission.active_in(tier))
-        return [state, inflight, running, restarts, boot_fail, breaker, hb_age, tokens, slots, memory, gpu_memory,
-                depth, active]
-
-    return collect
-
-
-def cache_collector(cache) -> Callable[[], list]:
-    """Memory-tier size at scrape time (the disk tier's size is read off the loop: /admin/cache)."""
-
-    def collect() -> list:
-        entries = GaugeMetricFamily("fullpower_cache_entries", "Entries in the memory cache", labels=["tier"])
-        size = GaugeMetricFamily("fullpower_cache_bytes", "Bytes in the memory cache", labels=["tier"])
-        memory = cache.memory
-        entries.add_metric(["memory"], len(memory) if memory is not None else 0)
-        size.add_metric(["memory"], memory.currsize if memory is not None else 0)
-        return [entries, size]
-
-    return collect
-
-
-def jobs_collector(jobs) -> Callable[[], list]:
-    """Jobs by state and the age of the oldest queued job (refreshed every second off the loop)."""
-
-    def collect() -> list:
-        by_state = GaugeMetricFamily("fullpower_jobs", "Jobs by state", labels=["state"])
-        for state in ("queued", "running", "succeeded", "failed", "cancelled", "expired"):
-            by_state.add_metric([state], jobs.counts.get(state, 0))
-        age = GaugeMetricFamily("fullpower_jobs_oldest_queued_seconds", "Age of the oldest queued job")
-        age.add_metric([], jobs.oldest_queued_s)
-        return [by_state, age]
-
-    return collect

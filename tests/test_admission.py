@@ -1,6 +1,6 @@
 """Admission (pure logic): bounded queues, per-tier limits, weighted shares."""
 
-from proxy.admission import Admission, Decision, TierPolicy
+from proxy.serving.admission import Admission, Decision, TierPolicy
 
 
 def make(capacity=2, weights=(6, 3, 1), max_queue=100, max_concurrent=100):

@@ -1,6 +1,6 @@
 import random
 
-from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerPolicy
+from proxy.fleet.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerPolicy
 
 
 def make(**kw):

@@ -2,7 +2,7 @@
 
 import asyncio
 
-from proxy.cache import AnswerCache, CachedAnswer
+from proxy.serving.cache import AnswerCache, CachedAnswer
 
 
 def answer(n=1, size=100):

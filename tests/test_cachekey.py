@@ -1,5 +1,5 @@
 from backend.protocol import ChatMessage, SamplingParams
-from proxy.cachekey import cache_key, shareable
+from proxy.serving.cachekey import cache_key, shareable
 
 MSGS = [ChatMessage("user", "hi")]
 

@@ -2,15 +2,15 @@
 still tried, and a worker ejected again and again is sent for a restart."""
 
 from backend.protocol import Ready
-from proxy.breaker import Breaker, BreakerPolicy
-from proxy.pool import Outcome, PoolState, Worker
+from proxy.fleet.breaker import Breaker, BreakerPolicy
+from proxy.fleet.pool import Outcome, PoolState, Replica
 
 
 def make_pool(n, **policy):
     now = [0.0]
     pools = PoolState(clock=lambda: now[0], restart_after_ejections=2)
     for i in range(n):
-        w = Worker(f"p-{i}", "p", "m", "cpu", 10, breaker=Breaker(BreakerPolicy(jitter=0.0, **policy), lambda: now[0]))
+        w = Replica(f"p-{i}", "p", "m", "cpu", 10, breaker=Breaker(BreakerPolicy(jitter=0.0, **policy), lambda: now[0]))
         pools.add(w)
         pools.starting(w, 100 + i, conn=None)
         pools.became_ready(w, Ready(pid=1, model="m", device="cpu", engine="fake", max_batch_size=1, context_length=9))
@@ -18,9 +18,12 @@ def make_pool(n, **policy):
 
 
 def fail(pools, worker, outcome=Outcome.INTERNAL, times=1):
+    """The verdicts PoolState returned (an Ejection or None per failure)."""
+    verdicts = []
     for _ in range(times):
-        gen = pools.acquire(worker, 1)
-        pools.release(worker, gen, 1, outcome)
+        epoch = pools.acquire(worker, 1)
+        verdicts.append(pools.release(worker, epoch, 1, outcome))
+    return verdicts
 
 
 def test_never_more_than_half_the_pool_is_ejected():
@@ -50,14 +53,13 @@ def test_least_bad_worker_is_tried_when_all_are_ejected():
 
 def test_repeatedly_ejected_worker_is_sent_for_restart():
     pools, now = make_pool(2, consecutive_5xx=1, base_eject_s=1)
-    restarted = []
-    pools.on_needs_restart = restarted.append
     w = pools.workers["p-0"]
-    fail(pools, w)
+    (first,) = fail(pools, w)
+    assert first.replica is w and not first.restart
     now[0] = 10
     w.breaker.available()
-    fail(pools, w)
-    assert restarted == [w]
+    (second,) = fail(pools, w)
+    assert second.replica is w and second.restart
 
 
 def test_connection_errors_need_five_in_a_row():

@@ -1,7 +1,7 @@
 import random
 from dataclasses import dataclass
 
-from proxy.routing import pick
+from proxy.fleet.routing import pick
 
 
 @dataclass

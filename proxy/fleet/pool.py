@@ -1,12 +1,17 @@
 """The workers of every pool and their state. The supervisor reports process events and the
 request path reports request outcomes; this module is the only writer of worker state, and the
-request path reads it to route.
+request path reads it to route. Methods return what others must do (an Ejection for the
+supervisor) rather than calling out; the one push is the pool's capacity, handed to the admission
+gate whenever it may have changed, and an event that async waiters (drain, restart, wait for
+ready) wait on instead of polling.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from backend.protocol import Heartbeat, Ready
@@ -29,8 +34,18 @@ class Outcome(str, enum.Enum):
     INTERNAL = "internal"  # the worker reported an internal error: a 5xx-equivalent
 
 
-class Worker:
-    """One replica slot of a pool: the process that currently fills it and its bookkeeping."""
+@dataclass(frozen=True)
+class Ejection:
+    """PoolState's verdict after a failure: the worker was ejected; `restart` when it has been
+    ejected so often while alive that its process should be replaced."""
+
+    replica: "Replica"
+    restart: bool
+
+
+class Replica:
+    """One replica slot of a pool as the request path sees it: the process that currently fills it
+    (if any) and its bookkeeping. (backend.worker.Worker is the process itself.)"""
 
     def __init__(self, worker_id: str, pool: str, model: str, device: str, capacity: int,
                  token_capacity: int = 1 << 30, breaker: Breaker | None = None) -> None:
@@ -46,7 +61,7 @@ class Worker:
         self.conn: WorkerConnection | None = None
         self.inflight = 0
         self.inflight_tokens = 0
-        self.generation = 0  # bumped per process, so requests of a dead process release nothing
+        self.process_epoch = 0  # bumped per process, so requests of a dead process release nothing
         self.restarts = 0
         self.boot_failures = 0
         self.backoff_s = 0.0  # the last restart delay
@@ -81,26 +96,42 @@ class Worker:
 
 class PoolState:
     def __init__(self, clock: Callable[[], float] = time.monotonic, slow_start_s: float = 0.0,
-                 restart_after_ejections: int = 3) -> None:
+                 restart_after_ejections: int = 3,
+                 on_capacity: Callable[[str, int, int], None] = lambda pool, requests, tokens: None) -> None:
         self.clock = clock
         self.slow_start_s = slow_start_s
         self.restart_after_ejections = restart_after_ejections
-        self.workers: dict[str, Worker] = {}
-        self.listeners: list[Callable[[str], None]] = []  # called with a pool name when capacity may have grown
-        self.on_eject: Callable[[Worker], None] = lambda worker: None
-        self.on_needs_restart: Callable[[Worker], None] = lambda worker: None
+        self.workers: dict[str, Replica] = {}
+        self._on_capacity = on_capacity  # (pool, requests, tokens) whenever the pool's capacity may have changed
+        self._changed = asyncio.Event()
 
-    def add(self, worker: Worker) -> None:
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        """Wait until `predicate()` holds (checked after every state change), at most `timeout` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not predicate():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            changed = self._changed
+            try:
+                async with asyncio.timeout(left):
+                    await changed.wait()
+            except TimeoutError:
+                return predicate()
+        return True
+
+    def add(self, worker: Replica) -> None:
         self.workers[worker.id] = worker
 
-    def remove(self, worker: Worker) -> None:
+    def remove(self, worker: Replica) -> None:
         self.workers.pop(worker.id, None)
         self._notify(worker.pool)
 
-    def in_pool(self, pool: str) -> list[Worker]:
+    def in_pool(self, pool: str) -> list[Replica]:
         return [w for w in self.workers.values() if w.pool == pool]
 
-    def ready(self, pool: str) -> list[Worker]:
+    def ready(self, pool: str) -> list[Replica]:
         return [w for w in self.workers.values() if w.pool == pool and w.state is WorkerState.READY]
 
     def any_ready(self) -> bool:
@@ -111,7 +142,7 @@ class PoolState:
         ready = self.ready(pool)
         return sum(w.capacity for w in ready), sum(w.token_capacity for w in ready)
 
-    def pick(self, pool: str, exclude: Iterable[str] = ()) -> Worker | None:
+    def pick(self, pool: str, exclude: Iterable[str] = ()) -> Replica | None:
         skip = set(exclude)
         ready = [w for w in self.ready(pool) if w.id not in skip]
         healthy = [w for w in ready if w.breaker.available()]
@@ -126,15 +157,15 @@ class PoolState:
             worker.breaker.on_dispatch()
         return worker
 
-    def _slow_start_weight(self, worker: Worker, now: float) -> float:
+    def _slow_start_weight(self, worker: Replica, now: float) -> float:
         if not self.slow_start_s or worker.ready_since is None:
             return 1.0
         return min(1.0, 0.1 + 0.9 * (now - worker.ready_since) / self.slow_start_s)
 
     # --- transitions reported by the supervisor -------------------------------------------------
-    def starting(self, worker: Worker, pid: int, conn: WorkerConnection) -> None:
+    def starting(self, worker: Replica, pid: int, conn: WorkerConnection) -> None:
         worker.state = WorkerState.STARTING
-        worker.generation += 1
+        worker.process_epoch += 1
         worker.pid = pid
         worker.conn = conn
         worker.inflight = worker.inflight_tokens = 0
@@ -143,14 +174,14 @@ class PoolState:
         worker.info = None
         worker.breaker.reset()
 
-    def became_ready(self, worker: Worker, info: Ready) -> None:
+    def became_ready(self, worker: Replica, info: Ready) -> None:
         worker.state = WorkerState.READY
         worker.info = info
         worker.ready_since = self.clock()
         worker.boot_failures = 0
         self._notify(worker.pool)
 
-    def heartbeat(self, worker: Worker, hb: Heartbeat) -> None:
+    def heartbeat(self, worker: Replica, hb: Heartbeat) -> None:
         worker.last_heartbeat = self.clock()
         worker.engine_stall_s = hb.engine_stall_s
         worker.engine_running = hb.running
@@ -160,17 +191,17 @@ class PoolState:
         worker.memory_bytes = hb.memory_bytes
         worker.gpu_memory_bytes = hb.gpu_memory_bytes
 
-    def draining(self, worker: Worker) -> None:
+    def draining(self, worker: Replica) -> None:
         if worker.state in (WorkerState.READY, WorkerState.STARTING):
             worker.state = WorkerState.DRAINING
             self._notify(worker.pool)
 
-    def undrain(self, worker: Worker) -> None:
+    def undrain(self, worker: Replica) -> None:
         if worker.state is WorkerState.DRAINING and worker.info is not None:
             worker.state = WorkerState.READY
             self._notify(worker.pool)
 
-    def gone(self, worker: Worker, error: str, at_boot: bool, backoff_s: float = 0.0) -> None:
+    def gone(self, worker: Replica, error: str, at_boot: bool, backoff_s: float = 0.0) -> None:
         worker.state = WorkerState.BACKOFF
         worker.backoff_s = backoff_s
         worker.pid = None
@@ -184,7 +215,7 @@ class PoolState:
             worker.last_error = error
         self._notify(worker.pool)
 
-    def stopped(self, worker: Worker) -> None:
+    def stopped(self, worker: Replica) -> None:
         worker.state = WorkerState.STOPPED
         worker.pid = None
         worker.conn = None
@@ -192,34 +223,46 @@ class PoolState:
         self._notify(worker.pool)
 
     # --- request accounting ---------------------------------------------------------------------
-    def acquire(self, worker: Worker, cost: int) -> int:
+    def acquire(self, worker: Replica, cost: int) -> int:
+        """Count a request on the worker; returns the process epoch to release it against."""
         worker.inflight += 1
         worker.inflight_tokens += cost
-        return worker.generation
+        return worker.process_epoch
 
-    def release(self, worker: Worker, generation: int, cost: int, outcome: Outcome | None = None) -> None:
-        if worker.generation == generation:
+    def release(self, worker: Replica, epoch: int, cost: int, outcome: Outcome | None = None) -> Ejection | None:
+        verdict = None
+        if worker.process_epoch == epoch:
             if worker.inflight > 0:
                 worker.inflight -= 1
                 worker.inflight_tokens -= cost
             if outcome is not None:
-                self._record(worker, outcome)
+                verdict = self._record(worker, outcome)
         self._notify(worker.pool)
+        return verdict
 
-    def _record(self, worker: Worker, outcome: Outcome) -> None:
+    def _record(self, worker: Replica, outcome: Outcome) -> Ejection | None:
         breaker = worker.breaker
         if outcome is Outcome.OK:
             breaker.record_success()
-            return
+            return None
         pool = self.in_pool(worker.pool)
         ejected = sum(1 for w in pool if w.breaker.ejected)
         may_eject = ejected + 1 <= len(pool) // 2  # never more than half the pool
         if breaker.record_failure(internal=outcome is Outcome.INTERNAL, may_eject=may_eject):
-            self.on_eject(worker)
-            if breaker.times_ejected >= self.restart_after_ejections:
-                # Ejected again and again while its process lives: a restart, not another cool-off.
-                self.on_needs_restart(worker)
+            # Ejected again and again while its process lives: a restart, not another cool-off.
+            return Ejection(worker, restart=breaker.times_ejected >= self.restart_after_ejections)
+        return None
+
+    # --- settings and requests from the supervisor ----------------------------------------------
+    def set_limits(self, worker: Replica, capacity: int, token_capacity: int) -> None:
+        worker.capacity, worker.token_capacity = capacity, token_capacity
+        self._notify(worker.pool)
+
+    def restart_requested(self, worker: Replica, why: str) -> None:
+        worker.last_error = why
 
     def _notify(self, pool: str) -> None:
-        for listener in self.listeners:
-            listener(pool)
+        requests, tokens = self.capacity(pool)
+        self._on_capacity(pool, requests, tokens)
+        self._changed.set()
+        self._changed = asyncio.Event()

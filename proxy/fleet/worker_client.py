@@ -55,7 +55,6 @@ class WorkerConnection(asyncio.Protocol):
         self._decoder = protocol.proxy_decoder()
         self._streams: dict[int, RequestStream] = {}
         self._transport: asyncio.Transport | None = None
-        self.closed = asyncio.get_event_loop().create_future()
 
     @classmethod
     async def attach(cls, sock: socket.socket, on_control) -> "WorkerConnection":
@@ -92,8 +91,6 @@ class WorkerConnection(asyncio.Protocol):
         for stream in streams.values():
             stream.closed = True
             stream._push(WorkerGone("worker connection closed"))
-        if not self.closed.done():
-            self.closed.set_result(None)
         self._on_control(None)
 
     # requests

@@ -286,20 +286,59 @@ class JobStore:
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def __getattr__(self, name):
-        # JobStore.create(...) -> await the same method of _Db on the store's thread
-        method = getattr(_Db, name, None)
-        if method is None or name.startswith("_"):
-            raise AttributeError(name)
+    async def _db_call(self, method, *args):
+        """Run one _Db method on the store's thread; any SQLite error becomes StoreUnavailable."""
+        if self._db is None:
+            raise StoreUnavailable("the job database is not open")
+        try:
+            return await self._call(method, self._db, *args)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
-        async def call(*args):
-            if self._db is None:
-                raise StoreUnavailable("the job database is not open")
-            try:
-                return await self._call(getattr(self._db, name), *args)
-            except sqlite3.Error as exc:
-                raise StoreUnavailable(str(exc)) from exc
-        return call
+    async def create(self, *args):
+        return await self._db_call(_Db.create, *args)
+
+    async def get(self, *args):
+        return await self._db_call(_Db.get, *args)
+
+    async def list(self, *args):
+        return await self._db_call(_Db.list, *args)
+
+    async def counts(self, *args):
+        return await self._db_call(_Db.counts, *args)
+
+    async def recover(self, *args):
+        return await self._db_call(_Db.recover, *args)
+
+    async def claim(self, *args):
+        return await self._db_call(_Db.claim, *args)
+
+    async def finish(self, *args):
+        return await self._db_call(_Db.finish, *args)
+
+    async def requeue(self, *args):
+        return await self._db_call(_Db.requeue, *args)
+
+    async def cancel(self, *args):
+        return await self._db_call(_Db.cancel, *args)
+
+    async def retry(self, *args):
+        return await self._db_call(_Db.retry, *args)
+
+    async def expire(self, *args):
+        return await self._db_call(_Db.expire, *args)
+
+    async def prune(self, *args):
+        return await self._db_call(_Db.prune, *args)
+
+    async def callbacks_due(self, *args):
+        return await self._db_call(_Db.callbacks_due, *args)
+
+    async def callback_result(self, *args):
+        return await self._db_call(_Db.callback_result, *args)
+
+    async def callback_attempts(self, *args):
+        return await self._db_call(_Db.callback_attempts, *args)
 
     async def aclose(self) -> None:
         if self._db is not None:

@@ -6,7 +6,7 @@ import hashlib
 import hmac
 from typing import NamedTuple
 
-from proxy.config import Config
+from proxy.config import Auth
 from proxy.errors import Unauthorized
 
 
@@ -19,10 +19,17 @@ ANONYMOUS = "anonymous"
 
 
 class Authenticator:
-    def __init__(self, cfg: Config) -> None:
+    """Owns the `auth` section: who a bearer secret is, and (for jobs, which run later) who a key
+    name is."""
+
+    def __init__(self, auth: Auth) -> None:
+        self.reconfigure(auth)
+
+    def reconfigure(self, auth: Auth) -> None:
         # Compare digests, so every comparison has the same length and takes the same time.
-        self._keys = [(hashlib.sha256(k.key.encode()).digest(), Principal(k.name, k.tier)) for k in cfg.auth.keys]
-        self._anonymous = Principal(ANONYMOUS, cfg.auth.anonymous_tier) if cfg.auth.allow_anonymous else None
+        self._keys = [(hashlib.sha256(k.key.encode()).digest(), Principal(k.name, k.tier)) for k in auth.keys]
+        self._by_name = {k.name: Principal(k.name, k.tier) for k in auth.keys}
+        self._anonymous = Principal(ANONYMOUS, auth.anonymous_tier) if auth.allow_anonymous else None
 
     def authenticate(self, authorization: str | None) -> Principal:
         secret = ""
@@ -43,3 +50,9 @@ class Authenticator:
         if not secret:
             raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
         raise Unauthorized("Incorrect API key provided.")
+
+    def principal_for(self, key_name: str) -> Principal | None:
+        """The principal a key name stands for now (None when the key, or anonymous access, is gone)."""
+        if key_name == ANONYMOUS:
+            return self._anonymous
+        return self._by_name.get(key_name)

@@ -16,6 +16,7 @@ class Load:
 class Degrader:
     def __init__(self, queue_depth: int | None, utilization: float | None, expected_wait_s: float | None,
                  recover_ratio: float) -> None:
+        self.settings = (queue_depth, utilization, expected_wait_s, recover_ratio)
         self.limits = {"queue_depth": queue_depth, "utilization": utilization, "expected_wait_s": expected_wait_s}
         self.recover_ratio = recover_ratio
         self.degraded = False

@@ -1,4 +1,5 @@
-"""The asyncio side of admission: wraps the pure Admission of each pool with futures and deadlines."""
+"""The asyncio side of admission: wraps the pure Admission of each pool with futures and deadlines.
+The pools' capacity is pushed in by PoolState (set_capacity) whenever it may have changed."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import asyncio
 import time
 
 from proxy.serving.admission import Admission, Decision, TierPolicy
-from proxy.config import Config
+from proxy.config import Tier
 from proxy.errors import NoWorkerReady, Overloaded
-from proxy.fleet.pool import PoolState
 
 
 class Ticket:
@@ -23,20 +23,19 @@ class Ticket:
 
 
 class Gate:
-    def __init__(self, cfg: Config, pools: PoolState) -> None:
-        self.pools = pools
+    """Owns the `tiers` section's admission settings and one Admission per pool."""
+
+    def __init__(self, tiers: list[Tier], pool_names: list[str]) -> None:
         self.admissions: dict[str, Admission] = {}
         self._recent_wait: dict[str, float] = {}  # pool -> moving average of queue waits (s)
-        self.update(cfg)
-        pools.listeners.append(self._capacity_changed)
+        self.reconfigure(tiers, pool_names)
 
-    def update(self, cfg: Config) -> None:
-        policies = [TierPolicy(t.name, t.weight, t.max_concurrent, t.max_queue, t.queue_timeout_s)
-                    for t in cfg.tiers]
-        for pool in cfg.pools:
-            admission = self.admissions.get(pool.name)
+    def reconfigure(self, tiers: list[Tier], pool_names: list[str]) -> None:
+        policies = [TierPolicy(t.name, t.weight, t.max_concurrent, t.max_queue, t.queue_timeout_s) for t in tiers]
+        for pool in pool_names:
+            admission = self.admissions.get(pool)
             if admission is None:
-                self.admissions[pool.name] = Admission(policies, time.monotonic)
+                self.admissions[pool] = Admission(policies, time.monotonic)
             else:
                 _wake(admission.update_policies(policies))
 
@@ -50,21 +49,16 @@ class Gate:
         admission = self.admissions.get(pool)
         return admission.queued() if admission is not None else 0
 
-    def _sync_capacity(self, pool: str) -> Admission:
-        admission = self.admissions[pool]
-        capacity, tokens = self.pools.capacity(pool)
-        if (capacity, tokens) != (admission.capacity, admission.token_capacity):
-            _wake(admission.set_capacity(capacity, tokens))
-        return admission
-
-    def _capacity_changed(self, pool: str) -> None:
-        if pool in self.admissions:
-            self._sync_capacity(pool)
+    def set_capacity(self, pool: str, requests: int, tokens: int) -> None:
+        """What the pool's ready workers can hold now (from PoolState); waiters that fit are woken."""
+        admission = self.admissions.get(pool)
+        if admission is not None and (requests, tokens) != (admission.capacity, admission.token_capacity):
+            _wake(admission.set_capacity(requests, tokens))
 
     async def acquire(self, pool: str, tier: str, key: str, cost: int) -> Ticket:
         """Admit now, or wait in the tier's queue until admitted or the deadline passes. Raises
         Overloaded (429) or NoWorkerReady (503), both with Retry-After, in either case at once."""
-        admission = self._sync_capacity(pool)
+        admission = self.admissions[pool]
         if admission.capacity == 0:
             raise NoWorkerReady("No worker is ready to serve this model; retry shortly.", retry_after=1.0)
         decision, waiter = admission.arrive(tier, key, cost)
@@ -98,7 +92,7 @@ class Gate:
 
     def _refusal(self, pool: str, admission: Admission, tier: str, why: str):
         retry = admission.expected_wait_s(tier)
-        if not self.pools.ready(pool):
+        if admission.capacity == 0:  # no ready worker
             return NoWorkerReady("No worker is ready to serve this model; retry shortly.", retry_after=retry)
         return Overloaded(f"The server is at capacity ({why}); retry after the indicated time.", retry_after=retry)
 

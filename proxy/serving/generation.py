@@ -18,7 +18,7 @@ from typing import AsyncIterator, Callable
 
 from backend.protocol import Failed, Finished, Generate, Tokens
 from proxy.errors import InvalidRequest, NoWorkerReady, UpstreamError, UpstreamTimeout
-from proxy.fleet.pool import Outcome, PoolState, Worker
+from proxy.fleet.pool import Ejection, Outcome, PoolState, Replica
 from proxy.fleet.worker_client import WorkerGone
 
 _request_ids = itertools.count(1)
@@ -47,7 +47,7 @@ class RetryBudget:
 class Generation:
     def __init__(self, pools: PoolState, pool: str, make: Callable[[int, list[int]], Generate], cost: int, *,
                  first_token_s: float, idle_s: float, keepalive_s: float, budget: RetryBudget,
-                 max_attempts: int, metrics=None) -> None:
+                 max_attempts: int, metrics=None, on_ejection: Callable[[Ejection], None] = lambda e: None) -> None:
         self.pools = pools
         self.pool = pool
         self.make = make  # (request id, resume token ids) -> Generate
@@ -58,7 +58,8 @@ class Generation:
         self.budget = budget
         self.max_attempts = max_attempts
         self.metrics = metrics
-        self.worker: Worker | None = None
+        self.on_ejection = on_ejection  # the supervisor's: log, count, maybe restart the process
+        self.worker: Replica | None = None
         self.token_ids: list[int] = []
         self.dispatched_at: float | None = None  # time.monotonic() when the first Generate went out
         self.failovers = 0
@@ -114,7 +115,7 @@ class Generation:
             raise NoWorkerReady("No worker is ready to serve this model; retry shortly.", retry_after=1.0)
         loop = asyncio.get_running_loop()
         self.worker = worker
-        generation = self.pools.acquire(worker, self.cost)
+        epoch = self.pools.acquire(worker, self.cost)
         rid = next(_request_ids)
         stream = worker.conn.generate(self.make(rid, list(self.token_ids)))
         self._since = loop.time()
@@ -148,7 +149,9 @@ class Generation:
         finally:
             if not stream.closed and worker.conn is not None:
                 worker.conn.cancel(rid)
-            self.pools.release(worker, generation, self.cost, outcome)
+            ejection = self.pools.release(worker, epoch, self.cost, outcome)
+            if ejection is not None:
+                self.on_ejection(ejection)
 
     async def _next(self, stream):
         limit = self.idle_s if self.token_ids else self.first_token_s

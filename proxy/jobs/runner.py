@@ -1,0 +1,142 @@
+"""Runs queued jobs in-process through the serving core, like any request but at the jobs tier:
+planned by the same Planner, admitted by the same gate, answered from the same cache. No HTTP to
+the appliance itself and no stored API secret: a job carries its key's name, and the key's tier
+and limits are looked up when it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import msgspec
+
+from proxy.errors import ApiError, NoWorkerReady, Overloaded
+from proxy.jobs.store import JobStore, StoreUnavailable
+from proxy.metrics import Metrics
+from proxy.serving.auth import Authenticator
+from proxy.serving.core import ServingCore
+from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest, parse
+from proxy.serving.plan import Planner
+from proxy.serving.record import RequestRecord
+from proxy.serving.responses import ResponseFormatter
+
+log = logging.getLogger("fullpower.jobs")
+ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+
+
+class JobRunner:
+    def __init__(self, store: JobStore, auth: Authenticator, planner: Planner, core: ServingCore,
+                 metrics: Metrics) -> None:
+        self.store = store
+        self.auth = auth
+        self.planner = planner
+        self.core = core
+        self.metrics = metrics
+        self.running: dict[str, asyncio.Task] = {}  # job id -> its attempt's task
+        self._attempts: dict[str, int] = {}  # running job id -> its attempt number
+        self.wake = asyncio.Event()  # set when a job was queued
+        self.tier = ""
+        self.concurrency = 16
+        self.max_attempts = 3
+        self.callback_retry_s = 3600.0
+
+    def reconfigure(self, tier: str, concurrency: int, max_attempts: int, callback_retry_s: float) -> None:
+        self.tier, self.concurrency = tier, concurrency
+        self.max_attempts, self.callback_retry_s = max_attempts, callback_retry_s
+
+    def cancel(self, job_id: str) -> None:
+        task = self.running.get(job_id)
+        if task is not None:
+            task.cancel()
+
+    async def run(self) -> None:
+        while True:
+            room = self.concurrency - len(self.running)
+            claimed = []
+            if room > 0:
+                try:
+                    claimed = await self.store.claim(room)
+                except StoreUnavailable as exc:
+                    log.error("job store unavailable: %s", exc)
+            for job in claimed:
+                task = asyncio.create_task(self._execute(job), name=f"job {job['id']}")
+                self.running[job["id"]] = task
+                self._attempts[job["id"]] = job["attempts"]
+                task.add_done_callback(lambda _, job_id=job["id"]: self._done(job_id))
+            self.wake.clear()
+            try:  # other hosts may queue jobs in a shared store: look again now and then
+                await asyncio.wait_for(self.wake.wait(), 0.05 if claimed else 0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    def _done(self, job_id: str) -> None:
+        self.running.pop(job_id, None)
+        self._attempts.pop(job_id, None)
+        self.wake.set()  # room for another
+
+    async def stop(self) -> None:
+        """Cancel running attempts; their jobs go back to the queue, the attempt not counted (a
+        shutdown is not the job's fault)."""
+        running, attempts = dict(self.running), dict(self._attempts)
+        for task in running.values():
+            task.cancel()
+        await asyncio.gather(*running.values(), return_exceptions=True)
+        for job_id, attempt in attempts.items():
+            try:
+                await self.store.requeue(job_id, attempt, False, None)
+            except StoreUnavailable:
+                pass
+
+    async def _execute(self, job: dict) -> None:
+        """One attempt. Overload (429/503) is not the job's fault: wait and try again, uncounted."""
+        principal = self.auth.principal_for(job["key_name"])
+        if principal is None:
+            await self._finish(job, "failed", None, "the job's API key is no longer configured")
+            return
+        delay = 0.2
+        while True:
+            rec = RequestRecord(f"{job['id']}.{job['attempts']}", "job", "POST", job["endpoint"])
+            rec.key = principal.key_name
+            try:
+                result = await self._answer(job, principal, rec)
+                error = None
+            except (Overloaded, NoWorkerReady) as exc:
+                rec.fail(exc)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay = min(delay * 2, 10.0)
+                continue
+            except ApiError as exc:
+                rec.fail(exc)
+                result, error = None, exc
+            finally:
+                rec.finish(self.metrics)
+            break
+        if error is None:
+            await self._finish(job, "succeeded", result, None)
+        elif error.status < 500 or job["attempts"] >= self.max_attempts:
+            await self._finish(job, "failed", None, error.message)
+        else:
+            try:
+                await self.store.requeue(job["id"], job["attempts"], True, error.message)
+            except StoreUnavailable as exc:
+                log.error("could not requeue job %s: %s", job["id"], exc)
+            self.wake.set()
+
+    async def _answer(self, job: dict, principal, rec: RequestRecord) -> dict:
+        req = parse(msgspec.json.encode(job["request"]), ENDPOINTS[job["endpoint"]])
+        rec.model = req.model
+        plan = self.planner.plan(principal, self.tier, req, choose_pool=self.core.choose_pool)
+        rec.tier = plan.tier
+        async with self.core.answer(plan, rec) as answer:
+            text, finished = await answer.collect()
+        return ResponseFormatter(plan.chat, plan.model).complete(text, finished)
+
+    async def _finish(self, job: dict, status: str, result, error) -> None:
+        try:
+            stored = await self.store.finish(job["id"], job["attempts"], status, result, error, self.callback_retry_s)
+        except StoreUnavailable as exc:
+            log.error("could not store the outcome of job %s (it will run again): %s", job["id"], exc)
+            return
+        if stored:
+            self.metrics.jobs_finished.labels(status).inc()

@@ -1,0 +1,244 @@
+"""The serving core: what every request goes through once it is planned, whether it came over
+HTTP or from the job runner. It applies the key's rate limit, then answers from the cache, joins an
+identical request in flight (coalescing), or admits the request and runs its generation on the
+workers (with failover and stream resume: generation.py). It yields frames - Tokens, one Finished,
+or None for "idle, send a keepalive" - and formats nothing: that is the caller's part.
+
+It is the one writer of these facts of a RequestRecord: cache outcome, queue wait, the worker and
+model that served, time to the first token, token counts and failovers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import AsyncIterator, Callable
+
+from backend.protocol import Finished, Tokens
+from proxy.config import ApiKey, Cache, Routing, Tier, Timeouts
+from proxy.errors import Overloaded
+from proxy.fleet.pool import Ejection, PoolState
+from proxy.metrics import Metrics
+from proxy.serving.cache import AnswerCache, CachedAnswer
+from proxy.serving.coalesce import Coalescer, Flight
+from proxy.serving.degrade import Degrader, Load
+from proxy.serving.gate import Gate
+from proxy.serving.generation import Generation, RetryBudget
+from proxy.serving.plan import RequestPlan
+from proxy.serving.ratelimit import KeyLimits
+from proxy.serving.record import RequestRecord
+
+Frame = Tokens | Finished | None
+
+
+class Answer:
+    """Where one request's frames come from (its own generation, a shared flight, the cache) and
+    who served it. `cache` is what the X-Fullpower-Cache header says: miss, hit, coalesced, bypass."""
+
+    __slots__ = ("cache", "_frames", "_served_by", "_queued_s", "_rec")
+
+    def __init__(self, cache: str, frames: AsyncIterator[Frame], served_by: Callable[[], tuple],
+                 queued_s: Callable[[], float | None], rec: RequestRecord) -> None:
+        self.cache = cache
+        self._frames = frames
+        self._served_by = served_by  # () -> (worker, dispatched_at or None)
+        self._queued_s = queued_s
+        self._rec = rec
+
+    @property
+    def dispatched_at(self) -> float | None:
+        return self._served_by()[1]
+
+    async def frames(self) -> AsyncIterator[Frame]:
+        rec = self._rec
+        first = True
+        async with contextlib.aclosing(self._frames) as frames:
+            async for item in frames:
+                if first:  # the headers go out with the first frame, a keepalive included
+                    first = False
+                    self._record_served_by()
+                if item is not None and rec.ttft_s is None:
+                    rec.ttft_s = time.monotonic() - rec.started
+                if isinstance(item, Finished):
+                    rec.prompt_tokens, rec.completion_tokens = item.prompt_tokens, item.completion_tokens
+                yield item
+
+    async def collect(self) -> tuple[str, Finished]:
+        """The whole answer as one text and its Finished frame (for non-streaming callers)."""
+        parts: list[str] = []
+        finished = None
+        async with contextlib.aclosing(self.frames()) as frames:
+            async for item in frames:
+                if isinstance(item, Finished):
+                    finished = item
+                elif item is not None:
+                    parts.append(item.text)
+        return "".join(parts), finished
+
+    def _record_served_by(self) -> None:
+        worker, _ = self._served_by()
+        if worker is not None:
+            self._rec.worker, self._rec.served_model = worker
+        self._rec.queue_s = self._queued_s()
+
+
+class ServingCore:
+    def __init__(self, *, gate: Gate, pools: PoolState, cache: AnswerCache, metrics: Metrics,
+                 tiers: list[Tier], keys: list[ApiKey], cache_settings: Cache, timeouts: Timeouts,
+                 routing: Routing, on_ejection: Callable[[Ejection], None]) -> None:
+        self.gate = gate
+        self.on_ejection = on_ejection
+        self.pools = pools
+        self.cache = cache
+        self.metrics = metrics
+        self.coalescer = Coalescer()
+        self.active = 0  # answers open right now (the retry budget scales with them)
+        self.budget = RetryBudget(routing.retry_budget_ratio, routing.min_retry_concurrency, lambda: self.active)
+        self.key_limits: dict[str, KeyLimits] = {}
+        self.degraders: dict[str, Degrader] = {}
+        self._cache_writes: set[asyncio.Task] = set()
+        self.reconfigure(tiers, keys, cache_settings, timeouts, routing)
+
+    def reconfigure(self, tiers: list[Tier], keys: list[ApiKey], cache_settings: Cache, timeouts: Timeouts,
+                    routing: Routing) -> None:
+        """Take (re)loaded settings. Requests in flight keep what they started with; a key's rate
+        limit state survives a reload that leaves its limits unchanged."""
+        self.tiers = {t.name: t for t in tiers}
+        self.coalesce = cache_settings.coalesce
+        self.keepalive_s = timeouts.keepalive_comment_s
+        self.max_attempts = routing.max_attempts
+        self.budget.ratio, self.budget.minimum = routing.retry_budget_ratio, routing.min_retry_concurrency
+        old_degraders, self.degraders = self.degraders, {}
+        for t in tiers:
+            if t.fallback is not None:
+                f = t.fallback
+                settings = (f.queue_depth, f.utilization, f.expected_wait_s, f.recover_ratio)
+                kept = old_degraders.get(t.name)
+                self.degraders[t.name] = kept if kept is not None and kept.settings == settings else Degrader(*settings)
+        old_limits, self.key_limits = self.key_limits, {}
+        for k in keys:
+            if k.requests_per_second or k.tokens_per_minute:
+                kept = old_limits.get(k.name)
+                same = kept is not None and kept.settings == (k.requests_per_second, k.tokens_per_minute)
+                self.key_limits[k.name] = kept if same else KeyLimits(k.requests_per_second, k.tokens_per_minute,
+                                                                      time.monotonic)
+
+    # --- degradation (a Planner callback: it reads live load) -----------------------------------
+    def choose_pool(self, tier: str, pool: str) -> str:
+        """The tier's fallback pool while its own pool is saturated (with hysteresis)."""
+        tier_cfg = self.tiers[tier]
+        degrader = self.degraders.get(tier)
+        if degrader is None or pool != tier_cfg.pool:
+            return pool
+        admission = self.gate.admissions[pool]
+        utilization = admission.active / admission.capacity if admission.capacity else 1.0
+        if degrader.update(Load(admission.queued(), utilization, self.gate.expected_wait_s(pool))):
+            self.metrics.degraded.labels(tier, tier_cfg.fallback.pool).inc()
+            return tier_cfg.fallback.pool
+        return pool
+
+    # --- one request ----------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def answer(self, plan: RequestPlan, rec: RequestRecord):
+        """Admit (or serve from the cache, or join a flight) and yield the Answer; leaving the
+        block releases everything the request holds and cancels its generation if unfinished."""
+        limits = self.key_limits.get(plan.key)
+        if limits is not None:
+            wait = limits.admit(plan.cost)
+            if wait:
+                self.metrics.rate_limited.labels(plan.tier, "key").inc()
+                raise Overloaded("Rate limit reached for this API key; retry after the indicated time.",
+                                 code="rate_limit_exceeded", retry_after=wait)
+        gen = Generation(self.pools, plan.pool, plan.generate, plan.cost, first_token_s=plan.first_token_s,
+                         idle_s=plan.idle_s, keepalive_s=self.keepalive_s, budget=self.budget,
+                         max_attempts=self.max_attempts, metrics=self.metrics, on_ejection=self.on_ejection)
+        self.active += 1
+        try:
+            if plan.cache_key is None:
+                answer, close = await self._direct(plan, gen, rec)
+            else:
+                answer, close = await self._shared(plan, gen, rec)
+            rec.cache = answer.cache
+            self.metrics.child(self.metrics.cache_requests, answer.cache).inc()
+            try:
+                yield answer
+            finally:
+                close()
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.metrics.cancellations.labels("generating" if gen.dispatched_at else "queued").inc()
+            raise
+        finally:
+            self.active -= 1
+            rec.failovers = gen.failovers
+            if limits is not None:
+                limits.refund(plan.cost - (rec.prompt_tokens + rec.completion_tokens))
+
+    async def _direct(self, plan: RequestPlan, gen: Generation, rec: RequestRecord):
+        ticket = await self.gate.acquire(plan.pool, plan.tier, plan.key, plan.cost)
+        answer = Answer("bypass", gen.frames(), lambda: (_worker(gen.worker), gen.dispatched_at),
+                        lambda: ticket.queued_s, rec)
+        return answer, lambda: self.gate.release(ticket)
+
+    async def _shared(self, plan: RequestPlan, gen: Generation, rec: RequestRecord):
+        key = plan.cache_key
+        if plan.cache_read:
+            cached = await self.cache.get(key)
+            if cached is not None:
+                return Answer("hit", _replay(cached), lambda: ((cached.worker, cached.model), None),
+                              lambda: None, rec), lambda: None
+            flight = self.coalescer.get(key) if self.coalesce else None
+            if flight is not None:
+                self.coalescer.join(flight)
+                return (Answer("coalesced", flight.follow(self.keepalive_s),
+                               lambda: (_worker(flight.worker), flight.dispatched_at), lambda: flight.queued_s, rec),
+                        lambda: self.coalescer.leave(flight))
+
+        async def run(flight: Flight) -> None:
+            ticket = await self.gate.acquire(plan.pool, plan.tier, plan.key, plan.cost)
+            flight.queued_s = ticket.queued_s
+            text: list[str] = []
+            try:
+                async with contextlib.aclosing(gen.frames()) as frames:
+                    async for item in frames:
+                        if item is None:
+                            continue  # each waiter sends its own keepalives
+                        flight.worker, flight.dispatched_at = gen.worker, gen.dispatched_at
+                        if isinstance(item, Finished):
+                            if plan.cache_write:
+                                self._store(key, CachedAnswer(text, item.finish_reason, item.prompt_tokens,
+                                                              item.completion_tokens, gen.worker.model, gen.worker.id))
+                        elif item.text:
+                            text.append(item.text)
+                        flight.publish(item)
+            finally:
+                self.gate.release(ticket)
+
+        flight = self.coalescer.start(key, run)
+        self.coalescer.join(flight)
+        return (Answer("miss", flight.follow(self.keepalive_s), lambda: (_worker(flight.worker), flight.dispatched_at),
+                       lambda: flight.queued_s, rec),
+                lambda: self.coalescer.leave(flight))
+
+    def _store(self, key: str, answer: CachedAnswer) -> None:
+        task = asyncio.create_task(self.cache.put(key, answer))
+        self._cache_writes.add(task)
+        task.add_done_callback(self._cache_writes.discard)
+
+    async def aclose(self) -> None:
+        """Cancel shared flights nobody can wait for any more and finish pending cache writes."""
+        await self.coalescer.close()
+        if self._cache_writes:
+            await asyncio.gather(*self._cache_writes, return_exceptions=True)
+
+
+def _worker(worker) -> tuple[str, str] | None:
+    return (worker.id, worker.model) if worker is not None else None
+
+
+async def _replay(answer: CachedAnswer):
+    """A cached answer as frames, at once (no artificial delays), in the pieces it first came in."""
+    for piece in answer.pieces:
+        yield Tokens(id=0, token_ids=[], text=piece)
+    yield Finished(id=0, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
+                   completion_tokens=answer.completion_tokens)

@@ -1,0 +1,128 @@
+"""Planning (pure: no I/O, no clock): from an authenticated principal and a parsed OpenAI request
+to a RequestPlan - tier, pool, sampling parameters, admission cost, timeouts and cache policy.
+
+Both the HTTP handlers and the job runner plan through here, then hand the plan to the serving
+core. Everything a plan decides is visible in one frozen object, so it is unit-tested without a
+server (tests/test_plan.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from backend.protocol import ChatMessage, Generate, SamplingParams
+from proxy.config import Cache, Pool, Tier, Timeouts
+from proxy.errors import InvalidRequest, NotFound
+from proxy.serving.auth import Principal
+from proxy.serving.cachekey import cache_key, shareable
+from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest
+
+CHARS_PER_TOKEN = 4  # the proxy has no tokenizer; admission estimates prompt tokens from length
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPlan:
+    key: str  # the API key's name (never its secret)
+    tier: str
+    pool: str
+    model: str  # as the client named it (echoed in responses)
+    chat: bool
+    params: SamplingParams
+    messages: list[ChatMessage] | None
+    prompt: str | None
+    cost: int  # estimated tokens: prompt + max_tokens (admission and rate limits)
+    stream: bool
+    include_usage: bool
+    first_token_s: float
+    idle_s: float
+    cache_key: str | None  # None: neither cached nor coalesced
+    cache_read: bool
+    cache_write: bool
+
+    def generate(self, request_id: int, resume_token_ids: list[int]) -> Generate:
+        return Generate(id=request_id, params=self.params, messages=self.messages, prompt=self.prompt,
+                        resume_token_ids=resume_token_ids)
+
+
+class Planner:
+    """Owns the sections of the config that shape a request: tiers, pools, cache policy, default
+    output length and stream timeouts."""
+
+    def __init__(self, tiers: list[Tier], pools: list[Pool], cache: Cache, timeouts: Timeouts,
+                 max_tokens_default: int) -> None:
+        self.reconfigure(tiers, pools, cache, timeouts, max_tokens_default)
+
+    def reconfigure(self, tiers: list[Tier], pools: list[Pool], cache: Cache, timeouts: Timeouts,
+                    max_tokens_default: int) -> None:
+        self.tiers = {t.name: t for t in tiers}
+        self.tier_rank = {t.name: i for i, t in enumerate(tiers)}  # config order: first = highest
+        self.pools = {p.name: p for p in pools}
+        self.models: dict[str, str] = {}  # served model name -> first pool serving it
+        for pool in pools:
+            self.models.setdefault(pool.model, pool.name)
+        self.cache = cache
+        self.timeouts = timeouts
+        self.max_tokens_default = max_tokens_default
+
+    def effective_tier(self, tier: str, requested: str | None) -> str:
+        """X-Priority may lower a request's tier, never raise it."""
+        if not requested:
+            return tier
+        requested = requested.strip()
+        if requested not in self.tier_rank:
+            raise InvalidRequest(f"Unknown X-Priority tier {requested!r}; tiers: {', '.join(self.tier_rank)}.",
+                                 param="X-Priority")
+        return requested if self.tier_rank[requested] >= self.tier_rank[tier] else tier
+
+    def pool_for(self, model: str, tier: str) -> str:
+        """The tier's pool when it serves the model, else the first pool that does."""
+        tier_pool = self.tiers[tier].pool
+        if self.pools[tier_pool].model == model:
+            return tier_pool
+        pool = self.models.get(model)
+        if pool is None:
+            raise NotFound(f"The model '{model}' does not exist. Served models: {', '.join(self.models)}.",
+                           param="model", code="model_not_found")
+        return pool
+
+    def plan(self, principal: Principal, requested_tier: str | None,
+             req: ChatCompletionRequest | CompletionRequest, cache_directives: frozenset[str] = frozenset(),
+             choose_pool: Callable[[str, str], str] = lambda tier, pool: pool) -> RequestPlan:
+        """`choose_pool(tier, pool)` may swap the pool (degradation reads live load; planning does not)."""
+        tier = self.effective_tier(principal.tier, requested_tier)
+        pool = choose_pool(tier, self.pool_for(req.model, tier))
+        pool_cfg = self.pools[pool]
+        params = SamplingParams(
+            max_tokens=req.output_limit() or self.max_tokens_default,
+            temperature=pool_cfg.default_temperature if req.temperature is None else req.temperature,
+            top_p=pool_cfg.default_top_p if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop_list())
+        chat = isinstance(req, ChatCompletionRequest)
+        messages = prompt = None
+        if chat:
+            messages = [ChatMessage(m.role, m.text(i)) for i, m in enumerate(req.messages)]
+            prompt_chars = sum(len(m.content) for m in messages)
+        else:
+            prompt = req.prompt_text()
+            prompt_chars = len(prompt)
+        key = None
+        c = self.cache
+        if c.enabled and shareable(params, c.include_sampled):
+            scope = principal.key_name if c.scope == "key" else "shared"
+            key = cache_key(scope, pool_cfg.model, "chat" if chat else "text", params, messages, prompt)
+        tier_cfg = self.tiers[tier]
+        return RequestPlan(
+            key=principal.key_name, tier=tier, pool=pool, model=req.model, chat=chat, params=params,
+            messages=messages, prompt=prompt, cost=prompt_chars // CHARS_PER_TOKEN + 1 + params.max_tokens,
+            stream=bool(req.stream),
+            include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+            first_token_s=tier_cfg.first_token_s or self.timeouts.first_token_s,
+            idle_s=tier_cfg.idle_s or self.timeouts.idle_s,
+            cache_key=key, cache_read="no-cache" not in cache_directives,
+            cache_write="no-store" not in cache_directives)
+
+
+def cache_directives(header: str) -> frozenset[str]:
+    """The Cache-Control request directives we honour (no-cache, no-store), lower-cased."""
+    return frozenset(d.strip().lower() for d in header.split(",") if d.strip())
+
