@@ -30,7 +30,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from backend.manifest import ManifestError, has_manifest, verify_manifest
 from backend.protocol import Generate, WorkerSettings
 from backend.sampling import sample
-from backend.scheduler import BatchEngine, RequestError, Sequence_
+from backend.scheduler import BatchEngine, RequestError, EngineSequence
 
 log = logging.getLogger("fullpower.worker")
 
@@ -181,11 +181,11 @@ class TransformersEngine(BatchEngine):
         return self.tokenizer.batch_decode(windows, skip_special_tokens=True)
 
     # --- model ----------------------------------------------------------------------------------
-    def prefill(self, seqs: list[Sequence_]) -> list[int]:
+    def prefill(self, seqs: list[EngineSequence]) -> list[int]:
         for s in seqs:
             s.slot = heapq.heappop(self._free)
         first: dict[int, int] = {}
-        group: list[Sequence_] = []
+        group: list[EngineSequence] = []
         for s in sorted(seqs, key=lambda s: len(s.all_ids)):
             width = max([len(s.all_ids)] + [len(g.all_ids) for g in group])
             if group and width * (len(group) + 1) > PREFILL_TOKEN_BUDGET:
@@ -195,7 +195,7 @@ class TransformersEngine(BatchEngine):
         first.update(self._prefill_group(group))
         return [first[id(s)] for s in seqs]
 
-    def _prefill_group(self, group: list[Sequence_]) -> dict[int, int]:
+    def _prefill_group(self, group: list[EngineSequence]) -> dict[int, int]:
         inputs = [s.all_ids for s in group]
         width = max(len(x) for x in inputs)
         ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
@@ -238,7 +238,7 @@ class TransformersEngine(BatchEngine):
             entry = self._graphs[key] = (graph, out)
         return entry
 
-    def decode(self, seqs: list[Sequence_]) -> list[int]:
+    def decode(self, seqs: list[EngineSequence]) -> list[int]:
         top = max(s.slot for s in seqs) + 1
         n = _bucket(top, self.max_batch_size)
         ids = [0] * n
@@ -258,7 +258,7 @@ class TransformersEngine(BatchEngine):
         rows = torch.tensor([s.slot for s in seqs], device=self.device)
         return self._sample(logits[rows], seqs)
 
-    def release(self, seqs: list[Sequence_]) -> None:
+    def release(self, seqs: list[EngineSequence]) -> None:
         for s in seqs:
             if isinstance(s.slot, int):
                 heapq.heappush(self._free, s.slot)
@@ -282,7 +282,7 @@ class TransformersEngine(BatchEngine):
             torch.cuda.synchronize()
 
     # --- sampling -------------------------------------------------------------------------------
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence_]) -> list[int]:
+    def _sample(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> list[int]:
         params = [s.params for s in seqs]
         any_sampled = any(p.temperature > 0 for p in params)
         if not any_sampled:

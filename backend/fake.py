@@ -13,7 +13,7 @@ import time
 from typing import Sequence
 
 from backend.protocol import Generate, WorkerSettings
-from backend.scheduler import BatchEngine, InternalError, Sequence_
+from backend.scheduler import BatchEngine, InternalError, EngineSequence
 
 WORDS = (
     "the quick brown fox jumps over lazy dog while seven bright stars watch a quiet river "
@@ -60,7 +60,7 @@ class FakeEngine(BatchEngine):
         if s.fake_fail_every and self.requests_seen % s.fake_fail_every == 0:
             raise InternalError(f"injected failure (request {self.requests_seen})")
 
-    def prefill(self, seqs: list[Sequence_]) -> list[int]:
+    def prefill(self, seqs: list[EngineSequence]) -> list[int]:
         if self.prompt_latency and any(seq.id >= 0 for seq in seqs):
             time.sleep(self.prompt_latency)
         for seq in seqs:
@@ -69,12 +69,12 @@ class FakeEngine(BatchEngine):
             seq.slot = int.from_bytes(digest, "big")
         return [self._next(seq) for seq in seqs]
 
-    def decode(self, seqs: list[Sequence_]) -> list[int]:
+    def decode(self, seqs: list[EngineSequence]) -> list[int]:
         if self.token_latency and any(seq.id >= 0 for seq in seqs):  # the warm-up runs at full speed
             time.sleep(self.token_latency)
         return [self._next(seq) for seq in seqs]
 
-    def _next(self, seq: Sequence_) -> int:
+    def _next(self, seq: EngineSequence) -> int:
         n = len(seq.generated)
         if n >= self.settings.fake_output_tokens:
             return EOS_ID

@@ -31,7 +31,7 @@ class InternalError(Exception):
     """A request the engine failed to serve through its own fault (code "internal")."""
 
 
-class Sequence_:
+class EngineSequence:
     """One request's generation state inside the engine."""
 
     __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "seed")
@@ -65,7 +65,7 @@ class BatchEngine:
         self.eos_ids = set(eos_ids)
         self._inbox: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
         self._waiting: list[Generate] = []
-        self._running: list[Sequence_] = []
+        self._running: list[EngineSequence] = []
         self._stop = threading.Event()
         self.last_tick = time.monotonic()
         self.generated_tokens = 0
@@ -82,13 +82,13 @@ class BatchEngine:
         """Many decodes in one call (engines override it with their tokenizer's batch decode)."""
         return [self.detokenize(w) for w in windows]
 
-    def prefill(self, seqs: list[Sequence_]) -> list[int]:
+    def prefill(self, seqs: list[EngineSequence]) -> list[int]:
         raise NotImplementedError
 
-    def decode(self, seqs: list[Sequence_]) -> list[int]:
+    def decode(self, seqs: list[EngineSequence]) -> list[int]:
         raise NotImplementedError
 
-    def release(self, seqs: list[Sequence_]) -> None:
+    def release(self, seqs: list[EngineSequence]) -> None:
         pass
 
     def warm_up(self) -> None:
@@ -195,7 +195,7 @@ class BatchEngine:
         self._running.extend(seqs)
         self._advance(seqs, first, frames)
 
-    def _start(self, req: Generate) -> Sequence_:
+    def _start(self, req: Generate) -> EngineSequence:
         prompt_ids = self.encode(req)
         p = req.params
         if p.max_tokens < 1:
@@ -208,11 +208,11 @@ class BatchEngine:
                 f"completion). Please reduce the length of the messages or completion.")
         if len(req.resume_token_ids) >= p.max_tokens:
             raise RequestError("resume_token_ids already reach max_tokens")
-        seq = Sequence_(req, prompt_ids, IncrementalDetokenizer(self.detokenize, req.resume_token_ids))
+        seq = EngineSequence(req, prompt_ids, IncrementalDetokenizer(self.detokenize, req.resume_token_ids))
         return seq
 
-    def _advance(self, seqs: list[Sequence_], next_ids: list[int], frames: list) -> None:
-        finished: list[Sequence_] = []
+    def _advance(self, seqs: list[EngineSequence], next_ids: list[int], frames: list) -> None:
+        finished: list[EngineSequence] = []
         ends: list[str | None] = []
         windows: list = []
         for seq, tok in zip(seqs, next_ids):

@@ -21,11 +21,6 @@ class IncrementalDetokenizer:
         self._prefix = max(0, len(self.ids) - 6)
         self._read = len(self.ids)
 
-    def push(self, token_ids: Sequence[int]) -> str:
-        self.ids.extend(token_ids)
-        prefix, full = self.windows()
-        return self.accept(self._decode(prefix), self._decode(full))
-
     def windows(self) -> tuple[list[int], list[int]]:
         """The two id windows to decode (for batching many sequences into one tokenizer call)."""
         return self.ids[self._prefix : self._read], self.ids[self._prefix :]

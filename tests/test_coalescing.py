@@ -40,9 +40,17 @@ def worker_tokens(server):
     return metric_value(text, "fullpower_worker_generated_tokens_total")
 
 
+def heartbeats_since(server, since):
+    """Every worker has sent a heartbeat after `since` (time.monotonic(): the same clock as the
+    proxy's), so the token counts it reports include everything generated before then."""
+    age = time.monotonic() - since
+    return all(w["heartbeat_age_s"] is not None and w["heartbeat_age_s"] < age for w in server.pool())
+
+
 def test_hundred_identical_requests_one_generation_then_a_hit(start_server):
     server = start_server(fake_config(fake={"token_latency_ms": 25, "output_tokens": 16}))
-    time.sleep(1.2)  # heartbeats carry the warm-up's tokens: count from here
+    ready = time.monotonic()  # the warm-up ran before Ready: count from the next heartbeats on
+    wait_until(lambda: heartbeats_since(server, ready), what="heartbeats after ready")
     before = worker_tokens(server)
     payload = body("coalesce me", temperature=0)
 
@@ -55,8 +63,8 @@ def test_hundred_identical_requests_one_generation_then_a_hit(start_server):
     caches = [c for _, c, _ in results]
     assert caches.count("miss") == 1 and caches.count("coalesced") == 99
     assert len({text for _, _, text in results}) == 1
-    wait_until(lambda: worker_tokens(server) > before, what="heartbeat with the tokens")
-    time.sleep(1.2)
+    done = time.monotonic()
+    wait_until(lambda: heartbeats_since(server, done), what="heartbeats after the answers")
     assert worker_tokens(server) - before == 17  # one generation: 16 tokens + EOS
 
     async def again():
@@ -73,6 +81,14 @@ def _running(server):
     return sum(w["engine_running"] for w in server.pool())
 
 
+def _metric(server, name, **labels):
+    return metric_value(http_json(server.admin + "/metrics")[2], name, **labels)
+
+
+def _queued(server, tier):
+    return sum(queues[tier]["queued"] for queues in http_json(server.admin + "/admin/pool")[2]["queues"].values())
+
+
 def test_disconnects_of_followers_and_leader(start_server):
     server = start_server(fake_config(fake={"token_latency_ms": 40, "output_tokens": 60}))
     payload = body("shared", temperature=0, stream=True)
@@ -80,12 +96,14 @@ def test_disconnects_of_followers_and_leader(start_server):
     async def run():
         async with aiohttp.ClientSession() as s:
             leader = asyncio.create_task(fetch(s, server.url, payload))
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(wait_until, lambda: _running(server) == 1, what="leader generating")
             follower_a = asyncio.create_task(fetch(s, server.url, payload))
             follower_b = asyncio.create_task(fetch(s, server.url, payload))
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(wait_until, lambda: _metric(server, "fullpower_cache_requests_total",
+                                                                result="coalesced") == 2, what="followers joined")
             follower_a.cancel()  # a follower leaves: the generation goes on
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(wait_until, lambda: _metric(server, "fullpower_requests_total", status="499") == 1,
+                                    what="follower gone")
             pool = await asyncio.to_thread(server.pool)
             assert sum(w["inflight"] for w in pool) == 1  # still generating, once
             leader.cancel()  # the leader leaves: it goes on for follower_b
@@ -152,8 +170,7 @@ def test_disk_tier_survives_a_restart_and_clear_empties_it(start_server, tmp_pat
     first = start_server(config)
     status, headers, answer = http_json(first.url + "/v1/chat/completions", payload, {"Authorization": KEYS["batch"]})
     assert headers["X-Fullpower-Cache"] == "miss"
-    time.sleep(0.3)  # the disk write runs in the background
-    first.stop()
+    first.stop()  # a stop waits for pending cache writes
     second = start_server(config)
     status, headers, again = http_json(second.url + "/v1/chat/completions", payload, {"Authorization": KEYS["batch"]})
     assert headers["X-Fullpower-Cache"] == "hit" and again["choices"] == answer["choices"]
@@ -204,7 +221,8 @@ def test_degradation_moves_lower_tiers_and_returns(start_server):
                     return resp.status, resp.headers["X-Fullpower-Model"]
             assert await served_by("standard", "calm") == (200, "fake-model")
             flood = [asyncio.create_task(served_by("premium", f"p{i}")) for i in range(6)]
-            await asyncio.sleep(0.2)
+            await asyncio.to_thread(wait_until, lambda: _queued(server, "premium") >= 2, interval=0.02,
+                                    what="premium queued")
             degraded = [await served_by(t, f"{t} under load") for t in ("standard", "batch")]
             premium = await asyncio.gather(*flood)
             back = await served_by("standard", "calm again")

@@ -67,7 +67,9 @@ def test_sigkill_under_load_loses_nothing(start_server):
         streams = [threading.Thread(target=stream) for _ in range(3)]
         for t in streams:
             t.start()
-        time.sleep(0.1)
+        # kill it while it holds requests, so the test exercises failover
+        wait_until(lambda: next(w for w in server.pool() if w["id"] == victim["id"])["inflight"] > 0,
+                   interval=0.01, what="victim busy")
         os.kill(victim["pid"], signal.SIGKILL)
         # the replacement is spawned at once but takes no traffic before its warm-up is done
         replacement = wait_until(lambda: next((w for w in server.pool() if w["id"] == victim["id"]
@@ -76,7 +78,8 @@ def test_sigkill_under_load_loses_nothing(start_server):
         assert replacement["state"] == "starting" and replacement["inflight"] == 0
         for t in streams:
             t.join(60)
-        time.sleep(0.5)
+        served = len(load.statuses)
+        wait_until(lambda: len(load.statuses) >= served + 3, what="load still served after the kill")
     assert load.statuses and not load.errors, load.errors[:3]
     assert results == [reference] * 3
     wait_until(lambda: all(w["state"] == "ready" for w in server.pool()), what="all ready")
@@ -102,6 +105,10 @@ def test_sigstop_is_detected_and_work_fails_over(start_server):
                                        None), what="hung worker replaced")
     assert "hung" in replaced["last_error"]
     wait_until(lambda: not process_alive(stopped["pid"]), what="old process gone")
+    # Before it was killed, the hung worker wrote every thread's stack into the log.
+    log = server.log()
+    announced = log.index(f"worker {stopped['id']} (pid {stopped['pid']}) hung: its stack follows")
+    assert "(most recent call first)" in log[announced:] and "backend/worker.py" in log[announced:]
 
 
 def test_worker_failing_at_boot_backs_off_to_the_cap_while_others_serve(start_server):
@@ -197,7 +204,7 @@ def test_invalid_reload_keeps_old_config_and_valid_reload_resizes_without_drops(
         with Load(server, max_tokens=5) as load:
             for t in threads:
                 t.start()
-            time.sleep(0.2)
+            wait_until(lambda: sum(w["inflight"] for w in server.pool()) > 0, interval=0.02, what="work in flight")
             server.proc.send_signal(signal.SIGHUP)  # the same reload as `fullpower reload`
             wait_until(lambda: len([w for w in server.pool() if w["state"] == "ready"]) == hot, what=f"{hot} ready")
             for t in threads:

@@ -7,9 +7,15 @@ def decode(ids):
     return bytes(ids).decode("utf-8", errors="replace")
 
 
+def push(detok: IncrementalDetokenizer, token_ids) -> str:
+    """What the scheduler does per step: append the ids, decode both windows, take the delta."""
+    detok.ids.extend(token_ids)
+    prefix, full = detok.windows()
+    return detok.accept(detok._decode(prefix), detok._decode(full))
+
 def test_detokenizer_holds_back_incomplete_utf8():
     detok = IncrementalDetokenizer(decode)
-    out = [detok.push([b]) for b in "aé€b".encode()]
+    out = [push(detok, [b]) for b in "aé€b".encode()]
     assert "".join(out) + detok.flush() == "aé€b"
     assert out[1] == ""  # first byte of 'é' alone is held back
 
@@ -17,7 +23,7 @@ def test_detokenizer_holds_back_incomplete_utf8():
 def test_detokenizer_resumes_after_already_sent_tokens():
     already = list("hello ".encode())
     detok = IncrementalDetokenizer(decode, already)
-    assert detok.push(list(b"w")) == "w"
+    assert push(detok, list(b"w")) == "w"
 
 
 def test_stop_matcher_holds_prefixes_and_cuts_at_stop():

@@ -67,16 +67,17 @@ async def run_process(state: PoolState, worker: Replica, pool: Pool, workers: Wo
         return f"spawn failed: {exc}", True, False
     finally:
         child_sock.close()
-    why: str = ""
+    hung = False
     try:
         conn = await WorkerConnection.attach(parent_sock, control.put_nowait)
         state.starting(worker, proc.pid, conn)
         log.info("worker %s spawned (pid %d, %s)", worker.id, proc.pid, worker.device)
         why, at_boot, requested = await _watch(state, worker, workers, proc, conn, control, restart)
-        return why, at_boot, requested
+        hung = isinstance(why, Hung)
+        return str(why), at_boot, requested
     finally:
         # Cancellation (shutdown) lands here too: the process must not outlive us.
-        if isinstance(why, Hung):
+        if hung:
             await _dump_stack(worker, proc)
         await _terminate(worker, proc, workers.stop_grace_s)
         parent_sock.close()

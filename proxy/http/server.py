@@ -19,6 +19,7 @@ from proxy.serving.record import RequestRecord, new_request_id
 
 log = logging.getLogger("fullpower")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+LAST_WRITES_S = 0.5  # the least time handlers get to finish when a listener closes
 
 
 def error_response(exc: ApiError, request_id: str) -> web.Response:
@@ -186,6 +187,7 @@ class Listener(web.AppRunner):
     async def close(self, within_s: float) -> None:
         """Stop listening, then give handlers still running at most `within_s` (what is left of the
         drain period) before they are cancelled. aiohttp reads this bound from the runner at
-        cleanup; its default of 60 s would overrun the systemd stop budget."""
-        self._shutdown_timeout = max(0.0, within_s)
+        cleanup; its default of 60 s would overrun the systemd stop budget, and aiohttp takes 0 (or
+        less) as "no bound at all", so a spent drain still gets a short positive bound."""
+        self._shutdown_timeout = max(LAST_WRITES_S, within_s)
         await self.cleanup()

@@ -1,0 +1,93 @@
+"""Planner (pure): from a principal and a parsed request to a RequestPlan."""
+
+import msgspec
+import pytest
+
+from proxy.config import Cache, Pool, Tier, Timeouts
+from proxy.errors import InvalidRequest, NotFound
+from proxy.serving.auth import Principal
+from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest, parse
+from proxy.serving.plan import CHARS_PER_TOKEN, Planner, cache_directives
+
+TIERS = [Tier(name="premium", pool="big", weight=6, first_token_s=5.0),
+         Tier(name="standard", pool="big", weight=3),
+         Tier(name="batch", pool="small", weight=1, idle_s=7.0)]
+POOLS = [Pool(name="big", model="big-model", default_temperature=0.0),
+         Pool(name="small", model="small-model", default_temperature=0.7, default_top_p=0.9)]
+
+
+def planner(**cache):
+    return Planner(TIERS, POOLS, Cache(**cache), Timeouts(first_token_s=100.0, idle_s=50.0), max_tokens_default=64)
+
+
+def chat(**fields):
+    body = {"model": "big-model", "messages": [{"role": "user", "content": "x" * 40}], **fields}
+    return parse(msgspec.json.encode(body), ChatCompletionRequest)
+
+
+def test_plan_takes_tier_pool_params_cost_and_timeouts():
+    plan = planner().plan(Principal("alice", "premium"), None, chat(max_tokens=10, stream=True,
+                                                                    stream_options={"include_usage": True}))
+    assert (plan.key, plan.tier, plan.pool, plan.model, plan.chat) == ("alice", "premium", "big", "big-model", True)
+    assert plan.params.max_tokens == 10 and plan.params.temperature == 0.0  # the pool's default temperature
+    assert plan.cost == 40 // CHARS_PER_TOKEN + 1 + 10
+    assert plan.stream and plan.include_usage
+    assert (plan.first_token_s, plan.idle_s) == (5.0, 50.0)  # the tier's own, else the global one
+
+
+def test_default_max_tokens_and_text_completions():
+    req = parse(msgspec.json.encode({"model": "small-model", "prompt": "hello"}), CompletionRequest)
+    plan = planner().plan(Principal("bob", "batch"), None, req)
+    assert not plan.chat and plan.prompt == "hello" and plan.messages is None
+    assert plan.params.max_tokens == 64 and (plan.params.temperature, plan.params.top_p) == (0.7, 0.9)
+    assert plan.idle_s == 7.0 and not plan.include_usage
+
+
+def test_x_priority_lowers_but_never_raises_the_tier():
+    p = planner()
+    assert p.plan(Principal("a", "premium"), "batch", chat()).tier == "batch"
+    assert p.plan(Principal("a", "batch"), "premium", chat()).tier == "batch"
+    with pytest.raises(InvalidRequest) as exc:
+        p.plan(Principal("a", "premium"), "gold", chat())
+    assert exc.value.param == "X-Priority"
+
+
+def test_a_model_outside_the_tiers_pool_goes_to_the_pool_serving_it():
+    p = planner()
+    assert p.plan(Principal("a", "premium"), None, chat(model="small-model")).pool == "small"
+    with pytest.raises(NotFound) as exc:
+        p.plan(Principal("a", "premium"), None, chat(model="nope"))
+    assert exc.value.code == "model_not_found"
+
+
+def test_choose_pool_callback_swaps_the_pool_and_the_cache_key_follows():
+    p = planner()
+    normal = p.plan(Principal("a", "standard"), None, chat(temperature=0))
+    degraded = p.plan(Principal("a", "standard"), None, chat(temperature=0),
+                      choose_pool=lambda tier, pool: "small")
+    assert degraded.pool == "small"
+    assert normal.cache_key and degraded.cache_key and normal.cache_key != degraded.cache_key
+
+
+def test_cache_policy():
+    p = planner()
+    greedy = p.plan(Principal("a", "standard"), None, chat(temperature=0))
+    assert greedy.cache_key and greedy.cache_read and greedy.cache_write
+    assert p.plan(Principal("a", "standard"), None, chat(temperature=0.8)).cache_key is None  # sampled
+    assert p.plan(Principal("a", "standard"), None, chat(temperature=0.8, seed=1)).cache_key  # seeded
+    off = p.plan(Principal("a", "standard"), None, chat(temperature=0), cache_directives("No-Cache, no-store"))
+    assert not off.cache_read and not off.cache_write
+    assert planner(enabled=False).plan(Principal("a", "standard"), None, chat(temperature=0)).cache_key is None
+    # shared scope: two keys share an entry; per-key scope: they do not
+    other = p.plan(Principal("b", "standard"), None, chat(temperature=0))
+    assert other.cache_key == greedy.cache_key
+    per_key = planner(scope="key")
+    assert (per_key.plan(Principal("a", "standard"), None, chat(temperature=0)).cache_key
+            != per_key.plan(Principal("b", "standard"), None, chat(temperature=0)).cache_key)
+
+
+def test_generate_frame_carries_the_plan_and_resume_ids():
+    plan = planner().plan(Principal("a", "standard"), None, chat(max_tokens=3))
+    frame = plan.generate(7, [1, 2])
+    assert frame.id == 7 and frame.resume_token_ids == [1, 2] and frame.params is plan.params
+    assert frame.messages[0].content == "x" * 40
