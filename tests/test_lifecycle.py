@@ -94,7 +94,8 @@ def test_jobs_run_with_no_public_listener(tmp_path):
     # Jobs queued earlier (by this host or another sharing the store), then a host with no public
     # listener at all: the runner executes them in-process.
     db = _Db(Path(config["data_dir"]) / "jobs.sqlite3", 0)
-    ids = [db.create("standard", None, "/v1/chat/completions", {**body(f"offline {i}", max_tokens=4), "stream": False},
+    key_name = next(k["name"] for k in config["auth"]["keys"] if k["tier"] == "standard")
+    ids = [db.create(key_name, None, "/v1/chat/completions", {**body(f"offline {i}", max_tokens=4), "stream": False},
                      None, None, 3600.0, 60.0)[0]["id"] for i in range(3)]
     db.close()
     server.config["listen"] = ""
@@ -102,7 +103,10 @@ def test_jobs_run_with_no_public_listener(tmp_path):
     server.start(wait_ready=False)
     try:
         def job(job_id):
-            status, _, payload = http_json(f"{server.admin}/admin/jobs/{job_id}", timeout=5)
+            try:
+                status, _, payload = http_json(f"{server.admin}/admin/jobs/{job_id}", timeout=5)
+            except OSError:  # the admin listener is not up yet
+                return None
             return payload if status == 200 and payload["status"] == "succeeded" else None
 
         for job_id in ids:
