@@ -23,13 +23,13 @@ def test_admits_up_to_capacity_then_queues_then_rejects():
 def test_release_hands_the_slot_to_a_waiter():
     adm = make(capacity=1)
     adm.arrive("batch")
-    _, waiter = adm.arrive("batch")
+    _, waiter, _ = adm.arrive("batch")
     assert adm.release("batch") == [waiter] and waiter.admitted
     assert adm.active == 1
 
 
 def test_saturated_tiers_share_by_weight_and_nobody_starves():
-    adm = make(capacity=1)
+    adm = make(capacity=1, max_queue=200)  # every tier's queue holds its arrivals: nobody is pushed out
     adm.arrive("batch")  # holds the only slot
     for _ in range(200):
         for tier in ("premium", "standard", "batch"):
@@ -48,7 +48,7 @@ def test_higher_tier_first_when_it_arrives_later():
     adm = make(capacity=1)
     adm.arrive("batch")
     adm.arrive("batch")
-    _, premium = adm.arrive("premium")
+    _, premium, _ = adm.arrive("premium")
     assert adm.release("batch") == [premium]
 
 
@@ -64,7 +64,7 @@ def test_per_tier_concurrency_limit():
 def test_abandoned_waiter_leaves_the_queue():
     adm = make(capacity=1)
     adm.arrive("standard")
-    _, waiter = adm.arrive("standard")
+    _, waiter, _ = adm.arrive("standard")
     adm.abandon(waiter)
     assert adm.queued() == 0 and adm.release("standard") == []
 
@@ -80,7 +80,7 @@ def test_one_key_flooding_its_tier_does_not_starve_other_keys():
     adm.arrive("standard", "flooder")
     for _ in range(50):
         adm.arrive("standard", "flooder")
-    _, polite = adm.arrive("standard", "polite")
+    _, polite, _ = adm.arrive("standard", "polite")
     (nxt,) = adm.release("standard")
     assert nxt is polite  # flooder already used a slot recently; polite has no usage
 
@@ -99,7 +99,7 @@ def test_token_budget_makes_admission_cost_aware():
     adm = make(capacity=10)
     adm.set_capacity(10, 1000)
     assert adm.arrive("standard", "a", cost=900)[0] == Decision.ADMIT
-    decision, small = adm.arrive("standard", "b", cost=200)
+    decision, small, _ = adm.arrive("standard", "b", cost=200)
     assert decision == Decision.QUEUE  # 900 + 200 > 1000 although request slots are free
     assert adm.release("standard", 900) == [small]
 
@@ -127,3 +127,29 @@ def test_cost_counts_in_tier_shares():
         served[nxt.tier] += 1
         running, cost = nxt.tier, nxt.cost
     assert served["small"] >= 9 * served["big"]
+
+
+def test_a_full_higher_tier_pushes_out_the_newest_lowest_tier_waiter():
+    adm = make(capacity=1, max_queue=2)
+    adm.arrive("premium")  # holds the slot
+    _, std, _ = adm.arrive("standard")
+    _, old_batch, _ = adm.arrive("batch")
+    _, new_batch, _ = adm.arrive("batch")
+    adm.arrive("premium")
+    adm.arrive("premium")  # premium's queue is now full
+    decision, waiter, evicted = adm.arrive("premium")
+    assert decision == Decision.QUEUE and evicted == [new_batch] and new_batch.evicted
+    assert adm.arrive("premium")[2] == [old_batch]  # the lowest tier goes first...
+    assert adm.arrive("premium")[2] == [std]  # ...then the next one up
+    assert adm.arrive("premium")[:2] == (Decision.REJECT, None)  # nothing lower is queued
+    assert adm.arrive("batch")[0] == Decision.QUEUE  # batch's own queue has room again
+    assert adm.queued("premium") == 5 and adm.queued("standard") == 0
+
+
+def test_a_lower_tier_never_pushes_out_a_higher_one():
+    adm = make(capacity=1, max_queue=1)
+    adm.arrive("batch")
+    adm.arrive("premium")
+    adm.arrive("batch")
+    assert adm.arrive("batch")[:2] == (Decision.REJECT, None)
+    assert adm.queued("premium") == 1

@@ -8,6 +8,12 @@ tier with work gets its turn. Inside a tier, each API key has its own queue and 
 least recent usage (tokens, decaying) goes first, so one key flooding its tier cannot starve the
 other keys. Cost is the request's estimated tokens (prompt + max_tokens), so one huge request
 counts as much as the many small ones it displaces.
+
+Overload order: tiers are ranked by their order in the config (first = highest). When a tier's
+queue is full, an arrival pushes out the newest waiter of the lowest-ranked tier below it that has
+one (that waiter is refused at once); only when no lower tier has anyone waiting is the arrival
+itself refused. So under a burst the lowest tier is shed first, and the highest tier is refused
+only when nothing below it is queued.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class Waiter:
     deadline: float
     token: object = None  # whatever the I/O layer needs to wake this waiter
     admitted: bool = False
+    evicted: bool = False  # pushed out of its queue by a higher tier's arrival
+    seq: int = 0  # arrival order (the newest waiter is pushed out first)
 
 
 @dataclass
@@ -61,6 +69,7 @@ class Admission:
         self.active_tokens = 0
         self.half_life = usage_half_life_s
         self._usage: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
+        self._arrivals = 0
 
     # --- reading --------------------------------------------------------------------------------
     def queued(self, tier: Optional[str] = None) -> int:
@@ -96,18 +105,36 @@ class Admission:
         self.token_capacity = token_capacity
         return self.dispatch()
 
-    def arrive(self, tier: str, key: str = "", cost: int = 1) -> tuple[str, Optional[Waiter]]:
+    def arrive(self, tier: str, key: str = "", cost: int = 1) -> tuple[str, Optional[Waiter], list[Waiter]]:
+        """(decision, the waiter if queued, the lower-tier waiters pushed out to make room - the
+        caller refuses those at once)."""
         t = self.tiers[tier]
         # Skip the queue only when nobody waits: no overtaking within or across tiers.
         if not self.queued() and self._room(t, cost):
             self._grant(t, key, cost)
-            return Decision.ADMIT, None
+            return Decision.ADMIT, None, []
+        evicted: list[Waiter] = []
         if t.queued >= t.policy.max_queue:
-            return Decision.REJECT, None
-        waiter = Waiter(tier, key, cost, self.clock() + t.policy.queue_timeout_s)
+            victim = self._newest_below(tier)
+            if victim is None:
+                return Decision.REJECT, None, []
+            self.abandon(victim)
+            victim.evicted = True
+            evicted.append(victim)
+        self._arrivals += 1
+        waiter = Waiter(tier, key, cost, self.clock() + t.policy.queue_timeout_s, seq=self._arrivals)
         t.queues.setdefault(key, collections.deque()).append(waiter)
         t.queued += 1
-        return Decision.QUEUE, waiter
+        return Decision.QUEUE, waiter, evicted
+
+    def _newest_below(self, tier: str) -> Optional[Waiter]:
+        """The newest waiter of the lowest-ranked tier below `tier` that has waiters."""
+        names = list(self.tiers)
+        for name in reversed(names[names.index(tier) + 1:]):
+            lower = self.tiers[name]
+            if lower.queued:
+                return max((q[-1] for q in lower.queues.values() if q), key=lambda w: w.seq)
+        return None
 
     def release(self, tier: str, cost: int = 1) -> list[Waiter]:
         """A request of `tier` finished. Returns the waiters admitted in its place."""

@@ -61,7 +61,9 @@ class Gate:
         admission = self.admissions[pool]
         if admission.capacity == 0:
             raise NoWorkerReady("No worker is ready to serve this model; retry shortly.", retry_after=1.0)
-        decision, waiter = admission.arrive(tier, key, cost)
+        decision, waiter, evicted = admission.arrive(tier, key, cost)
+        for victim in evicted:  # pushed out by this higher-tier arrival: refused now, not at its deadline
+            _wake([victim])
         if decision == Decision.ADMIT:
             self._observe_wait(pool, 0.0)
             return Ticket(pool, tier, cost, 0.0)
@@ -81,6 +83,8 @@ class Gate:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             raise self._refusal(pool, admission, tier, "queue deadline passed") from None
+        if waiter.evicted:
+            raise self._refusal(pool, admission, tier, "a higher tier needed the queue place")
         waited = time.monotonic() - started
         self._observe_wait(pool, waited)
         return Ticket(pool, tier, cost, waited)
