@@ -139,6 +139,9 @@ class Timeouts(_Base, kw_only=True):
     first_token_s: PosFloat = 120.0
     idle_s: PosFloat = 60.0
     keepalive_comment_s: PosFloat = 15.0  # an SSE comment when a stream is idle this long
+    # A stream whose client does not take its bytes (socket send buffer full) for this long is
+    # cancelled and its admission slot freed: a client that stops reading cannot hold a slot.
+    stream_write_s: PosFloat = 30.0
     drain_s: NonNegFloat = 30.0
 
 

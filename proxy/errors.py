@@ -96,3 +96,8 @@ class UpstreamTimeout(ApiError):
     status = 504
     type = "server_error"
     code = "timeout"
+
+
+class SlowClient(ConnectionResetError):
+    """A streaming client did not take its bytes within timeouts.stream_write_s: the stream is
+    cut and its slot freed (logged as a cancellation, error client_too_slow)."""

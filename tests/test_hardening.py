@@ -36,3 +36,91 @@ def test_burst_sheds_the_lowest_tier_first(start_server):
     refused = {tier: counts[(tier, 429)] for tier in ("premium", "standard", "batch")}
     assert refused["batch"] > 0 and refused["batch"] >= refused["standard"], counts
     assert sum(refused.values()) + sum(counts[(t, 200)] for t in refused) == 1200, counts
+
+
+def _stalled_stream(port: int, key: str) -> socket.socket:
+    """A streaming request from a client that never reads its answer (tiny receive buffer)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    payload = json.dumps(body("never read", stream=True, temperature=0.7, max_tokens=90000)).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 + f"Authorization: {key}\r\nContent-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    return sock
+
+
+def test_clients_that_stop_reading_lose_their_slots(start_server):
+    """Finding 2: four non-reading streams filled a pool of capacity 4 for as long as their sockets
+    stayed open; premium got 429."""
+    # 90,000 tokens of SSE (about 13 MB) do not fit in the sockets' buffers
+    config = fake_config(max_inflight_per_worker=2,
+                         fake={"token_latency_ms": 0, "output_tokens": 100000, "context_length": 100000})
+    config["timeouts"] = {"stream_write_s": 1.0}
+    for tier in config["tiers"]:
+        tier["queue_timeout_s"] = 8
+    server = start_server(config)
+    stalled = [_stalled_stream(server.port, KEYS["batch"]) for _ in range(4)]
+    try:
+        wait_until(lambda: sum(w["inflight"] for w in server.pool()) == 4, what="four stalled streams admitted")
+        started = time.monotonic()
+        status, _, answer = http_json(server.url + "/v1/chat/completions", body("me first", max_tokens=5),
+                                      {"Authorization": KEYS["premium"]})
+        assert status == 200, answer
+        assert time.monotonic() - started < 8
+        # every stalled stream is cut by the server, not by the client going away
+        wait_until(lambda: server.log().count('"error":"client_too_slow"') == 4, timeout=30,
+                   what="four streams cut as too slow")
+        wait_until(lambda: sum(w["inflight"] for w in server.pool()) == 0, what="their slots freed")
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_huge_max_tokens_is_refused_and_does_not_stall_other_tiers(start_server):
+    """Finding 3: one max_tokens=1000000 request ran alone and premium got 429 behind it."""
+    config = fake_config(fake={"token_latency_ms": 2, "output_tokens": 1000000})
+    for tier in config["tiers"]:
+        tier["queue_timeout_s"] = 3
+    server = start_server(config)
+
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            huge = asyncio.create_task(_post(s, server.url, "batch", body("all of it", max_tokens=1000000)))
+            await asyncio.sleep(0)
+            premium = await _post(s, server.url, "premium", body("short", max_tokens=5))
+            return await huge, premium
+
+    (huge_status, huge_body), (premium_status, _) = asyncio.run(run())
+    assert huge_status == 400
+    error = json.loads(huge_body)["error"]
+    assert error["param"] == "max_tokens" and error["code"] == "context_length_exceeded"
+    assert premium_status == 200
+
+
+def _queues(server):
+    return http_json(server.admin + "/admin/pool")[2]["queues"]["main"]
+
+
+def test_a_shared_generation_waits_at_the_highest_tier_of_its_waiters(start_server):
+    """Low finding: a coalesced follower inherited its leader's tier (a premium request could wait
+    at batch priority behind a batch leader)."""
+    config = fake_config(devices=["cpu"], replicas={"hot": 1}, max_inflight_per_worker=1, max_batch_size=1,
+                         fake={"token_latency_ms": 100, "output_tokens": 10})
+    server = start_server(config)
+    shared = body("the same question", temperature=0)
+
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            blocker = asyncio.create_task(_post(s, server.url, "standard", body("hold the slot", temperature=0.5)))
+            await asyncio.to_thread(wait_until, lambda: sum(w["inflight"] for w in server.pool()) == 1)
+            leader = asyncio.create_task(_post(s, server.url, "batch", shared))
+            await asyncio.to_thread(wait_until, lambda: _queues(server)["batch"]["queued"] == 1, what="leader queued")
+            follower = asyncio.create_task(_post(s, server.url, "premium", shared))
+            moved = await asyncio.to_thread(
+                wait_until, lambda: (q := _queues(server))["premium"]["queued"] == 1 and q["batch"]["queued"] == 0,
+                what="the shared generation queued at premium")
+            return moved, await asyncio.gather(blocker, leader, follower)
+
+    moved, results = asyncio.run(run())
+    assert moved and [status for status, _ in results] == [200, 200, 200]
+    assert json.loads(results[1][1])["choices"] == json.loads(results[2][1])["choices"]

@@ -91,3 +91,18 @@ def test_generate_frame_carries_the_plan_and_resume_ids():
     frame = plan.generate(7, [1, 2])
     assert frame.id == 7 and frame.resume_token_ids == [1, 2] and frame.params is plan.params
     assert frame.messages[0].content == "x" * 40
+
+
+def test_max_tokens_is_refused_or_clamped_against_the_models_context():
+    p = planner()
+    with pytest.raises(InvalidRequest) as exc:
+        p.plan(Principal("a", "standard"), None, chat(max_tokens=1_000_000), context_of=lambda pool: 4096)
+    assert exc.value.param == "max_tokens" and exc.value.code == "context_length_exceeded"
+    with pytest.raises(InvalidRequest) as exc:
+        p.plan(Principal("a", "standard"), None, chat(max_completion_tokens=4096), context_of=lambda pool: 4096)
+    assert exc.value.param == "max_completion_tokens"
+    fits = p.plan(Principal("a", "standard"), None, chat(max_tokens=4090), context_of=lambda pool: 4096)
+    assert fits.params.max_tokens == 4090 and fits.cost == 4096  # the cost never exceeds the context
+    small = p.plan(Principal("a", "standard"), None, chat(), context_of=lambda pool: 40)
+    assert small.params.max_tokens == 40 - (40 // CHARS_PER_TOKEN + 1)  # the default, clamped
+    assert p.plan(Principal("a", "standard"), None, chat()).params.max_tokens == 64  # no worker ready yet

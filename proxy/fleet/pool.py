@@ -137,6 +137,11 @@ class PoolState:
     def any_ready(self) -> bool:
         return any(w.state is WorkerState.READY for w in self.workers.values())
 
+    def context_length(self, pool: str) -> int | None:
+        """The longest sequence (prompt + output) every ready worker of the pool can hold."""
+        lengths = [w.info.context_length for w in self.ready(pool) if w.info is not None]
+        return min(lengths) if lengths else None
+
     def capacity(self, pool: str) -> tuple[int, int]:
         """(requests, estimated tokens) the pool's ready workers can hold at once."""
         ready = self.ready(pool)

@@ -5,6 +5,7 @@ the proxy's own overhead."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 
@@ -12,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from backend.protocol import Finished
-from proxy.errors import ApiError
+from proxy.errors import ApiError, SlowClient
 from proxy.metrics import Metrics
 from proxy.serving.auth import Authenticator
 from proxy.serving.core import Answer, ServingCore
@@ -69,7 +70,7 @@ class OpenAIHandlers:
         rec.model = req.model
         plan = self.planner.plan(principal, request.headers.get("X-Priority"), req,
                                  cache_directives(request.headers.get("Cache-Control", "")),
-                                 choose_pool=self.core.choose_pool)
+                                 choose_pool=self.core.choose_pool, context_of=self.core.context_length)
         rec.tier = plan.tier
         fmt = ResponseFormatter(plan.chat, plan.model)
         async with self.core.answer(plan, rec) as answer:
@@ -94,6 +95,20 @@ class OpenAIHandlers:
                       fmt: ResponseFormatter) -> web.StreamResponse:
         response: web.StreamResponse | None = None
         include_usage = plan.include_usage
+        write_timeout = plan.write_timeout_s
+
+        async def write(data: bytes | None) -> None:
+            """One write (None: the end of the stream). Bounded: aiohttp buffers up to its
+            high-water mark, then waits for the socket to drain; a client that stops reading is
+            cut here, and leaving the answer block frees its slot."""
+            try:
+                async with asyncio.timeout(write_timeout):
+                    await (response.write_eof() if data is None else response.write(data))
+            except TimeoutError:
+                if request.transport is not None:
+                    request.transport.abort()
+                raise SlowClient(f"the client took no bytes for {write_timeout:.0f}s") from None
+
         inter_token = self.metrics.child(self.metrics.inter_token, plan.tier)
         last = None
         async with contextlib.aclosing(answer.frames()) as frames:
@@ -107,9 +122,9 @@ class OpenAIHandlers:
                             **self._headers(rec, answer), "Content-Type": "text/event-stream",
                             "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                         await response.prepare(request)
-                        await response.write(_sse(fmt.first_chunk(include_usage)))
+                        await write(_sse(fmt.first_chunk(include_usage)))
                     if item is None:
-                        await response.write(b": keep-alive\n\n")
+                        await write(b": keep-alive\n\n")
                         continue
                     now = time.monotonic()
                     if last is not None:
@@ -120,16 +135,16 @@ class OpenAIHandlers:
                         if include_usage:
                             out.append(_sse(fmt.usage_chunk(item)))
                         out.append(b"data: [DONE]\n\n")
-                        await response.write(b"".join(out))
+                        await write(b"".join(out))
                     elif item.text:
-                        await response.write(_sse(fmt.delta_chunk(item.text, include_usage)))
+                        await write(_sse(fmt.delta_chunk(item.text, include_usage)))
             except ApiError as exc:
                 if response is None:
                     raise
                 # After the first byte the status is sent: report the error in-band, never hang.
                 rec.fail(exc)
-                await response.write(b"data: " + exc.body() + b"\n\n")
-        await response.write_eof()
+                await write(b"data: " + exc.body() + b"\n\n")
+        await write(None)
         return response
 
 

@@ -126,7 +126,8 @@ class JobRunner:
     async def _answer(self, job: dict, principal, rec: RequestRecord) -> dict:
         req = parse(msgspec.json.encode(job["request"]), ENDPOINTS[job["endpoint"]])
         rec.model = req.model
-        plan = self.planner.plan(principal, self.tier, req, choose_pool=self.core.choose_pool)
+        plan = self.planner.plan(principal, self.tier, req, choose_pool=self.core.choose_pool,
+                                 context_of=self.core.context_length)
         rec.tier = plan.tier
         async with self.core.answer(plan, rec) as answer:
             text, finished = await answer.collect()

@@ -138,6 +138,10 @@ class ServingCore:
             return tier_cfg.fallback.pool
         return pool
 
+    def context_length(self, pool: str) -> int | None:
+        """A Planner callback: the context length the pool's ready workers report."""
+        return self.pools.context_length(pool)
+
     # --- one request ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def answer(self, plan: RequestPlan, rec: RequestRecord):
@@ -190,12 +194,13 @@ class ServingCore:
             flight = self.coalescer.get(key) if self.coalesce else None
             if flight is not None:
                 self.coalescer.join(flight)
+                self._raise_tier(flight, plan.tier)
                 return (Answer("coalesced", flight.follow(self.keepalive_s),
                                lambda: (_worker(flight.worker), flight.dispatched_at), lambda: flight.queued_s, rec),
                         lambda: self.coalescer.leave(flight))
 
         async def run(flight: Flight) -> None:
-            ticket = await self.gate.acquire(plan.pool, plan.tier, plan.key, plan.cost)
+            ticket = await self._admit_flight(flight, plan)
             flight.queued_s = ticket.queued_s
             text: list[str] = []
             try:
@@ -214,11 +219,41 @@ class ServingCore:
             finally:
                 self.gate.release(ticket)
 
-        flight = self.coalescer.start(key, run)
+        flight = self.coalescer.start(key, run, tier=plan.tier)
         self.coalescer.join(flight)
         return (Answer("miss", flight.follow(self.keepalive_s), lambda: (_worker(flight.worker), flight.dispatched_at),
                        lambda: flight.queued_s, rec),
                 lambda: self.coalescer.leave(flight))
+
+    def _raise_tier(self, flight: Flight, tier: str) -> None:
+        """A shared generation waits at the highest tier among those waiting for it."""
+        ranks = list(self.tiers)
+        if flight.tier in ranks and tier in ranks and ranks.index(tier) < ranks.index(flight.tier):
+            flight.tier = tier
+            flight.tier_raised.set()
+
+    async def _admit_flight(self, flight: Flight, plan: RequestPlan):
+        """Admission for a shared flight, queued again at once if a higher tier joins meanwhile
+        (the leader's queue place is given up; the higher tier's own queue decides)."""
+        started = time.monotonic()
+        while True:
+            flight.tier_raised.clear()
+            acquire = asyncio.ensure_future(self.gate.acquire(plan.pool, flight.tier, plan.key, plan.cost))
+            raised = asyncio.ensure_future(flight.tier_raised.wait())
+            try:
+                await asyncio.wait({acquire, raised}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                raised.cancel()
+                if not acquire.done():
+                    acquire.cancel()  # the gate hands back a slot granted in the same instant
+            try:
+                ticket = await acquire
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():
+                    raise
+                continue  # a higher tier joined: queue again at its tier
+            ticket.queued_s = time.monotonic() - started
+            return ticket
 
     def _store(self, key: str, answer: CachedAnswer) -> None:
         task = asyncio.create_task(self.cache.put(key, answer))

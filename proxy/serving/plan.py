@@ -36,6 +36,7 @@ class RequestPlan:
     include_usage: bool
     first_token_s: float
     idle_s: float
+    write_timeout_s: float  # a stream's client must take each write within this
     cache_key: str | None  # None: neither cached nor coalesced
     cache_read: bool
     cache_write: bool
@@ -88,15 +89,13 @@ class Planner:
 
     def plan(self, principal: Principal, requested_tier: str | None,
              req: ChatCompletionRequest | CompletionRequest, cache_directives: frozenset[str] = frozenset(),
-             choose_pool: Callable[[str, str], str] = lambda tier, pool: pool) -> RequestPlan:
-        """`choose_pool(tier, pool)` may swap the pool (degradation reads live load; planning does not)."""
+             choose_pool: Callable[[str, str], str] = lambda tier, pool: pool,
+             context_of: Callable[[str], int | None] = lambda pool: None) -> RequestPlan:
+        """`choose_pool(tier, pool)` may swap the pool (degradation reads live load; planning does not);
+        `context_of(pool)` is the context length its ready workers report (None: none is ready)."""
         tier = self.effective_tier(principal.tier, requested_tier)
         pool = choose_pool(tier, self.pool_for(req.model, tier))
         pool_cfg = self.pools[pool]
-        params = SamplingParams(
-            max_tokens=req.output_limit() or self.max_tokens_default,
-            temperature=pool_cfg.default_temperature if req.temperature is None else req.temperature,
-            top_p=pool_cfg.default_top_p if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop_list())
         chat = isinstance(req, ChatCompletionRequest)
         messages = prompt = None
         if chat:
@@ -105,6 +104,13 @@ class Planner:
         else:
             prompt = req.prompt_text()
             prompt_chars = len(prompt)
+        prompt_estimate = prompt_chars // CHARS_PER_TOKEN + 1
+        context = context_of(pool)
+        max_tokens = self._output_limit(req, context, prompt_estimate)
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=pool_cfg.default_temperature if req.temperature is None else req.temperature,
+            top_p=pool_cfg.default_top_p if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop_list())
         key = None
         c = self.cache
         if c.enabled and shareable(params, c.include_sampled):
@@ -113,13 +119,32 @@ class Planner:
         tier_cfg = self.tiers[tier]
         return RequestPlan(
             key=principal.key_name, tier=tier, pool=pool, model=req.model, chat=chat, params=params,
-            messages=messages, prompt=prompt, cost=prompt_chars // CHARS_PER_TOKEN + 1 + params.max_tokens,
+            messages=messages, prompt=prompt,
+            # No request costs more than one sequence can hold: admission rests on the model's
+            # context, not on what the client declared.
+            cost=min(prompt_estimate + max_tokens, context or prompt_estimate + max_tokens),
             stream=bool(req.stream),
             include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
             first_token_s=tier_cfg.first_token_s or self.timeouts.first_token_s,
-            idle_s=tier_cfg.idle_s or self.timeouts.idle_s,
+            idle_s=tier_cfg.idle_s or self.timeouts.idle_s, write_timeout_s=self.timeouts.stream_write_s,
             cache_key=key, cache_read="no-cache" not in cache_directives,
             cache_write="no-store" not in cache_directives)
+
+
+    def _output_limit(self, req, context: int | None, prompt_estimate: int) -> int:
+        """The request's max_tokens, refused when it alone exceeds the model's context (the prompt
+        is only estimated here; the worker checks prompt + max_tokens exactly); the default is
+        clamped to what the context leaves after the estimated prompt."""
+        requested = req.output_limit()
+        if requested is None:
+            default = self.max_tokens_default
+            return default if context is None else max(1, min(default, context - prompt_estimate))
+        if context is not None and requested >= context:
+            param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+            raise InvalidRequest(f"{param} is {requested}, but this model's maximum context length is {context} "
+                                 "tokens (prompt and completion together).", param=param,
+                                 code="context_length_exceeded")
+        return requested
 
 
 def cache_directives(header: str) -> frozenset[str]:

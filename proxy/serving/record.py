@@ -9,7 +9,7 @@ import time
 
 import msgspec
 
-from proxy.errors import ApiError, NoWorkerReady, Overloaded, UpstreamTimeout
+from proxy.errors import ApiError, NoWorkerReady, Overloaded, SlowClient, UpstreamTimeout
 from proxy.metrics import Metrics
 
 access_log = logging.getLogger("fullpower.access")
@@ -47,7 +47,8 @@ class RequestRecord:
             else:
                 self.outcome = "error"
         else:
-            self.status, self.outcome, self.error = 499, "cancelled", "client_closed_request"
+            reason = "client_too_slow" if isinstance(exc, SlowClient) else "client_closed_request"
+            self.status, self.outcome, self.error = 499, "cancelled", reason
 
     def finish(self, metrics: Metrics) -> None:
         total = time.monotonic() - self.started
