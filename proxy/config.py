@@ -107,6 +107,7 @@ class ApiKey(_Base, kw_only=True):
     callback_secret: str = ""  # signs this key's job callbacks (HMAC-SHA256); needed to use callback_url
     requests_per_second: Union[PosFloat, None] = None  # token bucket; burst = max(1, rate)
     tokens_per_minute: Union[PosInt, None] = None  # prompt + max_tokens, refunded down to the tokens used
+    pools: list[Name] = []  # pools beyond its tier's pool whose models this key may call
 
 
 class Auth(_Base, kw_only=True):
@@ -164,7 +165,9 @@ class Cache(_Base, kw_only=True):
     memory_bytes: NonNegInt = 64 << 20
     disk_bytes: NonNegInt = 1 << 30  # 0 = memory only
     disk_dir: str = ""  # "" = <data_dir>/cache
-    scope: Literal["shared", "key"] = "shared"  # shared by all API keys, or one cache per key
+    # One cache per API key (default), or shared by all keys (opt-in: answers are reused across
+    # keys, but the X-Fullpower-Cache header reports a hit only to the key that stored it).
+    scope: Literal["shared", "key"] = "key"
     include_sampled: bool = False  # also share sampled requests (temperature > 0, no seed)
 
 
@@ -173,7 +176,9 @@ class Jobs(_Base, kw_only=True):
 
     enabled: bool = True
     db_path: str = ""  # "" = <data_dir>/jobs.sqlite3
-    max_db_bytes: NonNegInt = 0  # refuse new jobs (503) beyond this database size; 0 = no bound
+    max_db_bytes: NonNegInt = 1 << 30  # refuse new jobs (503) beyond this database size; 0 = no bound
+    max_queued_per_key: PosInt = 10000  # one key's jobs waiting at once; more get 429
+    max_metadata_bytes: PosInt = 16384  # a job's metadata, as JSON
     tier: str = ""  # the tier jobs run at; "" = the last (lowest) tier
     concurrency: PosInt = 16  # jobs running at once (they still pass admission at their tier)
     max_attempts: PosInt = 3
@@ -182,6 +187,10 @@ class Jobs(_Base, kw_only=True):
     callback_timeout_s: PosFloat = 10.0
     callback_retry_s: PosFloat = 3600.0  # keep retrying a failing callback for this long
     callback_allow: list[str] = []  # hosts and CIDRs callbacks may go to; loopback only when listed
+    # Anonymous callers (auth.allow_anonymous) are one tenant; jobs are refused to them unless
+    # this is set, and even then they can only fetch or cancel a job by its id (no listing, no
+    # Idempotency-Key).
+    allow_anonymous: bool = False
 
 
 class Routing(_Base, kw_only=True):

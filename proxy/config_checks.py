@@ -116,6 +116,11 @@ def cross_field_problems(cfg: Config) -> list[str]:
     for i, key in enumerate(cfg.auth.keys):
         if key.tier not in tier_names:
             problems.append(f"auth.keys[{i}].tier: no tier named {key.tier!r}")
+        if key.name == "anonymous":
+            problems.append(f"auth.keys[{i}].name: 'anonymous' is reserved for callers without a key")
+        for j, pool in enumerate(key.pools):
+            if pool not in pool_names:
+                problems.append(f"auth.keys[{i}].pools[{j}]: no pool named {pool!r}")
     secrets = [k.key for k in cfg.auth.keys]
     if len(set(secrets)) != len(secrets):
         problems.append("auth.keys: the same key appears twice")

@@ -106,6 +106,7 @@ def test_a_shared_generation_waits_at_the_highest_tier_of_its_waiters(start_serv
     at batch priority behind a batch leader)."""
     config = fake_config(devices=["cpu"], replicas={"hot": 1}, max_inflight_per_worker=1, max_batch_size=1,
                          fake={"token_latency_ms": 100, "output_tokens": 10})
+    config["cache"] = {"scope": "shared"}  # two keys share flights only in a shared scope
     server = start_server(config)
     shared = body("the same question", temperature=0)
 
@@ -124,3 +125,109 @@ def test_a_shared_generation_waits_at_the_highest_tier_of_its_waiters(start_serv
     moved, results = asyncio.run(run())
     assert moved and [status for status, _ in results] == [200, 200, 200]
     assert json.loads(results[1][1])["choices"] == json.loads(results[2][1])["choices"]
+
+
+def _chat(server, tier, payload, headers=None):
+    return http_json(server.url + "/v1/chat/completions", payload,
+                     {**({"Authorization": KEYS[tier]} if tier else {}), **(headers or {})})
+
+
+def test_unknown_model_names_never_become_metric_labels(start_server):
+    """Finding 4: a 200 KB model name became a permanent label: /metrics grew from 8.6 KB to 411 KB."""
+    server = start_server(fake_config())
+    before = len(http_json(server.admin + "/metrics")[2])
+    for i in range(5):
+        status, _, _ = _chat(server, "standard", {**body("x"), "model": f"m{i}" + "z" * 200_000})
+        assert status == 404
+    metrics = http_json(server.admin + "/metrics")[2]
+    assert len(metrics) < before + 4000, (before, len(metrics))
+    assert metric_value(metrics, "fullpower_requests_total", model="unknown", status="404") == 5
+
+
+def test_anonymous_callers_get_no_shared_job_namespace(start_server):
+    """Finding 6: anonymous callers listed each other's jobs and reused each other's
+    Idempotency-Keys; a key could be named 'anonymous'."""
+    config = fake_config(fake={"token_latency_ms": 0})
+    config["auth"]["allow_anonymous"], config["auth"]["anonymous_tier"] = True, "batch"
+    server = start_server(config)
+    job = {"request": body("mine", max_tokens=2)}
+    status, _, answer = http_json(server.url + "/v1/jobs", job)
+    assert status == 403 and answer["error"]["code"] == "permission_denied"  # jobs.allow_anonymous is off
+
+    config = fake_config(fake={"token_latency_ms": 0})
+    config["auth"]["allow_anonymous"], config["auth"]["anonymous_tier"] = True, "batch"
+    config["jobs"] = {"allow_anonymous": True}
+    server = start_server(config)
+    status, _, created = http_json(server.url + "/v1/jobs", job)
+    assert status == 202
+    assert http_json(server.url + "/v1/jobs")[0] == 403  # no listing for the anonymous tenant
+    assert http_json(server.url + "/v1/jobs", job, {"Idempotency-Key": "k1"})[0] == 400
+    wait_until(lambda: http_json(f"{server.url}/v1/jobs/{created['id']}")[2]["status"] == "succeeded")
+
+    from proxy.config import ConfigError, parse_config
+    import yaml
+    config["auth"]["keys"].append({"name": "anonymous", "key": "sk-anon-1234", "tier": "batch"})
+    try:
+        parse_config(yaml.safe_dump(config))
+        raise AssertionError("a key named anonymous was accepted")
+    except ConfigError as exc:
+        assert any("reserved" in p for p in exc.problems)
+
+
+def test_cache_is_per_key_by_default_and_a_shared_cache_reports_no_cross_key_hit(start_server):
+    """Finding 9: with the shared default scope, X-Fullpower-Cache: hit told a caller that another
+    key sent that exact prompt within the TTL."""
+    server = start_server(fake_config(fake={"token_latency_ms": 0}))
+    prompt = body("a secret question", temperature=0)
+    assert _chat(server, "premium", prompt)[1]["X-Fullpower-Cache"] == "miss"
+    assert _chat(server, "standard", prompt)[1]["X-Fullpower-Cache"] == "miss"  # its own cache
+    assert _chat(server, "standard", prompt)[1]["X-Fullpower-Cache"] == "hit"
+
+    config = fake_config(fake={"token_latency_ms": 0})
+    config["cache"] = {"scope": "shared"}
+    server = start_server(config)
+    assert _chat(server, "premium", prompt)[1]["X-Fullpower-Cache"] == "miss"
+    status, headers, _ = _chat(server, "standard", prompt)
+    assert status == 200 and headers["X-Fullpower-Cache"] == "miss"  # answered from the cache, not told
+    metrics = http_json(server.admin + "/metrics")[2]
+    assert metric_value(metrics, "fullpower_cache_requests_total", result="hit") == 1
+    assert _chat(server, "premium", prompt)[1]["X-Fullpower-Cache"] == "hit"  # its own entry
+
+
+def test_a_key_reaches_only_its_tiers_pool_unless_allowed_more(start_server):
+    """Low finding: a tier's pool was only a default; any key reached any pool by naming its model."""
+    config = fake_config(fake={"token_latency_ms": 0})
+    config["pools"].append({"name": "other", "model": "other-model", "engine": "fake", "devices": ["cpu"],
+                            "fake": {"token_latency_ms": 0}})
+    next(k for k in config["auth"]["keys"] if k["tier"] == "premium")["pools"] = ["other"]
+    server = start_server(config)
+    other = {**body("hi"), "model": "other-model"}
+    status, _, answer = _chat(server, "standard", other)
+    assert status == 404 and answer["error"]["code"] == "model_not_found"
+    assert _chat(server, "premium", other)[0] == 200
+    models = lambda tier: [m["id"] for m in http_json(server.url + "/v1/models", None,  # noqa: E731
+                                                      {"Authorization": KEYS[tier]}, method="GET")[2]["data"]]
+    assert models("standard") == ["fake-model"] and models("premium") == ["fake-model", "other-model"]
+
+
+def test_job_submissions_are_bounded(start_server):
+    """Finding 7: no rate limit or size bound on job submission; a list call could serialise a
+    huge page on the event loop. Low finding: deeply nested JSON gave 500 with a traceback."""
+    config = fake_config(fake={"token_latency_ms": 0})
+    key = next(k for k in config["auth"]["keys"] if k["tier"] == "standard")
+    key["requests_per_second"] = 2
+    config["jobs"] = {"max_queued_per_key": 3, "concurrency": 1}
+    server = start_server(config)
+    auth = {"Authorization": KEYS["standard"]}
+    statuses = [http_json(server.url + "/v1/jobs", {"request": body(f"j{i}")}, auth)[0] for i in range(6)]
+    assert 429 in statuses and statuses[:2] == [202, 202]
+    big = {"request": body("m"), "metadata": {"blob": "x" * 20000}}
+    time.sleep(1.0)  # let the key's request bucket refill (2 per second)
+    status, _, answer = http_json(server.url + "/v1/jobs", big, auth)
+    assert status == 400 and answer["error"]["param"] == "metadata"
+    deep = b'{"request": ' + b'{"a": ' * 5000 + b'1' + b'}' * 5000 + b'}'
+    status, _, answer = http_json(server.url + "/v1/jobs", deep, auth)
+    assert status == 400, answer
+    status, _, page = http_json(server.url + "/v1/jobs?limit=1000", None, auth, method="GET")
+    assert status == 200 and len(page["data"]) <= 100
+    assert "Traceback" not in server.log()

@@ -46,18 +46,23 @@ def test_default_max_tokens_and_text_completions():
 def test_x_priority_lowers_but_never_raises_the_tier():
     p = planner()
     assert p.plan(Principal("a", "premium"), "batch", chat()).tier == "batch"
-    assert p.plan(Principal("a", "batch"), "premium", chat()).tier == "batch"
+    assert p.plan(Principal("a", "batch"), "premium", chat(model="small-model")).tier == "batch"
     with pytest.raises(InvalidRequest) as exc:
         p.plan(Principal("a", "premium"), "gold", chat())
     assert exc.value.param == "X-Priority"
 
 
-def test_a_model_outside_the_tiers_pool_goes_to_the_pool_serving_it():
+def test_a_model_outside_the_tiers_pool_needs_the_key_to_be_allowed_that_pool():
     p = planner()
-    assert p.plan(Principal("a", "premium"), None, chat(model="small-model")).pool == "small"
+    allowed = Principal("a", "premium", pools=("small",))
+    assert p.plan(allowed, None, chat(model="small-model")).pool == "small"
+    assert p.models_for(allowed) == ["big-model", "small-model"]
     with pytest.raises(NotFound) as exc:
-        p.plan(Principal("a", "premium"), None, chat(model="nope"))
+        p.plan(Principal("b", "premium"), None, chat(model="small-model"))  # its tier's pool is "big"
     assert exc.value.code == "model_not_found"
+    assert p.models_for(Principal("b", "premium")) == ["big-model"]
+    with pytest.raises(NotFound):
+        p.plan(allowed, None, chat(model="nope"))
 
 
 def test_choose_pool_callback_swaps_the_pool_and_the_cache_key_follows():
@@ -78,12 +83,12 @@ def test_cache_policy():
     off = p.plan(Principal("a", "standard"), None, chat(temperature=0), cache_directives("No-Cache, no-store"))
     assert not off.cache_read and not off.cache_write
     assert planner(enabled=False).plan(Principal("a", "standard"), None, chat(temperature=0)).cache_key is None
-    # shared scope: two keys share an entry; per-key scope: they do not
+    # per-key scope (the default): two keys never share an entry; shared scope (opt-in): they do
     other = p.plan(Principal("b", "standard"), None, chat(temperature=0))
-    assert other.cache_key == greedy.cache_key
-    per_key = planner(scope="key")
-    assert (per_key.plan(Principal("a", "standard"), None, chat(temperature=0)).cache_key
-            != per_key.plan(Principal("b", "standard"), None, chat(temperature=0)).cache_key)
+    assert other.cache_key != greedy.cache_key
+    shared = planner(scope="shared")
+    assert (shared.plan(Principal("a", "standard"), None, chat(temperature=0)).cache_key
+            == shared.plan(Principal("b", "standard"), None, chat(temperature=0)).cache_key)
 
 
 def test_generate_frame_carries_the_plan_and_resume_ids():

@@ -3,11 +3,14 @@ operator. HTTP in, JobService operations, JSON out."""
 
 from __future__ import annotations
 
+import asyncio
+
+import msgspec
 from aiohttp import web
 
 from proxy.errors import InvalidRequest
 from proxy.http.server import JsonBodyReader
-from proxy.jobs.service import JobService, public
+from proxy.jobs.service import PAGE_SIZE_MAX, JobService, public
 from proxy.serving.auth import Authenticator
 
 
@@ -25,8 +28,10 @@ class JobHandlers:
         return [web.get("/admin/jobs", self.admin_list), web.get("/admin/jobs/{id}", self.admin_get),
                 web.post("/admin/jobs/{id}/{action:cancel|retry}", self.admin_action)]
 
-    def _key_name(self, request: web.Request) -> str:
-        return self.auth.authenticate(request.headers.get("Authorization")).key_name
+    def _key_name(self, request: web.Request, listing: bool = False) -> str:
+        principal = self.auth.authenticate(request.headers.get("Authorization"))
+        self.jobs.check_tenant(principal, listing)
+        return principal.key_name
 
     async def submit(self, request: web.Request) -> web.Response:
         principal = self.auth.authenticate(request.headers.get("Authorization"))
@@ -40,7 +45,7 @@ class JobHandlers:
         return web.json_response(public(await self.jobs.get(request.match_info["id"], self._key_name(request))))
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        return await self._list(request, self._key_name(request))
+        return await self._list(request, self._key_name(request, listing=True))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         return web.json_response(public(await self.jobs.cancel(request.match_info["id"], self._key_name(request))))
@@ -50,10 +55,13 @@ class JobHandlers:
             limit = int(request.query.get("limit", "20"))
         except ValueError:
             raise InvalidRequest("limit must be an integer.", param="limit") from None
-        limit = max(1, min(limit, 1000))
+        limit = max(1, min(limit, PAGE_SIZE_MAX))
         jobs = await self.jobs.list(key_name, request.query.get("status") or None, limit, request.query.get("after"))
-        return web.json_response({"object": "list", "data": [public(j) for j in jobs],
-                                  "has_more": len(jobs) == limit, "last_id": jobs[-1]["id"] if jobs else None})
+        page = {"object": "list", "data": [public(j) for j in jobs], "has_more": len(jobs) == limit,
+                "last_id": jobs[-1]["id"] if jobs else None}
+        # A page holds up to 100 results of up to a body's size each: encode it off the loop.
+        body = await asyncio.to_thread(msgspec.json.encode, page)
+        return web.Response(body=body, content_type="application/json")
 
     async def admin_list(self, request: web.Request) -> web.Response:
         return await self._list(request, None)

@@ -51,9 +51,9 @@ class OpenAIHandlers:
                 web.get("/v1/models", self.list_models)]
 
     async def list_models(self, request: web.Request) -> web.Response:
-        self.auth.authenticate(request.headers.get("Authorization"))
+        principal = self.auth.authenticate(request.headers.get("Authorization"))
         data = [{"id": m, "object": "model", "created": self.created, "owned_by": "fullpower"}
-                for m in self.planner.models]
+                for m in self.planner.models_for(principal)]
         return web.Response(body=_json.encode({"object": "list", "data": data}), content_type="application/json")
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -71,7 +71,7 @@ class OpenAIHandlers:
         plan = self.planner.plan(principal, request.headers.get("X-Priority"), req,
                                  cache_directives(request.headers.get("Cache-Control", "")),
                                  choose_pool=self.core.choose_pool, context_of=self.core.context_length)
-        rec.tier = plan.tier
+        rec.tier, rec.planned_model = plan.tier, self.planner.pools[plan.pool].model
         fmt = ResponseFormatter(plan.chat, plan.model)
         async with self.core.answer(plan, rec) as answer:
             if plan.stream:
@@ -81,7 +81,7 @@ class OpenAIHandlers:
     @staticmethod
     def _headers(rec: RequestRecord, answer: Answer) -> dict[str, str]:
         return {"X-Request-Id": rec.id, "X-Fullpower-Backend": rec.worker or "",
-                "X-Fullpower-Model": rec.served_model or "", "X-Fullpower-Cache": answer.cache,
+                "X-Fullpower-Model": rec.served_model or "", "X-Fullpower-Cache": answer.cache_header,
                 "X-Fullpower-Overhead-Ms": f"{rec.overhead_s * 1000:.3f}"}
 
     async def _complete(self, rec: RequestRecord, answer: Answer, fmt: ResponseFormatter) -> web.Response:

@@ -123,8 +123,8 @@ class RequestContext:
         except ApiError as exc:
             rec.fail(exc)
             response = error_response(exc, rec.id)
-            if rec.cache:
-                response.headers["X-Fullpower-Cache"] = rec.cache
+            if rec.cache_header:
+                response.headers["X-Fullpower-Cache"] = rec.cache_header
             return response
         except web.HTTPException as exc:
             api_error = _as_api_error(exc, request)

@@ -128,7 +128,7 @@ class JobRunner:
         rec.model = req.model
         plan = self.planner.plan(principal, self.tier, req, choose_pool=self.core.choose_pool,
                                  context_of=self.core.context_length)
-        rec.tier = plan.tier
+        rec.tier, rec.planned_model = plan.tier, self.planner.pools[plan.pool].model
         async with self.core.answer(plan, rec) as answer:
             text, finished = await answer.collect()
         return ResponseFormatter(plan.chat, plan.model).complete(text, finished)

@@ -14,18 +14,33 @@ import msgspec
 
 from proxy.config import ApiKey
 from proxy.config import Jobs as JobsSettings
-from proxy.errors import ApiError, InvalidRequest, NotFound
+from proxy.errors import ApiError, Forbidden, InvalidRequest, NotFound, Overloaded
 from proxy.jobs.callbacks import CallbackSender
 from proxy.jobs.runner import ENDPOINTS, JobRunner
 from proxy.jobs.store import FINAL, JobStore, StoreUnavailable
 from proxy.metrics import Metrics
-from proxy.serving.auth import Authenticator, Principal
+from proxy.serving.auth import ANONYMOUS, Authenticator, Principal
 from proxy.serving.core import ServingCore
 from proxy.serving.openai_types import parse
 from proxy.serving.plan import Planner
 
 log = logging.getLogger("fullpower.jobs")
 STATUSES = ("queued", "running") + FINAL
+MAX_NESTING = 64  # JSON depth of a job's request and metadata (deeper is refused, never a crash)
+PAGE_SIZE_MAX = 100
+
+
+def _depth(value, limit: int = MAX_NESTING) -> int:
+    """Nesting depth of decoded JSON, counted without recursion (stops once past `limit`)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 class JobSubmission(msgspec.Struct, forbid_unknown_fields=True):
@@ -53,6 +68,7 @@ class JobService:
     def __init__(self, settings: JobsSettings, db_path: Path, jobs_tier: str, keys: list[ApiKey],
                  auth: Authenticator, planner: Planner, core: ServingCore, metrics: Metrics) -> None:
         self.db_path = db_path
+        self.rate_limit = core.rate_limit  # a submission is a request: the key's requests_per_second
         self.metrics = metrics
         self.store = JobStore(db_path, settings.max_db_bytes)
         self.runner = JobRunner(self.store, auth, planner, core, metrics)
@@ -100,14 +116,36 @@ class JobService:
         return True
 
     # --- operations -----------------------------------------------------------------------------
+    def check_tenant(self, principal: Principal, listing: bool = False) -> None:
+        """Anonymous callers are one tenant: no jobs unless jobs.allow_anonymous, and even then
+        nothing that would show one anonymous caller another's jobs (listing, idempotency keys)."""
+        if principal.key_name != ANONYMOUS:
+            return
+        if not self.settings.allow_anonymous:
+            raise Forbidden("Jobs need an API key (anonymous access to jobs is off: jobs.allow_anonymous).")
+        if listing:
+            raise Forbidden("Anonymous callers cannot list jobs; fetch a job by its id.")
+
     async def submit(self, principal: Principal, body: bytes, idempotency_key: str | None) -> tuple[dict, bool]:
         """(the job, created) - created is False when the idempotency key named an existing job."""
+        self.check_tenant(principal)
+        if idempotency_key is not None and principal.key_name == ANONYMOUS:
+            raise InvalidRequest("Anonymous callers cannot use Idempotency-Key (it would be shared by all of "
+                                 "them); use an API key.", param="Idempotency-Key")
         try:
             sub = msgspec.json.decode(body, type=JobSubmission)
         except msgspec.ValidationError as exc:
             raise InvalidRequest(f"Invalid job: {exc}") from None
         except msgspec.DecodeError as exc:
             raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise InvalidRequest("The job is nested too deeply.") from None
+        for field, value in (("request", sub.request), ("metadata", sub.metadata)):
+            if _depth(value) > MAX_NESTING:
+                raise InvalidRequest(f"{field} is nested deeper than {MAX_NESTING} levels.", param=field)
+        if sub.metadata is not None and len(msgspec.json.encode(sub.metadata)) > self.settings.max_metadata_bytes:
+            raise InvalidRequest(f"metadata is larger than {self.settings.max_metadata_bytes} bytes as JSON.",
+                                 param="metadata")
         kind = ENDPOINTS.get(sub.endpoint)
         if kind is None:
             raise InvalidRequest(f"endpoint must be one of {', '.join(ENDPOINTS)}.", param="endpoint")
@@ -122,6 +160,11 @@ class JobService:
         if idempotency_key is not None and len(idempotency_key) > 255:
             raise InvalidRequest("Idempotency-Key is longer than 255 characters.", param="Idempotency-Key")
         s = self.settings
+        self.rate_limit(principal.key_name, principal.tier)
+        queued = await self._read(self.store.queued_for, principal.key_name)
+        if queued >= s.max_queued_per_key:
+            raise Overloaded(f"This API key already has {queued} jobs waiting (jobs.max_queued_per_key); "
+                             "retry when some have run.", code="too_many_jobs", retry_after=30)
         try:
             job, created = await self.store.create(principal.key_name, idempotency_key, sub.endpoint, request_body,
                                                    sub.callback_url, sub.metadata, s.expire_after_s,

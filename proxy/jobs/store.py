@@ -141,6 +141,10 @@ class _Db:
         args.append(limit)
         return [_row(r) for r in self.conn.execute(sql, args).fetchall()]
 
+    def queued_for(self, key_name):
+        return self.conn.execute("SELECT COUNT(*) FROM jobs WHERE key_name=? AND status='queued'",
+                                 (key_name,)).fetchone()[0]
+
     def counts(self):
         return dict(self.conn.execute("SELECT status, COUNT(*) FROM jobs GROUP BY status").fetchall())
 
@@ -303,6 +307,9 @@ class JobStore:
 
     async def list(self, *args):
         return await self._db_call(_Db.list, *args)
+
+    async def queued_for(self, *args):
+        return await self._db_call(_Db.queued_for, *args)
 
     async def counts(self, *args):
         return await self._db_call(_Db.counts, *args)

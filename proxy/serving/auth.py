@@ -13,6 +13,7 @@ from proxy.errors import Unauthorized
 class Principal(NamedTuple):
     key_name: str
     tier: str
+    pools: tuple[str, ...] = ()  # pools beyond the tier's own whose models this caller may call
 
 
 ANONYMOUS = "anonymous"
@@ -27,8 +28,8 @@ class Authenticator:
 
     def reconfigure(self, auth: Auth) -> None:
         # Compare digests, so every comparison has the same length and takes the same time.
-        self._keys = [(hashlib.sha256(k.key.encode()).digest(), Principal(k.name, k.tier)) for k in auth.keys]
-        self._by_name = {k.name: Principal(k.name, k.tier) for k in auth.keys}
+        self._by_name = {k.name: Principal(k.name, k.tier, tuple(k.pools)) for k in auth.keys}
+        self._keys = [(hashlib.sha256(k.key.encode()).digest(), self._by_name[k.name]) for k in auth.keys]
         self._anonymous = Principal(ANONYMOUS, auth.anonymous_tier) if auth.allow_anonymous else None
 
     def authenticate(self, authorization: str | None) -> Principal:

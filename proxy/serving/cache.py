@@ -29,6 +29,7 @@ class CachedAnswer(msgspec.Struct, array_like=True):
     completion_tokens: int
     model: str
     worker: str
+    owner: str = ""  # the API key name that stored it (a shared cache reports hits only to it)
 
 
 _encode = msgspec.msgpack.Encoder().encode

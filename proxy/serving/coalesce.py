@@ -16,8 +16,9 @@ from backend.protocol import Finished, Tokens
 
 
 class Flight:
-    def __init__(self, key: str, tier: str = "") -> None:
+    def __init__(self, key: str, tier: str = "", owner: str = "") -> None:
         self.key = key
+        self.owner = owner  # the API key name of the request that started it
         self.tier = tier  # the highest tier among its waiters: admission queues it there
         self.tier_raised = asyncio.Event()
         self.frames: list = []  # Tokens..., Finished
@@ -70,8 +71,8 @@ class Coalescer:
         flight = self.flights.get(key)
         return flight if flight is not None and not flight.done else None
 
-    def start(self, key: str, run: Callable[[Flight], "asyncio.Future"], tier: str = "") -> Flight:
-        flight = Flight(key, tier)
+    def start(self, key: str, run: Callable[[Flight], "asyncio.Future"], tier: str = "", owner: str = "") -> Flight:
+        flight = Flight(key, tier, owner)
         self.flights[key] = flight
         flight.task = asyncio.create_task(self._run(flight, run), name=f"flight {key[:8]}")
         return flight

@@ -36,11 +36,14 @@ class Answer:
     """Where one request's frames come from (its own generation, a shared flight, the cache) and
     who served it. `cache` is what the X-Fullpower-Cache header says: miss, hit, coalesced, bypass."""
 
-    __slots__ = ("cache", "_frames", "_served_by", "_queued_s", "_rec")
+    __slots__ = ("cache", "cache_header", "_frames", "_served_by", "_queued_s", "_rec")
 
     def __init__(self, cache: str, frames: AsyncIterator[Frame], served_by: Callable[[], tuple],
-                 queued_s: Callable[[], float | None], rec: RequestRecord) -> None:
-        self.cache = cache
+                 queued_s: Callable[[], float | None], rec: RequestRecord, same_owner: bool = True) -> None:
+        self.cache = cache  # the truth, for the access log and metrics
+        # What the client is told: another key's answer (shared cache scope) or generation in
+        # progress must not reveal that someone else just asked the same thing.
+        self.cache_header = cache if same_owner else "miss"
         self._frames = frames
         self._served_by = served_by  # () -> (worker, dispatched_at or None)
         self._queued_s = queued_s
@@ -142,18 +145,24 @@ class ServingCore:
         """A Planner callback: the context length the pool's ready workers report."""
         return self.pools.context_length(pool)
 
+    def rate_limit(self, key_name: str, tier: str, cost: int = 0) -> KeyLimits | None:
+        """Charge the key's buckets (one request, `cost` tokens) or refuse with 429; returns the
+        key's limits (to refund unused tokens), None when it has none."""
+        limits = self.key_limits.get(key_name)
+        if limits is not None:
+            wait = limits.admit(cost)
+            if wait:
+                self.metrics.rate_limited.labels(tier, "key").inc()
+                raise Overloaded("Rate limit reached for this API key; retry after the indicated time.",
+                                 code="rate_limit_exceeded", retry_after=wait)
+        return limits
+
     # --- one request ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def answer(self, plan: RequestPlan, rec: RequestRecord):
         """Admit (or serve from the cache, or join a flight) and yield the Answer; leaving the
         block releases everything the request holds and cancels its generation if unfinished."""
-        limits = self.key_limits.get(plan.key)
-        if limits is not None:
-            wait = limits.admit(plan.cost)
-            if wait:
-                self.metrics.rate_limited.labels(plan.tier, "key").inc()
-                raise Overloaded("Rate limit reached for this API key; retry after the indicated time.",
-                                 code="rate_limit_exceeded", retry_after=wait)
+        limits = self.rate_limit(plan.key, plan.tier, plan.cost)
         gen = Generation(self.pools, plan.pool, plan.generate, plan.cost, first_token_s=plan.first_token_s,
                          idle_s=plan.idle_s, keepalive_s=self.keepalive_s, budget=self.budget,
                          max_attempts=self.max_attempts, metrics=self.metrics, on_ejection=self.on_ejection)
@@ -163,7 +172,7 @@ class ServingCore:
                 answer, close = await self._direct(plan, gen, rec)
             else:
                 answer, close = await self._shared(plan, gen, rec)
-            rec.cache = answer.cache
+            rec.cache, rec.cache_header = answer.cache, answer.cache_header
             self.metrics.child(self.metrics.cache_requests, answer.cache).inc()
             try:
                 yield answer
@@ -190,13 +199,14 @@ class ServingCore:
             cached = await self.cache.get(key)
             if cached is not None:
                 return Answer("hit", _replay(cached), lambda: ((cached.worker, cached.model), None),
-                              lambda: None, rec), lambda: None
+                              lambda: None, rec, same_owner=cached.owner == plan.key), lambda: None
             flight = self.coalescer.get(key) if self.coalesce else None
             if flight is not None:
                 self.coalescer.join(flight)
                 self._raise_tier(flight, plan.tier)
                 return (Answer("coalesced", flight.follow(self.keepalive_s),
-                               lambda: (_worker(flight.worker), flight.dispatched_at), lambda: flight.queued_s, rec),
+                               lambda: (_worker(flight.worker), flight.dispatched_at), lambda: flight.queued_s, rec,
+                               same_owner=flight.owner == plan.key),
                         lambda: self.coalescer.leave(flight))
 
         async def run(flight: Flight) -> None:
@@ -212,14 +222,15 @@ class ServingCore:
                         if isinstance(item, Finished):
                             if plan.cache_write:
                                 self._store(key, CachedAnswer(text, item.finish_reason, item.prompt_tokens,
-                                                              item.completion_tokens, gen.worker.model, gen.worker.id))
+                                                              item.completion_tokens, gen.worker.model, gen.worker.id,
+                                                              owner=plan.key))
                         elif item.text:
                             text.append(item.text)
                         flight.publish(item)
             finally:
                 self.gate.release(ticket)
 
-        flight = self.coalescer.start(key, run, tier=plan.tier)
+        flight = self.coalescer.start(key, run, tier=plan.tier, owner=plan.key)
         self.coalescer.join(flight)
         return (Answer("miss", flight.follow(self.keepalive_s), lambda: (_worker(flight.worker), flight.dispatched_at),
                        lambda: flight.queued_s, rec),

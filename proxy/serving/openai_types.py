@@ -113,6 +113,8 @@ def parse(body: bytes, kind: type):
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
     except UnicodeDecodeError:
         raise InvalidRequest("The request body is not valid UTF-8.") from None
+    except RecursionError:
+        raise InvalidRequest("The request body is nested too deeply.") from None
     req.check_common()
     if kind is CompletionRequest and (req.echo or req.suffix):
         raise InvalidRequest("echo and suffix are not supported.", param="echo" if req.echo else "suffix")

@@ -59,9 +59,6 @@ class Planner:
         self.tiers = {t.name: t for t in tiers}
         self.tier_rank = {t.name: i for i, t in enumerate(tiers)}  # config order: first = highest
         self.pools = {p.name: p for p in pools}
-        self.models: dict[str, str] = {}  # served model name -> first pool serving it
-        for pool in pools:
-            self.models.setdefault(pool.model, pool.name)
         self.cache = cache
         self.timeouts = timeouts
         self.max_tokens_default = max_tokens_default
@@ -76,16 +73,24 @@ class Planner:
                                  param="X-Priority")
         return requested if self.tier_rank[requested] >= self.tier_rank[tier] else tier
 
-    def pool_for(self, model: str, tier: str) -> str:
-        """The tier's pool when it serves the model, else the first pool that does."""
-        tier_pool = self.tiers[tier].pool
-        if self.pools[tier_pool].model == model:
-            return tier_pool
-        pool = self.models.get(model)
-        if pool is None:
-            raise NotFound(f"The model '{model}' does not exist. Served models: {', '.join(self.models)}.",
-                           param="model", code="model_not_found")
-        return pool
+    def allowed_pools(self, principal: Principal, tier: str) -> list[str]:
+        """The pool of the tier the request runs at, the pool of the caller's own tier (X-Priority
+        and the jobs tier lower priority, not what a key may call), then the key's extra pools."""
+        wanted = [self.tiers[tier].pool, self.tiers[principal.tier].pool, *principal.pools]
+        return [p for p in dict.fromkeys(wanted) if p in self.pools]
+
+    def models_for(self, principal: Principal) -> list[str]:
+        return list(dict.fromkeys(self.pools[p].model for p in self.allowed_pools(principal, principal.tier)))
+
+    def pool_for(self, model: str, principal: Principal, tier: str) -> str:
+        """The first pool the caller may use that serves the model (its tier's pool first). A
+        model the caller may not use is reported like one that does not exist."""
+        for pool in self.allowed_pools(principal, tier):
+            if self.pools[pool].model == model:
+                return pool
+        served = ", ".join(self.models_for(principal))
+        raise NotFound(f"The model '{model[:200]}' does not exist or is not available to this API key. "
+                       f"Available models: {served}.", param="model", code="model_not_found")
 
     def plan(self, principal: Principal, requested_tier: str | None,
              req: ChatCompletionRequest | CompletionRequest, cache_directives: frozenset[str] = frozenset(),
@@ -94,7 +99,7 @@ class Planner:
         """`choose_pool(tier, pool)` may swap the pool (degradation reads live load; planning does not);
         `context_of(pool)` is the context length its ready workers report (None: none is ready)."""
         tier = self.effective_tier(principal.tier, requested_tier)
-        pool = choose_pool(tier, self.pool_for(req.model, tier))
+        pool = choose_pool(tier, self.pool_for(req.model, principal, tier))
         pool_cfg = self.pools[pool]
         chat = isinstance(req, ChatCompletionRequest)
         messages = prompt = None

@@ -19,7 +19,7 @@ _json = msgspec.json.Encoder()
 class RequestRecord:
     __slots__ = ("id", "started", "client", "method", "path", "key", "tier", "model", "status", "outcome",
                  "queue_s", "ttft_s", "prompt_tokens", "completion_tokens", "worker", "served_model", "failovers",
-                 "overhead_s", "error", "cache")
+                 "overhead_s", "error", "cache", "cache_header", "planned_model")
 
     def __init__(self, request_id: str, client: str, method: str, path: str) -> None:
         self.id = request_id
@@ -28,6 +28,10 @@ class RequestRecord:
         self.method = method
         self.path = path
         self.key = self.tier = self.model = self.worker = self.served_model = self.error = self.cache = None
+        self.cache_header = None  # what X-Fullpower-Cache tells the client (cache is the truth)
+        # `model` is what the client asked for (any string: logged, truncated, never a metric
+        # label); `planned_model` is a served model the request was planned for.
+        self.planned_model = None
         self.status = 200
         self.outcome = "served"
         self.queue_s = self.ttft_s = self.overhead_s = None
@@ -55,7 +59,9 @@ class RequestRecord:
         tier = self.tier or "none"
         if self.path.startswith("/v1/") and self.method == "POST":
             child = metrics.child
-            child(metrics.requests, tier, self.served_model or self.model or "none", str(self.status),
+            # Label values stay bounded: only models this server serves, else "unknown".
+            model = self.served_model or self.planned_model or ("unknown" if self.model else "none")
+            child(metrics.requests, tier, model, str(self.status),
                   self.outcome).inc()
             child(metrics.duration, tier).observe(total)
             if self.queue_s is not None:
@@ -71,7 +77,8 @@ class RequestRecord:
         if self.path.startswith("/v1/") and access_log.isEnabledFor(logging.INFO):
             access_log.info(_json.encode({
                 "id": self.id, "client": self.client, "method": self.method, "path": self.path,
-                "key": self.key, "tier": self.tier, "model": self.served_model or self.model, "worker": self.worker,
+                "key": self.key, "tier": self.tier, "model": self.served_model or (self.model or "")[:100] or None,
+                "worker": self.worker,
                 "status": self.status, "outcome": self.outcome, "error": self.error,
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "queue_ms": _ms(self.queue_s), "ttft_ms": _ms(self.ttft_s), "total_ms": _ms(total),
