@@ -231,3 +231,26 @@ def test_job_submissions_are_bounded(start_server):
     status, _, page = http_json(server.url + "/v1/jobs?limit=1000", None, auth, method="GET")
     assert status == 200 and len(page["data"]) <= 100
     assert "Traceback" not in server.log()
+
+
+def test_a_result_that_cannot_be_stored_fails_the_job_with_the_reason(start_server, tmp_path):
+    """Finding 5: a job whose result could not be stored (database full) stayed `running` until a
+    restart and its result was discarded."""
+    config = fake_config(fake={"token_latency_ms": 0, "output_tokens": 30000, "context_length": 40000})
+    config["data_dir"] = str(tmp_path / "data")
+    config["jobs"] = {"max_db_bytes": 128 * 1024}  # room for jobs, not for a 150 KB result
+    config["cache"] = {"enabled": False}
+    server = start_server(config)
+    auth = {"Authorization": KEYS["standard"]}
+    status, _, created = http_json(server.url + "/v1/jobs", {"request": body("long", max_tokens=30000)}, auth)
+    assert status == 202, created
+    url = f"{server.url}/v1/jobs/{created['id']}"
+    job = wait_until(lambda: (j := http_json(url, None, auth, method="GET")[2])["status"] not in ("queued", "running")
+                     and j, timeout=60, what="job ended")
+    assert job["status"] == "failed" and "could not be stored" in job["error"], job
+    assert "full" in job["error"]  # the real SQLite error, not a failed ROLLBACK
+    # the loops survived: a small job still runs
+    status, _, small = http_json(server.url + "/v1/jobs", {"request": body("short", max_tokens=2)}, auth)
+    assert status == 202
+    wait_until(lambda: http_json(f"{server.url}/v1/jobs/{small['id']}", None, auth, method="GET")[2]["status"]
+               == "succeeded", what="small job succeeded")

@@ -81,9 +81,18 @@ class CallbackSender:
                 except StoreUnavailable:
                     due = []
                 if due:
-                    await asyncio.gather(*(self._deliver(session, job) for job in due))
+                    await asyncio.gather(*(self._deliver_guarded(session, job) for job in due))
                 else:
                     await asyncio.sleep(0.2)  # the queue of due callbacks lives in the database
+
+    async def _deliver_guarded(self, session: aiohttp.ClientSession, job: dict) -> None:
+        """No store error (or bug) in one delivery may end the loop for the life of the process."""
+        try:
+            await self._deliver(session, job)
+        except StoreUnavailable as exc:
+            log.error("could not record the callback of job %s (it stays due): %s", job["id"], exc)
+        except Exception:  # noqa: BLE001 - logged; the loop must go on
+            log.exception("callback delivery of job %s failed", job["id"])
 
     async def _deliver(self, session: aiohttp.ClientSession, job: dict) -> None:
         body = msgspec.json.encode(self.public(job))

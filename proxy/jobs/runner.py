@@ -23,6 +23,7 @@ from proxy.serving.responses import ResponseFormatter
 
 log = logging.getLogger("fullpower.jobs")
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+STORE_RETRY_DELAYS_S = (0.2, 1.0, 3.0)  # storing a job's outcome is tried this often, these pauses after each
 
 
 class JobRunner:
@@ -60,7 +61,7 @@ class JobRunner:
                 except StoreUnavailable as exc:
                     log.error("job store unavailable: %s", exc)
             for job in claimed:
-                task = asyncio.create_task(self._execute(job), name=f"job {job['id']}")
+                task = asyncio.create_task(self._execute_guarded(job), name=f"job {job['id']}")
                 self.running[job["id"]] = task
                 self._attempts[job["id"]] = job["attempts"]
                 task.add_done_callback(lambda _, job_id=job["id"]: self._done(job_id))
@@ -87,6 +88,16 @@ class JobRunner:
                 await self.store.requeue(job_id, attempt, False, None)
             except StoreUnavailable:
                 pass
+
+    async def _execute_guarded(self, job: dict) -> None:
+        try:
+            await self._execute(job)
+        except Exception:  # noqa: BLE001 - a bug must not leave the job running for good
+            log.exception("job %s attempt %d failed unexpectedly; back to the queue", job["id"], job["attempts"])
+            try:
+                await self.store.requeue(job["id"], job["attempts"], True, "internal error")
+            except StoreUnavailable as exc:
+                log.error("could not requeue job %s: %s", job["id"], exc)
 
     async def _execute(self, job: dict) -> None:
         """One attempt. Overload (429/503) is not the job's fault: wait and try again, uncounted."""
@@ -134,10 +145,30 @@ class JobRunner:
         return ResponseFormatter(plan.chat, plan.model).complete(text, finished)
 
     async def _finish(self, job: dict, status: str, result, error) -> None:
-        try:
-            stored = await self.store.finish(job["id"], job["attempts"], status, result, error, self.callback_retry_s)
-        except StoreUnavailable as exc:
-            log.error("could not store the outcome of job %s (it will run again): %s", job["id"], exc)
+        """Store the outcome. A store that refuses it (disk full, say) is tried again a few times;
+        then the job fails with the reason (a small write), and if even that cannot be written it
+        goes back to the queue. A job is never left `running` by a store error."""
+        problem = None
+        for delay in STORE_RETRY_DELAYS_S:
+            try:
+                stored = await self.store.finish(job["id"], job["attempts"], status, result, error,
+                                                 self.callback_retry_s)
+            except StoreUnavailable as exc:
+                problem = exc
+                log.error("could not store the outcome of job %s (trying again in %.1fs): %s", job["id"], delay, exc)
+                await asyncio.sleep(delay)
+                continue
+            if stored:
+                self.metrics.jobs_finished.labels(status).inc()
             return
-        if stored:
-            self.metrics.jobs_finished.labels(status).inc()
+        reason = f"the result could not be stored: {problem}"
+        try:
+            if await self.store.fail_unstored(job["id"], job["attempts"], reason):
+                self.metrics.jobs_finished.labels("failed").inc()
+            return
+        except StoreUnavailable as exc:
+            log.error("could not fail job %s either (%s); back to the queue", job["id"], exc)
+        try:
+            await self.store.requeue(job["id"], job["attempts"], False, reason)
+        except StoreUnavailable as exc:
+            log.error("job %s stays running until the next start recovers it: %s", job["id"], exc)

@@ -90,7 +90,13 @@ class _Db:
             try:
                 result = fn(self.conn)
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                # SQLite may already have rolled back (SQLITE_FULL does): a second ROLLBACK would
+                # fail and hide the real error, so roll back only what is still open.
+                if self.conn.in_transaction:
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
                 raise
             self.conn.execute("COMMIT")
             return result
@@ -185,6 +191,17 @@ class _Db:
                 "next_callback_at=?, callback_deadline=? WHERE id=? AND status='running' AND attempts=?",
                 (status, json.dumps(result) if result is not None else None, error, now, now, now,
                  now + callback_retry_s, job_id, attempt)).rowcount == 1
+        return self._tx(fn)
+
+    def fail_unstored(self, job_id, attempt, error):
+        """The attempt's result could not be stored: fail the job with the reason, storing
+        nothing else (a small write that may still fit where the result did not)."""
+        def fn(c):
+            now = time.time()
+            return c.execute("UPDATE jobs SET status='failed', error=?, finished_at=?, updated_at=?, "
+                             "callback_state=CASE WHEN callback_url IS NULL THEN 'none' ELSE 'pending' END, "
+                             "next_callback_at=? WHERE id=? AND status='running' AND attempts=?",
+                             (error, now, now, now, job_id, attempt)).rowcount == 1
         return self._tx(fn)
 
     def requeue(self, job_id, attempt, count_attempt, error):
@@ -322,6 +339,9 @@ class JobStore:
 
     async def finish(self, *args):
         return await self._db_call(_Db.finish, *args)
+
+    async def fail_unstored(self, *args):
+        return await self._db_call(_Db.fail_unstored, *args)
 
     async def requeue(self, *args):
         return await self._db_call(_Db.requeue, *args)
