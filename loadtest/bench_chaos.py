@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     config["cache"] = {"enabled": False}
     server = start_server(config, tmp / "c.yaml", port)
     try:
-        w = Workload(url=f"http://127.0.0.1:{port}", admin_url=f"http://127.0.0.1:{admin}", rate=args.rate,
+        w = Workload(url=f"http://127.0.0.1:{port}", admin_url=f"http://127.0.0.1:{admin}",
+                     admin_token=(tmp / "admin.token").read_text().strip(), rate=args.rate,
                      duration_s=args.duration, chaos_every_s=args.chaos_every, stream_share=0.5,
                      max_tokens=(16, 32), tiers={"premium": TierMix(key="sk-test-premium", share=0.2),
                                                  "standard": TierMix(key="sk-test-standard", share=0.5),

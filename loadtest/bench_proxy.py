@@ -56,7 +56,7 @@ def fake_bench_config(data_dir: Path, **pool) -> tuple[dict, int, int]:
     config = yaml.safe_load((ROOT / "config/examples/bench-fake.yaml").read_text())
     port, admin = free_port(), free_port()
     config.update(listen=f"127.0.0.1:{port}", admin_listen=f"127.0.0.1:{admin}", data_dir=str(data_dir),
-                  log_level="warning")
+                  log_level="warning", admin_token_file=str(data_dir / "admin.token"))
     config["pools"][0].update(pool)
     return config, port, admin
 

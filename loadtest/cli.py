@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", help="YAML file with the workload (flags override it)")
     p.add_argument("--url")
     p.add_argument("--admin-url")
+    p.add_argument("--admin-token-file", help="the admin token, for --chaos-every")
     p.add_argument("--model")
     p.add_argument("--mode", choices=["open", "closed"])
     p.add_argument("--rate", type=float, help="open loop: requests per second (Poisson arrivals)")
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: getattr(args, k) for k in ("url", "admin_url", "model", "mode", "rate", "concurrency",
                                                 "duration_s", "max_requests", "stream_share", "duplicate_share",
                                                 "chaos_every_s", "seed")}
+    if args.admin_token_file:
+        overrides["admin_token"] = Path(args.admin_token_file).read_text().strip()
     overrides["tiers"] = _tiers(args.tiers)
     overrides["prompt_words"] = _pair(args.prompt_words)
     overrides["max_tokens"] = _pair(args.max_tokens)

@@ -82,12 +82,13 @@ async def _chaos(session: aiohttp.ClientSession, w: Workload, t0: float, run: Ru
     while True:
         await asyncio.sleep(w.chaos_every_s)
         try:
-            async with session.get(w.admin_url + "/admin/pool") as resp:
+            auth = {"Authorization": f"Bearer {w.admin_token}"}
+            async with session.get(w.admin_url + "/admin/pool", headers=auth) as resp:
                 workers = [x for x in (await resp.json())["workers"] if x["state"] == "ready"]
             if not workers:
                 continue
             victim = rng.choice(workers)["id"]
-            async with session.post(f"{w.admin_url}/admin/workers/{victim}/kill") as resp:
+            async with session.post(f"{w.admin_url}/admin/workers/{victim}/kill", headers=auth) as resp:
                 if resp.status == 200:
                     run.chaos_events.append((time.perf_counter() - t0, victim))
         except (aiohttp.ClientError, OSError, KeyError, ValueError):

@@ -21,6 +21,7 @@ class TierMix(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 class Workload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     url: str = "http://127.0.0.1:8080"
     admin_url: str = "http://127.0.0.1:9091"
+    admin_token: str = ""  # the admin listener's token (chaos kills go through the admin API)
     model: str = "fake-model"
     mode: str = "open"  # open: Poisson arrivals at `rate`; closed: `concurrency` clients back to back
     rate: Annotated[float, msgspec.Meta(gt=0)] = 50.0

@@ -19,6 +19,7 @@ from proxy.config import Config, ConfigError, load_config, parse_host_port
 from proxy.fleet.pool import PoolState
 from proxy.fleet.supervisor import Supervisor
 from proxy.http.admin import AdminHandlers, Probes
+from proxy.http.admin_guard import AdminGuard, load_or_create_token, warn_if_exposed
 from proxy.http.jobs import JobHandlers
 from proxy.http.openai import OpenAIHandlers
 from proxy.http.server import ClientAddress, InflightRequests, JsonBodyReader, Listener, RequestContext
@@ -59,8 +60,9 @@ class Appliance:
         self.core = ServingCore(gate=self.gate, pools=self.pools, cache=self.cache, metrics=metrics, tiers=cfg.tiers,
                                 keys=cfg.auth.keys, cache_settings=cfg.cache, timeouts=cfg.timeouts,
                                 routing=cfg.routing, on_ejection=self.supervisor.handle_ejection)
-        self.jobs = (JobService(cfg.jobs, cfg.jobs_db(), cfg.jobs_tier(), cfg.auth.keys, self.auth, self.planner,
-                                self.core, metrics) if cfg.jobs.enabled else None)
+        own_listeners = [parse_host_port(a) for a in (cfg.listen, cfg.admin_listen) if a]
+        self.jobs = (JobService(cfg.jobs, cfg.jobs_db(), cfg.jobs_tier(), cfg.auth.keys, own_listeners, self.auth,
+                                self.planner, self.core, metrics) if cfg.jobs.enabled else None)
         self.inflight = InflightRequests()
         self.body = JsonBodyReader(cfg.limits)
         self.context = RequestContext(ClientAddress(cfg.limits.trusted_proxies), self.inflight, metrics)
@@ -85,7 +87,8 @@ class Appliance:
         return app
 
     def admin_app(self) -> web.Application:
-        app = web.Application(middlewares=[self.context.middleware])
+        # The request context first: refusals by the guard are recorded and shaped like any error.
+        app = web.Application(middlewares=[self.context.middleware, self.admin_guard.middleware])
         app.add_routes(self.admin.routes() + self.probes.routes())
         if self.job_handlers is not None:
             app.add_routes(self.job_handlers.admin_routes())
@@ -101,6 +104,11 @@ class Appliance:
         if self.jobs is not None:
             await self.jobs.start()
             stack.push_async_callback(self.jobs.stop)  # running jobs go back to the queue
+        try:
+            self.admin_guard = AdminGuard(load_or_create_token(self.cfg.admin_token_path()))
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"admin token: {exc}") from None
+        warn_if_exposed(self.cfg.admin_listen)
         listeners = [(self.admin_app(), self.cfg.admin_listen)]
         if self.cfg.listen:
             listeners.insert(0, (self.public_app(), self.cfg.listen))

@@ -100,12 +100,37 @@ def _admin_address(args) -> str:
     return DEFAULT_ADMIN_LISTEN
 
 
+def _admin_token(args) -> str:
+    """--admin-token-file, else the config's admin_token_file, else <data_dir>/admin.token (read
+    leniently, like the address)."""
+    path = getattr(args, "admin_token_file", None)
+    if not path:
+        try:
+            import yaml
+
+            from proxy.config import default_data_dir
+
+            raw = yaml.safe_load(Path(args.config).read_text())
+            raw = raw if isinstance(raw, dict) else {}
+            data_dir = Path(raw["data_dir"]) if isinstance(raw.get("data_dir"), str) and raw["data_dir"] else None
+            path = raw.get("admin_token_file") or ((data_dir or default_data_dir()) / "admin.token")
+        except (OSError, ValueError):
+            from proxy.config import default_data_dir
+
+            path = default_data_dir() / "admin.token"
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise AdminError(f"cannot read the admin token ({path}): {exc.strerror or exc}") from None
+
+
 def _admin(args, path: str, post: bool = False, timeout: float = 1800) -> dict:
     """One call to the admin listener; its JSON answer, or AdminError saying why not."""
     address = _admin_address(args)
     host, port = parse_host_port(address)
     req = urllib.request.Request(f"http://{host}:{port}{path}", data=b"" if post else None,
-                                 method="POST" if post else "GET")
+                                 method="POST" if post else "GET",
+                                 headers={"Authorization": f"Bearer {_admin_token(args)}"})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return json.load(resp)
@@ -212,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the worker pool (from the admin listener)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
+    p.add_argument("--admin-token-file", help="the admin token (default: the config's admin_token_file)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
@@ -219,12 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(exit 2 and no change if it is invalid); SIGHUP does the same")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
+    p.add_argument("--admin-token-file", help="the admin token (default: the config's admin_token_file)")
     p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("cache", help="clear the answer cache (memory and disk) of the running server")
     p.add_argument("action", choices=["clear"])
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
+    p.add_argument("--admin-token-file", help="the admin token (default: the config's admin_token_file)")
     p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("jobs", help="list, show, cancel or retry async jobs")
@@ -235,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
+    p.add_argument("--admin-token-file", help="the admin token (default: the config's admin_token_file)")
     p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("worker", help="drain, undrain, restart or kill one worker; rolling-restart a pool")
@@ -242,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="worker id (e.g. main-0), or the pool name for rolling-restart")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
     p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
+    p.add_argument("--admin-token-file", help="the admin token (default: the config's admin_token_file)")
     p.set_defaults(func=cmd_worker)
     return parser
 

@@ -203,6 +203,9 @@ class Routing(_Base, kw_only=True):
 class Config(_Base, kw_only=True):
     listen: str = "127.0.0.1:8080"  # "" = no public listener (jobs and the admin listener only)
     admin_listen: str = DEFAULT_ADMIN_LISTEN
+    # The admin listener's bearer token: this file's content; "" = <data_dir>/admin.token, created
+    # (owner-only) with a random token at the first start. The CLI reads the same file.
+    admin_token_file: str = ""
     data_dir: str = ""  # "" = $FULLPOWER_DATA_DIR, else $XDG_DATA_HOME/fullpower, else ~/.local/share/fullpower
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     pools: list[Pool]
@@ -224,6 +227,9 @@ class Config(_Base, kw_only=True):
 
     def resolved_data_dir(self) -> Path:
         return Path(self.data_dir) if self.data_dir else default_data_dir()
+
+    def admin_token_path(self) -> Path:
+        return Path(self.admin_token_file) if self.admin_token_file else self.resolved_data_dir() / "admin.token"
 
     def jobs_tier(self) -> str:
         return self.jobs.tier or self.tiers[-1].name

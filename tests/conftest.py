@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -27,10 +28,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ADMIN_TOKEN = "test-admin-token-0123456789"  # every test server's admin token
+
+
 def http_json(url: str, body=None, headers=None, method=None, timeout=30):
-    """(status, headers, parsed JSON or raw text) for a request, without raising on HTTP errors."""
+    """(status, headers, parsed JSON or raw text) for a request, without raising on HTTP errors.
+    Requests to /admin/ paths carry the test servers' admin token unless they set Authorization."""
     data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
     h = {"Content-Type": "application/json", **(headers or {})}
+    if "Authorization" not in h and urllib.parse.urlsplit(url).path.startswith("/admin/"):
+        h["Authorization"] = f"Bearer {ADMIN_TOKEN}"
     req = urllib.request.Request(url, data=data, headers=h, method=method)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
@@ -63,6 +70,9 @@ class Server:
         self.port, self.admin_port = free_port(), free_port()
         config = {**config, "listen": f"127.0.0.1:{self.port}", "admin_listen": f"127.0.0.1:{self.admin_port}"}
         config.setdefault("data_dir", str(tmp / "data"))
+        token_file = tmp / "admin.token"
+        token_file.write_text(ADMIN_TOKEN + "\n")
+        config.setdefault("admin_token_file", str(token_file))
         self.config = config
         self.config_path = tmp / f"fullpower-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))

@@ -254,3 +254,154 @@ def test_a_result_that_cannot_be_stored_fails_the_job_with_the_reason(start_serv
     assert status == 202
     wait_until(lambda: http_json(f"{server.url}/v1/jobs/{small['id']}", None, auth, method="GET")[2]["status"]
                == "succeeded", what="small job succeeded")
+
+
+# --- the admin surface and callbacks (finding 1, low findings on the admin API and callbacks) --
+def test_admin_api_needs_its_token_and_refuses_cross_site_requests(start_server):
+    server = start_server(fake_config())
+    kill = server.admin + "/admin/workers/main-0/kill"
+    assert http_json(kill, b"", {"Authorization": ""})[0] == 401
+    assert http_json(kill, b"", {"Authorization": "Bearer wrong-token-wrong-token"})[0] == 401
+    from tests.conftest import ADMIN_TOKEN
+    status, _, answer = http_json(kill, b"", {"Authorization": f"Bearer {ADMIN_TOKEN}", "Origin": "http://evil.test"})
+    assert status == 403 and answer["error"]["code"] == "permission_denied"
+    assert http_json(server.admin + "/admin/jobs", None, {"Authorization": ""}, method="GET")[0] == 401
+    assert http_json(server.admin + "/metrics", None, {"Authorization": ""}, method="GET")[0] == 200  # read-only
+    assert all(w["restarts"] == 0 for w in server.pool())
+
+
+def test_callbacks_never_reach_the_appliances_own_listeners(start_server, tmp_path):
+    """Finding 1: with callback_allow ['127.0.0.0/8'] a job's callback_url on the admin port killed
+    a worker."""
+    config = fake_config(fake={"token_latency_ms": 0})
+    config["data_dir"] = str(tmp_path / "data")
+    config["jobs"] = {"callback_allow": ["127.0.0.0/8", "::1/128"]}
+    next(k for k in config["auth"]["keys"] if k["tier"] == "standard")["callback_secret"] = "whsec-123456"
+    server = start_server(config)
+    for target in (f"http://127.0.0.1:{server.admin_port}/admin/workers/main-0/kill",
+                   f"http://localhost:{server.admin_port}/admin/reload",
+                   f"http://127.0.0.2:{server.port}/v1/jobs"):
+        status, _, answer = http_json(server.url + "/v1/jobs", {"request": body("x"), "callback_url": target},
+                                      {"Authorization": KEYS["standard"]})
+        assert status == 400 and answer["error"]["code"] == "callback_not_allowed", (target, answer)
+        assert "own listeners" in answer["error"]["message"]
+    assert all(w["restarts"] == 0 for w in server.pool())
+
+
+def test_internal_addresses_in_every_form_are_not_public():
+    import ipaddress
+
+    from proxy.jobs.callbacks import CallbackPolicy, is_public
+
+    internal = ["100.64.0.1", "100.100.100.200", "169.254.169.254", "10.1.2.3", "127.0.0.1", "::1", "fe80::1",
+                "fd00::1", "::ffff:127.0.0.1", "2002:a9fe:a9fe::1", "2002:7f00:1::1", "64:ff9b::a9fe:a9fe",
+                "64:ff9b:1::1", "2001:0:4136:e378:8000:63bf:3fff:fdd2", "0.0.0.0"]
+    for address in internal:
+        assert not is_public(ipaddress.ip_address(address)), address
+    for address in ("8.8.8.8", "2001:4860:4860::8888", "64:ff9b::808:808", "2002:808:808::1"):
+        assert is_public(ipaddress.ip_address(address)), address
+    policy = CallbackPolicy(["hooks.example.com", "10.0.0.0/8"], own_listeners=[("0.0.0.0", 8080)])
+    assert policy.allowed("hooks.example.com", ipaddress.ip_address("8.8.8.8"), 443) is None
+    assert policy.allowed("hooks.example.com", ipaddress.ip_address("100.64.0.1"), 443)  # a name with an internal address
+    assert policy.allowed("x", ipaddress.ip_address("10.0.0.5"), 80) is None  # a listed CIDR
+    assert "own listeners" in policy.allowed("x", ipaddress.ip_address("10.0.0.5"), 8080)
+
+
+def test_a_dns_failure_at_delivery_is_retried_not_final():
+    """Finding 8: a temporary DNS failure abandoned a callback for good."""
+    from proxy.jobs.callbacks import CallbackSender
+    from proxy.metrics import Metrics
+
+    class Store:
+        async def callback_result(self, job_id, status, error, delivered, next_at):
+            self.result = (status, error, delivered, next_at)
+            return "pending" if next_at else "failed"
+
+    async def run():
+        sender = CallbackSender(Store(), Metrics(), public=lambda job: {"id": job["id"]})
+        sender.reconfigure(["nonexistent.invalid"], [], {}, 2.0)
+
+        async def no_dns(url):
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        sender.policy.resolve = no_dns
+        async with aiohttp.ClientSession() as session:
+            await sender._deliver(session, {"id": "job_1", "key_name": "k", "callback_url": "http://nonexistent.invalid/h",
+                                            "callback_attempts": 0})
+        return sender.store.result
+
+    status, error, delivered, next_at = asyncio.run(run())
+    assert not delivered and next_at is not None and "gaierror" in error
+
+
+class _Targets:
+    """Callback targets on loopback, in a thread: /fast answers at once, /slow after 6 s, /endless
+    answers 200 with a body that never ends."""
+
+    def __init__(self):
+        import threading
+
+        from aiohttp import web
+
+        from tests.conftest import free_port
+        self.port = free_port()
+        self.seen: dict[str, float] = {}
+        ready = threading.Event()
+
+        async def fast(request):
+            self.seen.setdefault("fast", time.monotonic())
+            return web.Response(status=204)
+
+        async def slow(request):
+            self.seen.setdefault("slow", time.monotonic())
+            await asyncio.sleep(6)
+            return web.Response(status=204)
+
+        async def endless(request):
+            self.seen.setdefault("endless", time.monotonic())
+            response = web.StreamResponse()
+            await response.prepare(request)
+            while True:
+                await response.write(b"x" * 65536)
+                await asyncio.sleep(0.01)
+
+        def serve():
+            loop = asyncio.new_event_loop()
+            app = web.Application()
+            app.router.add_post("/fast", fast)
+            app.router.add_post("/slow", slow)
+            app.router.add_post("/endless", endless)
+            runner = web.AppRunner(app)
+            loop.run_until_complete(runner.setup())
+            loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+            ready.set()
+            loop.run_forever()
+
+        threading.Thread(target=serve, daemon=True).start()
+        ready.wait(10)
+
+
+def test_a_slow_or_endless_callback_target_delays_only_itself(start_server, tmp_path):
+    """Low finding: callback bodies were read without a limit and one slow target delayed the
+    whole delivery batch."""
+    targets = _Targets()
+    config = fake_config(fake={"token_latency_ms": 0})
+    config["data_dir"] = str(tmp_path / "data")
+    config["jobs"] = {"callback_allow": ["127.0.0.0/8"], "callback_timeout_s": 10}
+    next(k for k in config["auth"]["keys"] if k["tier"] == "standard")["callback_secret"] = "whsec-123456"
+    server = start_server(config)
+    ids = {}
+    for name in ("slow", "endless", "fast"):
+        status, _, job = http_json(server.url + "/v1/jobs", {"request": body(name, max_tokens=2),
+                                                             "callback_url": f"http://127.0.0.1:{targets.port}/{name}"},
+                                   {"Authorization": KEYS["standard"]})
+        assert status == 202
+        ids[name] = job["id"]
+
+    def attempts(name):
+        return http_json(f"{server.admin}/admin/jobs/{ids[name]}")[2]["callback"]["attempts"]
+
+    wait_until(lambda: attempts("fast"), timeout=10, what="fast target called back")
+    wait_until(lambda: attempts("endless"), timeout=10, what="endless target answered")
+    assert attempts("endless")[0]["status"] == 200  # the body was cut short, not read until the timeout
+    assert not attempts("slow")  # still waiting for its slow target, and nobody waited for it
+    assert "slow" in targets.seen

@@ -13,7 +13,7 @@ import time
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import fake_config, free_port, http_json, wait_until
+from tests.conftest import fake_config, free_port, http_json, metric_value, wait_until
 from tests.test_request_path import KEYS, body
 
 SECRETS = {"premium": "whsec-premium-123", "standard": "whsec-standard-456", "batch": "whsec-batch-789"}
@@ -138,8 +138,9 @@ def test_interactive_requests_go_ahead_of_a_job_backlog(start_server, tmp_path):
         finished_before.append(len(listing["data"]))
     # every interactive request was served while most of the backlog still waited
     assert max(finished_before) < 100, finished_before
-    wait_until(lambda: len(http_json(server.admin + "/admin/jobs?status=succeeded&limit=1000")[2]["data"]) == 120,
-               timeout=60, what="backlog drained")
+    succeeded = lambda: metric_value(http_json(server.admin + "/metrics")[2],  # noqa: E731
+                                     "fullpower_jobs_finished_total", status="succeeded")
+    wait_until(lambda: succeeded() == 120, timeout=60, what="backlog drained")
 
 
 def test_idempotency_isolation_cancellation_and_listing(start_server, tmp_path):
@@ -232,7 +233,7 @@ def test_jobs_cli(start_server, tmp_path):
     config["jobs"]["concurrency"] = 1
     server = start_server(config)
     ids = [submit(server, prompt=f"cli {i}")[2]["id"] for i in range(2)]
-    admin = ["--admin", f"127.0.0.1:{server.admin_port}"]
+    admin = ["--admin", f"127.0.0.1:{server.admin_port}", "--admin-token-file", server.config["admin_token_file"]]
 
     def cli(*args):
         return subprocess.run(FULLPOWER + ["jobs", *args, *admin], cwd=ROOT, capture_output=True, text=True, timeout=60)

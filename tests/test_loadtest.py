@@ -12,7 +12,8 @@ def test_loadtest_smoke_with_chaos(start_server, tmp_path):
                                       fake={"token_latency_ms": 1, "output_tokens": 16}))
     out = tmp_path / "reports"
     result = subprocess.run(FULLPOWER + [
-        "loadtest", "--url", server.url, "--admin-url", server.admin, "--rate", "40", "--duration", "4",
+        "loadtest", "--url", server.url, "--admin-url", server.admin,
+        "--admin-token-file", server.config["admin_token_file"], "--rate", "40", "--duration", "4",
         "--tiers", "premium=sk-test-premium:0.2,standard=sk-test-standard:0.5,batch=sk-test-batch:0.3",
         "--stream-share", "0.5", "--duplicate-share", "0.2", "--chaos-every", "1.5", "--max-tokens", "4-12",
         "--out", str(out), "--name", "smoke", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)

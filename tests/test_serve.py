@@ -140,7 +140,8 @@ def test_status_command_prints_the_pool(fake_server):
     lines = table.stdout.splitlines()
     assert lines[0].split()[:5] == ["ID", "PID", "DEVICE", "MODEL", "STATE"]
     assert any(l.startswith("main-0") and "ready" in l for l in lines)
-    js = subprocess.run(FULLPOWER + ["status", "--json", "--admin", f"127.0.0.1:{fake_server.admin_port}"],
+    js = subprocess.run(FULLPOWER + ["status", "--json", "--admin", f"127.0.0.1:{fake_server.admin_port}",
+                         "--admin-token-file", fake_server.config["admin_token_file"]],
                         capture_output=True, text=True, cwd=ROOT, timeout=30)
     data = json.loads(js.stdout)
     assert {w["id"] for w in data["workers"]} == {"main-0", "main-1"}

@@ -130,7 +130,7 @@ def test_worker_failing_at_boot_backs_off_to_the_cap_while_others_serve(start_se
     assert "CUDA error: no device" in _worker(server, "bad-0")["last_error"]
     for _ in range(5):
         assert chat(server)[0] == 200  # the good pool keeps serving
-    status = subprocess.run(FULLPOWER + ["status", "--admin", f"127.0.0.1:{server.admin_port}"], cwd=ROOT,
+    status = subprocess.run(FULLPOWER + ["status", "--admin", f"127.0.0.1:{server.admin_port}", "--admin-token-file", server.config["admin_token_file"]], cwd=ROOT,
                             capture_output=True, text=True, timeout=30)
     line = next(l for l in status.stdout.splitlines() if l.startswith("bad-0"))
     assert "CUDA error" in line
@@ -219,7 +219,7 @@ def test_invalid_reload_keeps_old_config_and_valid_reload_resizes_without_drops(
 
 def test_drain_restart_and_rolling_restart(start_server):
     server = start_server(fake_config(fake={"token_latency_ms": 0}))
-    admin = ["--admin", f"127.0.0.1:{server.admin_port}"]
+    admin = ["--admin", f"127.0.0.1:{server.admin_port}", "--admin-token-file", server.config["admin_token_file"]]
 
     def cli(*args):
         return subprocess.run(FULLPOWER + ["worker", *args, *admin], cwd=ROOT, capture_output=True, text=True,

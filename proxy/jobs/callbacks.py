@@ -9,11 +9,13 @@ import hmac
 import ipaddress
 import logging
 import random
+import socket
 import time
 import urllib.parse
 
 import aiohttp
 import msgspec
+import yarl
 
 from proxy.errors import InvalidRequest
 from proxy.jobs.store import JobStore, StoreUnavailable
@@ -26,39 +28,110 @@ def sign(secret: str, timestamp: int, body: bytes) -> str:
     return hmac.new(secret.encode(), str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
 
 
-class CallbackPolicy:
-    """Where callbacks may go: listed host names, and addresses inside listed CIDRs. A loopback or
-    private address is reachable only through a CIDR that covers it."""
+class CallbackRefused(Exception):
+    """The allowlist refuses the target (final, unlike a DNS or network failure)."""
 
-    def __init__(self, allow: list[str]) -> None:
+
+def _embedded_ipv4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address carries (mapped, 6to4, Teredo, NAT64), if any."""
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if address.sixtofour is not None:
+        return address.sixtofour
+    if address.teredo is not None:
+        return address.teredo[1]
+    if address in NAT64:
+        return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+NAT64 = ipaddress.ip_network("64:ff9b::/96")
+LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Globally routable, also through an IPv6 form that wraps an internal IPv4 address. Python's
+    is_global already excludes CGNAT (100.64.0.0/10), link-local (cloud metadata) and the rest."""
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = _embedded_ipv4(address)
+        if inner is not None:
+            return inner.is_global
+        if address in LOCAL_NAT64:
+            return False
+    return address.is_global
+
+
+class CallbackPolicy:
+    """Where callbacks may go: listed host names with public addresses, and addresses inside listed
+    CIDRs (the only way to reach an internal address). Never the appliance's own listeners."""
+
+    def __init__(self, allow: list[str], own_listeners: list[tuple[str, int]] = ()) -> None:
         self.networks, self.hosts = [], set()
         for entry in allow:
             try:
                 self.networks.append(ipaddress.ip_network(entry, strict=False))
             except ValueError:
                 self.hosts.add(entry.lower())
+        self.own = [(_ip_or_none(host), port) for host, port in own_listeners]
 
-    async def check(self, url: str) -> None:
+    def _is_own(self, address, port: int) -> bool:
+        for host, own_port in self.own:
+            if port == own_port and (host is None or host.is_unspecified or host == address
+                                     or address.is_loopback or address.is_unspecified):
+                return True
+        return False
+
+    def allowed(self, host: str, address, port: int) -> str | None:
+        """None when the target may be called, else why not."""
+        if self._is_own(address, port):
+            return "it is one of this appliance's own listeners"
+        if any(address in net for net in self.networks):
+            return None
+        if host in self.hosts and is_public(address):
+            return None
+        return "not allowed by jobs.callback_allow"
+
+    async def resolve(self, url: str) -> tuple[str, int, list[str]]:
+        """(host, port, the addresses to connect to, every one checked). Raises InvalidRequest for a
+        bad URL, CallbackRefused when the policy says no, OSError when the name does not resolve."""
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise InvalidRequest("callback_url must be an http(s) URL.", param="callback_url")
         host = parsed.hostname.lower()
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, parsed.port or 80)
-        except OSError:
-            raise InvalidRequest(f"callback_url host {host!r} does not resolve.", param="callback_url") from None
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        addresses = []
         for info in infos:
-            address = ipaddress.ip_address(info[4][0])
-            in_cidr = any(address in net for net in self.networks)
-            internal = address.is_loopback or address.is_private or address.is_link_local or address.is_reserved
-            if in_cidr or (host in self.hosts and not internal):
-                continue
-            raise InvalidRequest(f"callback_url {host!r} ({address}) is not allowed by jobs.callback_allow.",
-                                 param="callback_url", code="callback_not_allowed")
+            address = ipaddress.ip_address(info[4][0].split("%")[0])
+            why = self.allowed(host, address, port)
+            if why is not None:
+                raise CallbackRefused(f"callback_url {host!r} ({address}) is refused: {why}.")
+            addresses.append(str(address))
+        return host, port, list(dict.fromkeys(addresses))
+
+    async def check(self, url: str) -> None:
+        """At submission: refuse a target that is not allowed now (400)."""
+        try:
+            await self.resolve(url)
+        except CallbackRefused as exc:
+            raise InvalidRequest(str(exc), param="callback_url", code="callback_not_allowed") from None
+        except OSError:
+            raise InvalidRequest("callback_url's host does not resolve.", param="callback_url") from None
+
+
+def _ip_or_none(host: str):
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 class CallbackSender:
-    """Delivers due callbacks, 32 at a time; owned and run by the JobService."""
+    """Delivers due callbacks, up to MAX_IN_FLIGHT at once, each on its own (a slow target delays
+    only its own delivery); owned and run by the JobService."""
+
+    MAX_IN_FLIGHT = 32
+    MAX_RESPONSE_BYTES = 64 * 1024  # of a target's answer body: read to free the connection, no more
 
     def __init__(self, store: JobStore, metrics: Metrics, public) -> None:
         self.store = store
@@ -67,23 +140,37 @@ class CallbackSender:
         self.policy = CallbackPolicy([])
         self.secrets: dict[str, str] = {}
         self.timeout_s = 10.0
+        self._in_flight: dict[str, asyncio.Task] = {}  # job id -> its delivery
 
-    def reconfigure(self, allow: list[str], secrets: dict[str, str], timeout_s: float) -> None:
-        self.policy = CallbackPolicy(allow)
+    def reconfigure(self, allow: list[str], own_listeners: list[tuple[str, int]], secrets: dict[str, str],
+                    timeout_s: float) -> None:
+        self.policy = CallbackPolicy(allow, own_listeners)
         self.secrets = secrets  # key name -> callback secret
         self.timeout_s = timeout_s
 
     async def run(self) -> None:
-        async with aiohttp.ClientSession() as session:
-            while True:
-                try:
-                    due = await self.store.callbacks_due(32)
-                except StoreUnavailable:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.MAX_IN_FLIGHT,
+                                                                        use_dns_cache=False)) as session:
+            try:
+                while True:
+                    room = self.MAX_IN_FLIGHT - len(self._in_flight)
                     due = []
-                if due:
-                    await asyncio.gather(*(self._deliver_guarded(session, job) for job in due))
-                else:
+                    if room > 0:
+                        try:
+                            due = [job for job in await self.store.callbacks_due(self.MAX_IN_FLIGHT)
+                                   if job["id"] not in self._in_flight][:room]
+                        except StoreUnavailable:
+                            pass
+                    for job in due:
+                        task = asyncio.create_task(self._deliver_guarded(session, job))
+                        self._in_flight[job["id"]] = task
+                        task.add_done_callback(lambda _, job_id=job["id"]: self._in_flight.pop(job_id, None))
                     await asyncio.sleep(0.2)  # the queue of due callbacks lives in the database
+            finally:
+                tasks = list(self._in_flight.values())
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _deliver_guarded(self, session: aiohttp.ClientSession, job: dict) -> None:
         """No store error (or bug) in one delivery may end the loop for the life of the process."""
@@ -102,17 +189,25 @@ class CallbackSender:
                    "X-Fullpower-Signature": f"t={ts},v1={sign(secret, ts, body)}"}
         status, error, refused = None, None, False
         try:
-            await self.policy.check(job["callback_url"])  # the allowlist may have changed since submission
-            async with session.post(job["callback_url"], data=body, headers=headers, allow_redirects=False,
-                                    timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
-                status = resp.status
-                await resp.read()
-        except InvalidRequest as exc:  # the allowlist no longer admits the target: final
+            async with asyncio.timeout(self.timeout_s):
+                # Resolve once, check every address, and connect to a checked address itself:
+                # a second resolution by the HTTP client could answer differently (DNS rebinding).
+                host, port, addresses = await self.policy.resolve(job["callback_url"])
+                url = yarl.URL(job["callback_url"])
+                pinned = url.with_host(addresses[0])
+                headers["Host"] = url.host_port_subcomponent
+                async with session.post(pinned, data=body, headers=headers, allow_redirects=False,
+                                        server_hostname=host if url.scheme == "https" else None) as resp:
+                    status = resp.status
+                    await resp.content.read(self.MAX_RESPONSE_BYTES)
+        except CallbackRefused as exc:  # the allowlist no longer admits the target: final
+            error, refused = str(exc), True
+        except InvalidRequest as exc:
             error, refused = exc.message, True
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # DNS failures included: retried
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         delivered = status is not None and 200 <= status < 300
-        # Retry network errors, timeouts and 5xx; a 4xx or a target the allowlist refuses is final.
+        # Retry network and DNS errors, timeouts and 5xx; a 4xx or a refused target is final.
         retry = not delivered and not refused and not (status is not None and 400 <= status < 500)
         next_at = None
         if retry:

@@ -66,7 +66,9 @@ def public(job: dict) -> dict:
 
 class JobService:
     def __init__(self, settings: JobsSettings, db_path: Path, jobs_tier: str, keys: list[ApiKey],
-                 auth: Authenticator, planner: Planner, core: ServingCore, metrics: Metrics) -> None:
+                 own_listeners: list[tuple[str, int]], auth: Authenticator, planner: Planner, core: ServingCore,
+                 metrics: Metrics) -> None:
+        self.own_listeners = own_listeners  # (host, port) of our listeners: never a callback target
         self.db_path = db_path
         self.rate_limit = core.rate_limit  # a submission is a request: the key's requests_per_second
         self.metrics = metrics
@@ -81,8 +83,9 @@ class JobService:
     def reconfigure(self, settings: JobsSettings, jobs_tier: str, keys: list[ApiKey]) -> None:
         self.settings = settings
         self.runner.reconfigure(jobs_tier, settings.concurrency, settings.max_attempts, settings.callback_retry_s)
-        self.callbacks.reconfigure(settings.callback_allow, {k.name: k.callback_secret for k in keys
-                                                             if k.callback_secret}, settings.callback_timeout_s)
+        self.callbacks.reconfigure(settings.callback_allow, self.own_listeners,
+                                   {k.name: k.callback_secret for k in keys if k.callback_secret},
+                                   settings.callback_timeout_s)
 
     # --- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
