@@ -11,6 +11,7 @@ import logging
 import signal
 import time
 
+import msgspec
 from aiohttp import web
 
 from proxy import systemd
@@ -43,7 +44,10 @@ class StartupError(Exception):
 class Appliance:
     """Owns every long-lived component; `start` (into an exit stack) is the only lifecycle entry."""
 
-    def __init__(self, cfg: Config, config_path: str | None = None) -> None:
+    def __init__(self, cfg: Config, config_path: str | None = None, listen_override: str | None = None) -> None:
+        # `serve --listen` wins over the file's listen, at start and at every reload.
+        self.listen_override = listen_override
+        cfg = self._with_overrides(cfg)
         self.cfg = cfg
         self.config_path = config_path
         self.metrics = metrics = Metrics()
@@ -147,7 +151,7 @@ class Appliance:
         if not self.config_path:
             return False, ["(file): this server was not started from a config file"]
         try:
-            new = load_config(self.config_path)
+            new = self._with_overrides(load_config(self.config_path))
             problems = [f"{field}: changing it needs a restart" for field in ("listen", "admin_listen", "data_dir")
                         if getattr(new, field) != getattr(self.cfg, field)]
             if problems:
@@ -171,6 +175,9 @@ class Appliance:
         log.info("config reloaded: %s", "; ".join(changes) or "no worker changes")
         return True, changes
 
+    def _with_overrides(self, cfg: Config) -> Config:
+        return msgspec.structs.replace(cfg, listen=self.listen_override) if self.listen_override else cfg
+
     def status_line(self) -> str:
         workers = list(self.pools.workers.values())
         ready = sum(1 for w in workers if w.state.value == "ready")
@@ -184,13 +191,13 @@ async def _cancel_and_wait(tasks: set[asyncio.Task]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def serve(cfg: Config, config_path: str | None = None) -> int:
+async def serve(cfg: Config, config_path: str | None = None, listen_override: str | None = None) -> int:
     """Run until SIGTERM/SIGINT; returns the exit code (1 when the appliance could not start)."""
     stop_budget = cfg.timeouts.drain_s + cfg.workers.stop_grace_s
     if stop_budget > SYSTEMD_STOP_BUDGET_S - 10:
         log.warning("timeouts.drain_s + workers.stop_grace_s = %.0fs leaves under 10s of the systemd unit's "
                     "TimeoutStopSec=%.0f; raise it in the unit", stop_budget, SYSTEMD_STOP_BUDGET_S)
-    appliance = Appliance(cfg, config_path)
+    appliance = Appliance(cfg, config_path, listen_override)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     background: set[asyncio.Task] = set()  # reloads and the watchdog; cancelled and awaited at stop

@@ -26,7 +26,12 @@ def _load_or_exit(path: str):
 
 
 def cmd_check_config(args) -> int:
-    _load_or_exit(args.path)
+    cfg = _load_or_exit(args.path)
+    from proxy.http.admin_guard import exposure_warning  # noqa: PLC0415 - aiohttp only when needed
+
+    warning = exposure_warning(cfg.admin_listen)
+    if warning:
+        print(f"{args.path}: warning: {warning}", file=sys.stderr)
     print(f"{args.path}: ok")
     return 0
 
@@ -39,9 +44,6 @@ def cmd_serve(args) -> int:
         except ValueError as exc:
             print(f"--listen: {exc}", file=sys.stderr)
             return 2
-        import msgspec
-
-        cfg = msgspec.structs.replace(cfg, listen=args.listen)
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import asyncio
@@ -51,8 +53,8 @@ def cmd_serve(args) -> int:
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(cfg, args.config))
-    return uvloop.run(serve(cfg, args.config))
+        return asyncio.run(serve(cfg, args.config, listen_override=args.listen))
+    return uvloop.run(serve(cfg, args.config, listen_override=args.listen))
 
 
 def cmd_model(args) -> int:

@@ -405,3 +405,59 @@ def test_a_slow_or_endless_callback_target_delays_only_itself(start_server, tmp_
     assert attempts("endless")[0]["status"] == 200  # the body was cut short, not read until the timeout
     assert not attempts("slow")  # still waiting for its slow target, and nobody waited for it
     assert "slow" in targets.seen
+
+
+def test_admin_listen_off_loopback_is_flagged_by_check_config(tmp_path):
+    import subprocess
+
+    import yaml
+
+    from tests.conftest import FULLPOWER, ROOT
+    config = fake_config()
+    config["admin_listen"] = "0.0.0.0:9191"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(FULLPOWER + ["check-config", str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and "warning: admin_listen 0.0.0.0:9191 is not a loopback address" in result.stderr
+
+
+def test_reload_keeps_the_listen_given_on_the_command_line(start_server, tmp_path):
+    """Low finding: `serve --listen` made every later reload fail ("listen: changing it needs a restart")."""
+    import subprocess
+
+    import yaml
+
+    from tests.conftest import FULLPOWER, ROOT, Server, free_port
+    server = Server(fake_config(), tmp_path)
+    override = free_port()
+    server.proc = subprocess.Popen(FULLPOWER + ["serve", "--config", str(server.config_path), "--listen",
+                                                f"127.0.0.1:{override}"], cwd=ROOT,
+                                   stdout=open(server.log_path, "wb"), stderr=subprocess.STDOUT)
+    server._log = open(server.log_path, "rb")
+    try:
+        server.port = override
+        server.wait_ready()
+        grown = yaml.safe_load(server.config_path.read_text())
+        grown["tiers"][0]["weight"] = 9
+        server.config_path.write_text(yaml.safe_dump(grown))
+        status, _, answer = http_json(server.admin + "/admin/reload", b"")
+        assert status == 200 and answer["ok"], answer
+        assert _chat(server, "premium", body("still here"))[0] == 200
+    finally:
+        server.stop()
+
+
+def test_a_corrupt_disk_cache_is_rebuilt_and_can_be_cleared(start_server, tmp_path):
+    """Low finding: a corrupt cache.db was never repaired and `cache clear` could not clear it."""
+    config = fake_config(fake={"token_latency_ms": 0})
+    config["data_dir"] = str(tmp_path / "data")
+    cache_dir = tmp_path / "data" / "cache"
+    cache_dir.mkdir(parents=True)
+    (cache_dir / "cache.db").write_bytes(b"this is not a database" * 100)
+    server = start_server(config)
+    prompt = body("cache me", temperature=0)
+    assert _chat(server, "standard", prompt)[1]["X-Fullpower-Cache"] == "miss"
+    assert "is corrupt" in server.log()
+    stats = http_json(server.admin + "/admin/cache", None, method="GET")[2]
+    assert stats["disk_available"] and stats["disk_entries"] == 1
+    assert http_json(server.admin + "/admin/cache/clear", b"")[2]["cleared"] >= 1

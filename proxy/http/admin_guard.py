@@ -36,15 +36,23 @@ def load_or_create_token(path: Path) -> str:
     return token
 
 
-def warn_if_exposed(address: str) -> None:
+def exposure_warning(address: str) -> str | None:
+    """A warning when the admin listener binds beyond loopback (0.0.0.0 included), else None."""
     host = address.rpartition(":")[0].strip("[]")
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = host == "localhost"
-    if not loopback:
-        log.warning("!!! admin_listen %s is not a loopback address: the admin API (token-protected) is "
-                    "reachable from the network; bind it to 127.0.0.1 unless you mean it", address)
+    if loopback:
+        return None
+    return (f"admin_listen {address} is not a loopback address: the admin API (token-protected) is "
+            "reachable from the network; bind it to 127.0.0.1 unless you mean it")
+
+
+def warn_if_exposed(address: str) -> None:
+    warning = exposure_warning(address)
+    if warning:
+        log.warning("!!! %s", warning)
 
 
 class AdminGuard:

@@ -1,13 +1,16 @@
 """The answer cache: L1 in memory (cachetools, bounded by bytes, TTL) and L2 on disk (diskcache,
 bounded by bytes, TTL, survives restarts). Every disk call runs in one worker thread, never on the
 event loop. A failing or full disk degrades to memory only - with a log line and a metric - and is
-tried again a minute later; the client never sees an error from the cache."""
+tried again a minute later; a corrupt disk tier is deleted and started anew. The client never
+sees an error from the cache."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import logging
+import shutil
+import sqlite3
 import time
 from pathlib import Path
 
@@ -75,6 +78,24 @@ class AnswerCache:
                                          eviction_policy="least-recently-stored", cull_limit=10)
         return self._disk
 
+    def _repairing(self, fn, *args):
+        """Run a disk call; a corrupt database (not an unwritable one) is deleted and built anew -
+        it is only a cache - and the call is tried once more."""
+        try:
+            return fn(*args)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError):
+                raise  # locked, full, unwritable: not corruption; memory only for a while
+            log.warning("disk cache %s is corrupt (%s): deleting it and starting an empty one", self._disk_dir, exc)
+            if self._disk is not None:
+                try:
+                    self._disk.close()
+                except Exception:  # noqa: BLE001 - it is being thrown away
+                    pass
+                self._disk = None
+            shutil.rmtree(self._disk_dir, ignore_errors=True)
+            return fn(*args)
+
     def _disk_get(self, key: str):
         return self._open_disk().get(key)
 
@@ -95,7 +116,7 @@ class AnswerCache:
         if not self._disk_bytes or time.monotonic() < self._disk_down_until:
             return None
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._repairing, fn, *args)
         except Exception as exc:  # noqa: BLE001 - sqlite3, OSError, timeouts: all mean "no disk now"
             self._disk_down_until = time.monotonic() + DISK_RETRY_S
             self._disk = None
