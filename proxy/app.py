@@ -23,7 +23,8 @@ from proxy.http.admin import AdminHandlers, Probes
 from proxy.http.admin_guard import AdminGuard, load_or_create_token, warn_if_exposed
 from proxy.http.jobs import JobHandlers
 from proxy.http.openai import OpenAIHandlers
-from proxy.http.server import ClientAddress, InflightRequests, JsonBodyReader, Listener, RequestContext
+from proxy.http.server import (ClientAddress, InflightRequests, JsonBodyReader, Listener, RequestContext,
+                               set_server_header)
 from proxy.jobs.service import JobService
 from proxy.metrics import Metrics
 from proxy.serving.auth import Authenticator
@@ -85,6 +86,7 @@ class Appliance:
     # --- applications ---------------------------------------------------------------------------
     def public_app(self) -> web.Application:
         app = web.Application(middlewares=[self.context.middleware], client_max_size=self.cfg.limits.max_body_bytes)
+        app.on_response_prepare.append(set_server_header)
         app.add_routes(self.openai.routes() + self.probes.routes())
         if self.job_handlers is not None:
             app.add_routes(self.job_handlers.routes())
@@ -93,6 +95,7 @@ class Appliance:
     def admin_app(self) -> web.Application:
         # The request context first: refusals by the guard are recorded and shaped like any error.
         app = web.Application(middlewares=[self.context.middleware, self.admin_guard.middleware])
+        app.on_response_prepare.append(set_server_header)
         app.add_routes(self.admin.routes() + self.probes.routes())
         if self.job_handlers is not None:
             app.add_routes(self.job_handlers.admin_routes())

@@ -1,5 +1,7 @@
 """Admission (pure logic): bounded queues, per-tier limits, weighted shares."""
 
+import pytest
+
 from proxy.serving.admission import Admission, Decision, TierPolicy
 
 
@@ -153,3 +155,23 @@ def test_a_lower_tier_never_pushes_out_a_higher_one():
     adm.arrive("batch")
     assert adm.arrive("batch")[:2] == (Decision.REJECT, None)
     assert adm.queued("premium") == 1
+
+
+def test_an_arrival_that_would_outwait_its_deadline_is_refused_at_once():
+    now = [0.0]
+    adm = Admission([TierPolicy("premium", 6, 100, 1000, 10.0), TierPolicy("batch", 1, 100, 1000, 2.0)],
+                    clock=lambda: now[0])
+    adm.set_capacity(1, 10_000)
+    assert adm.finish_rate() is None
+    adm.arrive("batch")
+    for _ in range(20):  # one request finishes every 0.5 s: 2 per second
+        adm.arrive("batch")
+        now[0] += 0.5
+        adm.release("batch")
+    assert adm.finish_rate() == pytest.approx(2.0, rel=0.1)
+    for _ in range(3):
+        assert adm.arrive("batch")[0] == Decision.QUEUE
+    assert adm.queued("batch") == 3
+    assert adm.arrive("batch")[0] == Decision.QUEUE  # 4th in line at ~2.1/s: 1.9 s, inside 2 s
+    assert adm.arrive("batch")[:2] == (Decision.REJECT, None)  # 5th in line: 2.4 s > 2 s
+    assert adm.arrive("premium")[0] == Decision.QUEUE  # premium waits behind no batch request

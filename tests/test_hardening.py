@@ -461,3 +461,23 @@ def test_a_corrupt_disk_cache_is_rebuilt_and_can_be_cleared(start_server, tmp_pa
     stats = http_json(server.admin + "/admin/cache", None, method="GET")[2]
     assert stats["disk_available"] and stats["disk_entries"] == 1
     assert http_json(server.admin + "/admin/cache/clear", b"")[2]["cleared"] >= 1
+
+
+def test_parser_errors_are_json_and_name_no_library_versions(fake_server):
+    """Low finding: parser-level errors answered in aiohttp's plain text, echoing the header, with
+    a Server header naming the aiohttp and Python versions."""
+    smuggle = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+               b"Transfer-Encoding: chunked\r\nX-Probe: <script>probe</script>\r\n\r\n0\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", fake_server.port), timeout=10) as sock:
+        sock.sendall(smuggle)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.") and b" 400 " in head.split(b"\r\n")[0]
+    assert b"Server: fullpower" in head and b"aiohttp" not in head and b"Python" not in head
+    assert json.loads(payload)["error"]["type"] == "invalid_request_error"
+    assert b"chunked" not in payload and b"script" not in payload
+    status, headers, _ = http_json(fake_server.url + "/healthz")
+    assert status == 200 and headers["Server"] == "fullpower"
+    assert "Traceback" not in fake_server.log()

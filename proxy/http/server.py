@@ -8,8 +8,10 @@ import asyncio
 import ipaddress
 import logging
 import re
+from http import HTTPStatus
 
-from aiohttp import web
+import msgspec
+from aiohttp import web, web_protocol, web_server
 
 from proxy.config import Limits
 from proxy.errors import (ApiError, MethodNotAllowed, NoWorkerReady, NotFound, PayloadTooLarge, RequestTimeout,
@@ -19,6 +21,7 @@ from proxy.serving.record import RequestRecord, new_request_id
 
 log = logging.getLogger("fullpower")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_json = msgspec.json.Encoder()
 LAST_WRITES_S = 0.5  # the least time handlers get to finish when a listener closes
 
 
@@ -174,6 +177,40 @@ class JsonBodyReader:
             raise RequestTimeout("The request body did not arrive in time.") from None
 
 
+SERVER_HEADER = "fullpower"  # never aiohttp's "Python/x aiohttp/y"
+
+
+async def set_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer of our applications names no library versions."""
+    response.headers["Server"] = SERVER_HEADER
+
+
+class _JsonErrorHandler(web_protocol.RequestHandler):
+    """Errors raised before a request reaches an application (the HTTP parser's 400s, say) are
+    answered like every other error: an OpenAI-shaped JSON body that echoes nothing the client
+    sent, and no library versions in the Server header."""
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # part of an answer went out: only closing is left
+            raise ConnectionError("an answer was partly sent; cannot send an error")
+        # A malformed request is the client's problem: one debug line, no traceback per request.
+        log.debug("unparseable request from %s: %s", request.remote, exc)
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+        body = _json.encode({"error": {"message": f"{phrase}: the request could not be parsed." if status < 500
+                                       else phrase, "type": kind, "param": None, "code": None}})
+        response = web.Response(status=status, body=body, content_type="application/json",
+                                headers={"Server": SERVER_HEADER})
+        response.force_close()
+        return response
+
+
+class _JsonErrorServer(web_server.Server):
+    def __call__(self) -> web_protocol.RequestHandler:
+        return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
+
+
 class Listener(web.AppRunner):
     """One listening application. keepalive_timeout runs from the connection's start (and from each
     response): a client that has not sent a whole request head by then is closed, so it doubles as
@@ -183,6 +220,12 @@ class Listener(web.AppRunner):
         super().__init__(app, handler_cancellation=True, access_log=None, keepalive_timeout=limits.header_timeout_s,
                          max_headers=limits.max_header_count, max_field_size=limits.max_header_bytes,
                          max_line_size=limits.max_header_bytes)
+
+    async def _make_server(self) -> web_server.Server:
+        server = await super()._make_server()
+        return _JsonErrorServer(server.request_handler, request_factory=server.request_factory,
+                                handler_cancellation=server.handler_cancellation, loop=server._loop,
+                                **server._kwargs)
 
     async def close(self, within_s: float) -> None:
         """Stop listening, then give handlers still running at most `within_s` (what is left of the

@@ -14,6 +14,10 @@ queue is full, an arrival pushes out the newest waiter of the lowest-ranked tier
 one (that waiter is refused at once); only when no lower tier has anyone waiting is the arrival
 itself refused. So under a burst the lowest tier is shed first, and the highest tier is refused
 only when nothing below it is queued.
+
+Hopeless waits are refused at arrival: from the rate at which requests have been finishing (the
+last RATE_WINDOW_S, once at least RATE_MIN_SAMPLES finished), an arrival that would wait behind
+more requests than can finish before its queue deadline gets 429 at once instead of timing out.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass, field
 from typing import Callable, Optional
+
+RATE_WINDOW_S = 10.0
+RATE_MIN_SAMPLES = 16
 
 
 @dataclass
@@ -70,6 +77,7 @@ class Admission:
         self.half_life = usage_half_life_s
         self._usage: dict[str, tuple[float, float]] = {}  # key -> (tokens, when)
         self._arrivals = 0
+        self._finished: collections.deque[float] = collections.deque(maxlen=1024)  # clock() of releases
 
     # --- reading --------------------------------------------------------------------------------
     def queued(self, tier: Optional[str] = None) -> int:
@@ -114,6 +122,8 @@ class Admission:
             self._grant(t, key, cost)
             return Decision.ADMIT, None, []
         evicted: list[Waiter] = []
+        if self.hopeless(tier):
+            return Decision.REJECT, None, []
         if t.queued >= t.policy.max_queue:
             victim = self._newest_below(tier)
             if victim is None:
@@ -136,8 +146,27 @@ class Admission:
                 return max((q[-1] for q in lower.queues.values() if q), key=lambda w: w.seq)
         return None
 
+    def finish_rate(self) -> float | None:
+        """Requests finished per second lately; None until enough have finished to tell."""
+        now = self.clock()
+        recent = [when for when in self._finished if now - when <= RATE_WINDOW_S]
+        if len(recent) < RATE_MIN_SAMPLES:
+            return None
+        return len(recent) / max(now - recent[0], 1e-3)
+
+    def hopeless(self, tier: str) -> bool:
+        """Would an arrival in `tier` wait past its deadline? It waits behind everyone queued in its
+        tier and the tiers above it (lower tiers yield to it)."""
+        rate = self.finish_rate()
+        if rate is None:
+            return False
+        names = list(self.tiers)
+        ahead = sum(self.tiers[name].queued for name in names[:names.index(tier) + 1])
+        return (ahead + 1) / rate > self.tiers[tier].policy.queue_timeout_s
+
     def release(self, tier: str, cost: int = 1) -> list[Waiter]:
         """A request of `tier` finished. Returns the waiters admitted in its place."""
+        self._finished.append(self.clock())
         t = self.tiers[tier]
         t.active -= 1
         self.active -= 1

@@ -68,7 +68,8 @@ class Gate:
             self._observe_wait(pool, 0.0)
             return Ticket(pool, tier, cost, 0.0)
         if decision == Decision.REJECT:
-            raise self._refusal(pool, admission, tier, "queue full")
+            why = "the wait would outlast the queue deadline" if admission.hopeless(tier) else "queue full"
+            raise self._refusal(pool, admission, tier, why)
         started = time.monotonic()
         waiter.token = asyncio.get_running_loop().create_future()
         try:
