@@ -176,7 +176,8 @@ def test_disk_tier_survives_a_restart_and_clear_empties_it(start_server, tmp_pat
     assert headers["X-Fullpower-Cache"] == "hit" and again["choices"] == answer["choices"]
     import subprocess
     from tests.conftest import FULLPOWER
-    result = subprocess.run(FULLPOWER + ["cache", "clear", "--admin", f"127.0.0.1:{second.admin_port}"], cwd=ROOT,
+    result = subprocess.run(FULLPOWER + ["cache", "clear", "--admin", f"127.0.0.1:{second.admin_port}",
+                                         "--admin-token-file", second.config["admin_token_file"]], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "cleared" in result.stdout
     status, headers, _ = http_json(second.url + "/v1/chat/completions", payload, {"Authorization": KEYS["batch"]})
