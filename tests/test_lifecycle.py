@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from proxy.jobs.store import _Db
+from proxy.jobs.db import JobDb
 from tests.conftest import FULLPOWER, ROOT, Server, fake_config, http_json, process_alive, wait_until
 from tests.test_request_path import KEYS, body, read_stream
 
@@ -93,7 +93,7 @@ def test_jobs_run_with_no_public_listener(tmp_path):
     server = Server(config, tmp_path)
     # Jobs queued earlier (by this host or another sharing the store), then a host with no public
     # listener at all: the runner executes them in-process.
-    db = _Db(Path(config["data_dir"]) / "jobs.sqlite3", 0)
+    db = JobDb(Path(config["data_dir"]) / "jobs.sqlite3", 0)
     key_name = next(k["name"] for k in config["auth"]["keys"] if k["tier"] == "standard")
     ids = [db.create(key_name, None, "/v1/chat/completions", {**body(f"offline {i}", max_tokens=4), "stream": False},
                      None, None, 3600.0, 60.0)[0]["id"] for i in range(3)]
