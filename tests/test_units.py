@@ -101,22 +101,22 @@ def test_flight_replays_from_the_start_to_late_joiners_and_is_cancelled_when_all
         cancelled = asyncio.Event()
 
         async def run(flight):
-            flight.publish(Tokens(id=0, token_ids=[1], text="a"))
+            flight.publish([Tokens(id=0, token_ids=[1], text="a")])
             try:
                 await release.wait()
             except asyncio.CancelledError:
                 cancelled.set()
                 raise
-            flight.publish(Finished(id=0, finish_reason="stop", prompt_tokens=1, completion_tokens=2))
+            flight.publish([Finished(id=0, finish_reason="stop", prompt_tokens=1, completion_tokens=2)])
 
         flight = coalescer.start("k", run)
         coalescer.join(flight)
         coalescer.join(flight)
         assert coalescer.get("k") is flight
         early = flight.follow(keepalive_s=5)
-        assert (await early.__anext__()).text == "a"
+        assert (await early.__anext__())[0].text == "a"
         release.set()
-        late = [f async for f in flight.follow(keepalive_s=5)]
+        late = [f async for batch in flight.follow(keepalive_s=5) for f in batch]
         assert [type(f) for f in late] == [Tokens, Finished]
         assert coalescer.get("k") is None  # a finished flight takes no new joiners
 

@@ -5,7 +5,6 @@ request's frames to that request's stream. A worker that goes away fails every o
 from __future__ import annotations
 
 import asyncio
-import collections
 import socket
 from typing import Callable, Union
 
@@ -21,29 +20,52 @@ StreamItem = Union[Tokens, Finished, Failed, WorkerGone]
 
 
 class RequestStream:
-    """The frames of one request, in order: Tokens*, then Finished or Failed (or WorkerGone)."""
+    """The frames of one request, in order: Tokens*, then Finished or Failed (or WorkerGone).
+
+    The consumer takes everything that arrived since it last looked (`take`), so one wake-up
+    serves all the frames a slow consumer has fallen behind on. Waiting is bounded by a single
+    timer per stream that is re-armed lazily (`wait_until`): arrivals never touch a timer.
+    """
 
     __slots__ = ("id", "_items", "_waiter", "closed")
 
     def __init__(self, request_id: int) -> None:
         self.id = request_id
-        self._items: collections.deque = collections.deque()
+        self._items: list = []
         self._waiter: asyncio.Future | None = None
         self.closed = False
 
     def _push(self, item) -> None:
         self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
-    async def next(self) -> StreamItem:
-        while not self._items:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
+    def take(self) -> list:
+        """Every frame that arrived and was not taken yet (possibly none)."""
+        items, self._items = self._items, []
+        return items
+
+    async def wait_until(self, when: float) -> None:
+        """Return once a frame is there to take, or at loop time `when` (whichever is first)."""
+        if self._items:
+            return
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        timer = loop.call_at(when, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if self._waiter is waiter:
                 self._waiter = None
-        return self._items.popleft()
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class WorkerConnection(asyncio.Protocol):

@@ -24,6 +24,7 @@ from proxy.serving.responses import ResponseFormatter
 from proxy.http.server import JsonBodyReader
 
 _json = msgspec.json.Encoder()
+FAST_WRITE_BYTES = 16384  # below aiohttp's 64 KiB high-water mark: such a write into an empty buffer never waits
 
 
 def overhead_s(rec: RequestRecord, answer: Answer, now: float, finished_at: float | None = None) -> float:
@@ -96,11 +97,19 @@ class OpenAIHandlers:
         response: web.StreamResponse | None = None
         include_usage = plan.include_usage
         write_timeout = plan.write_timeout_s
+        behind = False  # the last write found bytes the client had not taken yet
 
         async def write(data: bytes | None) -> None:
+            nonlocal behind
             """One write (None: the end of the stream). Bounded: aiohttp buffers up to its
             high-water mark, then waits for the socket to drain; a client that stops reading is
-            cut here, and leaving the answer block frees its slot."""
+            cut here, and leaving the answer block frees its slot. With nothing unsent in the
+            transport a small write cannot block, so it needs no timer (the common case)."""
+            transport = request.transport
+            behind = transport is not None and transport.get_write_buffer_size() > 0
+            if transport is not None and not behind and (data is None or len(data) < FAST_WRITE_BYTES):
+                await (response.write_eof() if data is None else response.write(data))
+                return
             try:
                 async with asyncio.timeout(write_timeout):
                     await (response.write_eof() if data is None else response.write(data))
@@ -113,7 +122,8 @@ class OpenAIHandlers:
         last = None
         async with contextlib.aclosing(answer.frames()) as frames:
             try:
-                async for item in frames:
+                async for batch in frames:
+                    out: list[bytes] = []
                     if response is None:
                         # Headers go out with the first frame, so a worker lost before it is retried
                         # invisibly and the headers name the worker that served.
@@ -122,22 +132,33 @@ class OpenAIHandlers:
                             **self._headers(rec, answer), "Content-Type": "text/event-stream",
                             "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                         await response.prepare(request)
-                        await write(_sse(fmt.first_chunk(include_usage)))
-                    if item is None:
-                        await write(b": keep-alive\n\n")
+                        out.append(_sse(fmt.first_chunk(include_usage)))
+                    if batch is None:
+                        out.append(b": keep-alive\n\n")
+                        await write(b"".join(out))
                         continue
                     now = time.monotonic()
                     if last is not None:
                         inter_token.observe(now - last)
                     last = now
-                    if isinstance(item, Finished):
-                        out = [_sse(fmt.final_chunk(item.finish_reason, include_usage))]
+                    # Everything that arrived since the last write goes out in one write: one event
+                    # per token while the client keeps up; merged into one event (the same text)
+                    # when the client is behind - the last write found bytes it had not taken.
+                    finished = batch[-1] if isinstance(batch[-1], Finished) else None
+                    tokens = batch[:-1] if finished is not None else batch
+                    if len(tokens) > 1 and behind:
+                        text = "".join([item.text for item in tokens])
+                        if text:
+                            out.append(fmt.delta_event(text, include_usage))
+                    else:
+                        out.extend([fmt.delta_event(item.text, include_usage) for item in tokens if item.text])
+                    if finished is not None:
+                        out.append(_sse(fmt.final_chunk(finished.finish_reason, include_usage)))
                         if include_usage:
-                            out.append(_sse(fmt.usage_chunk(item)))
+                            out.append(_sse(fmt.usage_chunk(finished)))
                         out.append(b"data: [DONE]\n\n")
-                        await write(b"".join(out))
-                    elif item.text:
-                        await write(_sse(fmt.delta_chunk(item.text, include_usage)))
+                    if out:
+                        await write(out[0] if len(out) == 1 else b"".join(out))
             except ApiError as exc:
                 if response is None:
                     raise

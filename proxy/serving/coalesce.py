@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Callable
 
-from backend.protocol import Finished, Tokens
 
 
 class Flight:
@@ -21,7 +20,7 @@ class Flight:
         self.owner = owner  # the API key name of the request that started it
         self.tier = tier  # the highest tier among its waiters: admission queues it there
         self.tier_raised = asyncio.Event()
-        self.frames: list = []  # Tokens..., Finished
+        self.frames: list = []  # Tokens..., Finished (every frame published so far, in order)
         self.error: BaseException | None = None
         self.done = False
         self.waiters = 0
@@ -31,8 +30,8 @@ class Flight:
         self.queued_s: float | None = None
         self._changed = asyncio.Event()
 
-    def publish(self, frame) -> None:
-        self.frames.append(frame)
+    def publish(self, batch: list) -> None:
+        self.frames.extend(batch)
         self._wake()
 
     def finish(self, error: BaseException | None = None) -> None:
@@ -44,13 +43,16 @@ class Flight:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def follow(self, keepalive_s: float) -> AsyncIterator[Tokens | Finished | None]:
-        """Every frame from the start; None when nothing arrived for keepalive_s."""
+    async def follow(self, keepalive_s: float) -> AsyncIterator[list | None]:
+        """Every frame from the start, in batches of what arrived since the follower last looked;
+        None when nothing arrived for keepalive_s."""
         i = 0
         while True:
-            while i < len(self.frames):
-                yield self.frames[i]
-                i += 1
+            if i < len(self.frames):
+                batch = self.frames[i:]
+                i += len(batch)
+                yield batch
+                continue  # more may have arrived while the follower was busy
             if self.done:
                 if self.error is not None:
                     raise self.error

@@ -1,8 +1,10 @@
 """The serving core: what every request goes through once it is planned, whether it came over
 HTTP or from the job runner. It applies the key's rate limit, then answers from the cache, joins an
 identical request in flight (coalescing), or admits the request and runs its generation on the
-workers (with failover and stream resume: generation.py). It yields frames - Tokens, one Finished,
-or None for "idle, send a keepalive" - and formats nothing: that is the caller's part.
+workers (with failover and stream resume: generation.py). It yields batches of frames - Tokens,
+the last batch ending with one Finished - or None for "idle, send a keepalive", and formats
+nothing: that is the caller's part. A batch is everything that arrived since the caller last
+looked, so a caller that falls behind catches up in one step.
 
 It is the one writer of these facts of a RequestRecord: cache outcome, queue wait, the worker and
 model that served, time to the first token, token counts and failovers.
@@ -29,7 +31,7 @@ from proxy.serving.plan import RequestPlan
 from proxy.serving.ratelimit import KeyLimits
 from proxy.serving.record import RequestRecord
 
-Frame = Tokens | Finished | None
+Batch = list | None  # [Tokens..., Finished?] or None (keepalive)
 
 
 class Answer:
@@ -38,7 +40,7 @@ class Answer:
 
     __slots__ = ("cache", "cache_header", "_frames", "_served_by", "_queued_s", "_rec")
 
-    def __init__(self, cache: str, frames: AsyncIterator[Frame], served_by: Callable[[], tuple],
+    def __init__(self, cache: str, frames: AsyncIterator[Batch], served_by: Callable[[], tuple],
                  queued_s: Callable[[], float | None], rec: RequestRecord, same_owner: bool = True) -> None:
         self.cache = cache  # the truth, for the access log and metrics
         # What the client is told: another key's answer (shared cache scope) or generation in
@@ -53,30 +55,33 @@ class Answer:
     def dispatched_at(self) -> float | None:
         return self._served_by()[1]
 
-    async def frames(self) -> AsyncIterator[Frame]:
+    async def frames(self) -> AsyncIterator[Batch]:
         rec = self._rec
         first = True
         async with contextlib.aclosing(self._frames) as frames:
-            async for item in frames:
-                if first:  # the headers go out with the first frame, a keepalive included
+            async for batch in frames:
+                if first:  # the headers go out with the first batch, a keepalive included
                     first = False
                     self._record_served_by()
-                if item is not None and rec.ttft_s is None:
-                    rec.ttft_s = time.monotonic() - rec.started
-                if isinstance(item, Finished):
-                    rec.prompt_tokens, rec.completion_tokens = item.prompt_tokens, item.completion_tokens
-                yield item
+                if batch is not None:
+                    if rec.ttft_s is None:
+                        rec.ttft_s = time.monotonic() - rec.started
+                    last = batch[-1]
+                    if isinstance(last, Finished):
+                        rec.prompt_tokens, rec.completion_tokens = last.prompt_tokens, last.completion_tokens
+                yield batch
 
     async def collect(self) -> tuple[str, Finished]:
         """The whole answer as one text and its Finished frame (for non-streaming callers)."""
         parts: list[str] = []
         finished = None
         async with contextlib.aclosing(self.frames()) as frames:
-            async for item in frames:
-                if isinstance(item, Finished):
-                    finished = item
-                elif item is not None:
-                    parts.append(item.text)
+            async for batch in frames:
+                for item in batch or ():
+                    if isinstance(item, Finished):
+                        finished = item
+                    else:
+                        parts.append(item.text)
         return "".join(parts), finished
 
     def _record_served_by(self) -> None:
@@ -215,18 +220,19 @@ class ServingCore:
             text: list[str] = []
             try:
                 async with contextlib.aclosing(gen.frames()) as frames:
-                    async for item in frames:
-                        if item is None:
+                    async for batch in frames:
+                        if batch is None:
                             continue  # each waiter sends its own keepalives
                         flight.worker, flight.dispatched_at = gen.worker, gen.dispatched_at
-                        if isinstance(item, Finished):
-                            if plan.cache_write:
-                                self._store(key, CachedAnswer(text, item.finish_reason, item.prompt_tokens,
-                                                              item.completion_tokens, gen.worker.model, gen.worker.id,
-                                                              owner=plan.key))
-                        elif item.text:
-                            text.append(item.text)
-                        flight.publish(item)
+                        for item in batch:
+                            if isinstance(item, Finished):
+                                if plan.cache_write:
+                                    self._store(key, CachedAnswer(
+                                        text, item.finish_reason, item.prompt_tokens, item.completion_tokens,
+                                        gen.worker.model, gen.worker.id, owner=plan.key))
+                            elif item.text:
+                                text.append(item.text)
+                        flight.publish(batch)
             finally:
                 self.gate.release(ticket)
 
@@ -285,6 +291,6 @@ def _worker(worker) -> tuple[str, str] | None:
 async def _replay(answer: CachedAnswer):
     """A cached answer as frames, at once (no artificial delays), in the pieces it first came in."""
     for piece in answer.pieces:
-        yield Tokens(id=0, token_ids=[], text=piece)
-    yield Finished(id=0, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
-                   completion_tokens=answer.completion_tokens)
+        yield [Tokens(id=0, token_ids=[], text=piece)]
+    yield [Finished(id=0, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
+                    completion_tokens=answer.completion_tokens)]

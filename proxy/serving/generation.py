@@ -63,10 +63,11 @@ class Generation:
         self.token_ids: list[int] = []
         self.dispatched_at: float | None = None  # time.monotonic() when the first Generate went out
         self.failovers = 0
-        self._since = 0.0  # loop time of the last progress (attempt start or a token)
 
-    async def frames(self) -> AsyncIterator[Tokens | Finished | None]:
-        """Tokens frames, then one Finished. None means "idle for keepalive_s" (send a keepalive)."""
+    async def frames(self) -> AsyncIterator[list | None]:
+        """Batches of frames: Tokens, the last batch ending with one Finished. A batch holds every
+        frame that arrived since the consumer last looked (one wake-up however far behind it is).
+        None means "idle for keepalive_s" (send a keepalive)."""
         tried: list[str] = []
         holding_retry = False  # a retried request holds one unit of the budget until it ends
         try:
@@ -75,11 +76,12 @@ class Generation:
                 # aclosing: when our consumer stops early, the attempt's cleanup (cancel the
                 # generation, release the worker) must run now, not whenever the GC gets to it.
                 async with contextlib.aclosing(self._attempt(tried)) as attempt:
-                    async for item in attempt:
-                        if isinstance(item, (Failed, WorkerGone)):
-                            failure = item
-                        else:
-                            yield item
+                    async for batch in attempt:
+                        if batch is not None and isinstance(batch[-1], (Failed, WorkerGone)):
+                            failure = batch.pop()
+                            if not batch:
+                                continue
+                        yield batch
                 if failure is None:
                     return
                 if len(tried) >= self.max_attempts:
@@ -104,7 +106,8 @@ class Generation:
                 self.budget.give_back()
 
     async def _attempt(self, tried: list[str]):
-        """One worker's part: its frames, ending with Finished, or with the failure to retry after."""
+        """One worker's part: batches of its frames, the last ending with Finished, or with the
+        failure to retry after; None for a keepalive."""
         # Prefer workers not tried yet; with attempts left but none untried, any but the last to fail.
         worker = self.pools.pick(self.pool, exclude=tried)
         if worker is None and tried:
@@ -118,53 +121,49 @@ class Generation:
         epoch = self.pools.acquire(worker, self.cost)
         rid = next(_request_ids)
         stream = worker.conn.generate(self.make(rid, list(self.token_ids)))
-        self._since = loop.time()
+        progress = quiet_since = loop.time()  # last frame; last frame or keepalive
         if self.dispatched_at is None:
             self.dispatched_at = time.monotonic()
         outcome = None
         try:
             while True:
-                try:
-                    item = await self._next(stream)
-                except UpstreamTimeout:
-                    outcome = Outcome.GONE
-                    raise
-                if isinstance(item, Tokens):
-                    self.token_ids.extend(item.token_ids)
-                    self._since = loop.time()
-                elif isinstance(item, Finished):
-                    outcome = Outcome.OK
-                elif isinstance(item, Failed):
-                    if item.code == "invalid_request":
-                        outcome = Outcome.OK  # the request was at fault, not the worker
-                        raise InvalidRequest(item.message, param="messages")
-                    outcome = Outcome.INTERNAL
-                    tried.append(worker.id)
-                elif isinstance(item, WorkerGone):
-                    outcome = Outcome.GONE
-                    tried.append(worker.id)
-                yield item
-                if isinstance(item, (Finished, Failed, WorkerGone)):
+                batch = stream.take()
+                if not batch:
+                    limit = self.idle_s if self.token_ids else self.first_token_s
+                    now = loop.time()
+                    if now >= progress + limit:
+                        outcome = Outcome.GONE
+                        what = "between tokens" if self.token_ids else "for the first token"
+                        raise UpstreamTimeout(f"The worker sent nothing {what} for {limit:.0f}s.")
+                    if now >= quiet_since + self.keepalive_s:
+                        quiet_since = now
+                        yield None
+                        continue
+                    await stream.wait_until(min(progress + limit, quiet_since + self.keepalive_s))
+                    continue
+                progress = quiet_since = loop.time()
+                for i, item in enumerate(batch):
+                    if isinstance(item, Tokens):
+                        self.token_ids.extend(item.token_ids)
+                        continue
+                    if isinstance(item, Finished):
+                        outcome = Outcome.OK
+                    elif isinstance(item, Failed):
+                        if item.code == "invalid_request":
+                            outcome = Outcome.OK  # the request was at fault, not the worker
+                            raise InvalidRequest(item.message, param="messages")
+                        outcome = Outcome.INTERNAL
+                        tried.append(worker.id)
+                    else:  # WorkerGone
+                        outcome = Outcome.GONE
+                        tried.append(worker.id)
+                    del batch[i + 1:]  # nothing follows the end of a stream
+                    yield batch
                     return
+                yield batch
         finally:
             if not stream.closed and worker.conn is not None:
                 worker.conn.cancel(rid)
             ejection = self.pools.release(worker, epoch, self.cost, outcome)
             if ejection is not None:
                 self.on_ejection(ejection)
-
-    async def _next(self, stream):
-        limit = self.idle_s if self.token_ids else self.first_token_s
-        loop = asyncio.get_running_loop()
-        deadline = self._since + limit
-        while True:
-            wait = min(self.keepalive_s, deadline - loop.time())
-            if wait <= 0:
-                what = "between tokens" if self.token_ids else "for the first token"
-                raise UpstreamTimeout(f"The worker sent nothing {what} for {limit:.0f}s.")
-            try:
-                async with asyncio.timeout(wait):
-                    return await stream.next()
-            except TimeoutError:
-                if loop.time() < deadline:
-                    return None

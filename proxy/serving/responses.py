@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import time
 
+import msgspec
+
 from backend.protocol import Finished
 from proxy.serving.record import new_request_id
+
+_json = msgspec.json.Encoder()
+_MARK = "\x00"  # a text no delta can hold as-is: JSON-encoded, it marks where the text goes
 
 
 class ResponseFormatter:
@@ -17,6 +22,7 @@ class ResponseFormatter:
         self.id = ("chatcmpl-" if chat else "cmpl-") + new_request_id()
         self.model = model
         self.created = int(time.time())
+        self._delta_parts: dict[bool, tuple[bytes, bytes]] = {}  # include_usage -> (head, tail)
 
     @staticmethod
     def usage(f: Finished) -> dict:
@@ -54,6 +60,15 @@ class ResponseFormatter:
 
     def delta_chunk(self, text: str, include_usage: bool) -> dict:
         return self._chunk(self._choice(text, None), include_usage)
+
+    def delta_event(self, text: str, include_usage: bool) -> bytes:
+        """delta_chunk as a whole SSE event, from pre-encoded pieces: only the text is encoded
+        per event (the hot path of every stream)."""
+        parts = self._delta_parts.get(include_usage)
+        if parts is None:
+            head, _, tail = _json.encode(self.delta_chunk(_MARK, include_usage)).partition(_json.encode(_MARK))
+            parts = self._delta_parts[include_usage] = (b"data: " + head, tail + b"\n\n")
+        return parts[0] + _json.encode(text) + parts[1]
 
     def final_chunk(self, reason: str, include_usage: bool) -> dict:
         return self._chunk(self._choice("", reason), include_usage)

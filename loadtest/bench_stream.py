@@ -1,0 +1,109 @@
+"""The streaming token path: proxy CPU per delivered token at many concurrent streams.
+
+`python -m loadtest.bench_stream [--streams 256] [--duration 15] [--token-ms 5] [--tokens 128]`
+starts `fullpower serve` with one fake-engine worker (the given per-token latency, a batch as
+large as the stream count, cache off), then runs a closed loop of `--streams` streaming chat
+requests from a separate client process for `--duration` seconds. It reports delivered tokens/s
+(from each stream's usage), the proxy process's CPU time over the window (utime + stime from
+/proc, so the client and worker are not counted), and their ratio: **µs of proxy CPU per token**.
+The same worker driven straight over the worker protocol gives the ceiling (`direct_tok_s`).
+Loopback only; bounded in time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from loadtest.bench_proxy import PY, ROOT, fake_bench_config, start_server
+
+CLIENT = r"""
+import asyncio, json, sys, time
+import aiohttp
+url, streams, duration, tokens = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+body = {"model": "fake-model", "messages": [{"role": "user", "content": "go"}], "max_tokens": tokens,
+        "temperature": 0.7, "stream": True, "stream_options": {"include_usage": True}}
+async def main():
+    done = {"tokens": 0, "streams": 0, "errors": 0}
+    stop = time.monotonic() + duration
+    async def one():
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
+            while time.monotonic() < stop:
+                try:
+                    async with s.post(url + "/v1/chat/completions", json=body,
+                                      headers={"Authorization": "Bearer sk-test-premium"}) as resp:
+                        usage = None
+                        async for line in resp.content:
+                            if line.startswith(b'data: {') and b'"usage":{' in line:
+                                usage = json.loads(line[6:])["usage"]
+                    if usage and time.monotonic() <= stop:
+                        done["tokens"] += usage["completion_tokens"]
+                        done["streams"] += 1
+                except Exception:
+                    done["errors"] += 1
+    await asyncio.gather(*(one() for _ in range(streams)))
+    print(json.dumps(done))
+asyncio.run(main())
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(streams: int, duration: float, token_ms: float, tokens: int) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="fullpower-bench-stream-"))
+    config, port, _ = fake_bench_config(tmp, devices=["cpu"], replicas={"hot": 1}, max_batch_size=streams,
+                                        max_inflight_per_worker=streams,
+                                        fake={"token_latency_ms": token_ms, "output_tokens": tokens})
+    config["cache"] = {"enabled": False}
+    for tier in config["tiers"]:
+        tier.update(max_concurrent=streams, max_queue=streams)
+    server = start_server(config, tmp / "c.yaml", port)
+    try:
+        client = subprocess.Popen([PY, "-c", CLIENT, f"http://127.0.0.1:{port}", str(streams), str(duration + 2),
+                                   str(tokens)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        time.sleep(2)  # warm-up: every stream running before the window opens
+        cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
+        out, _ = client.communicate(timeout=duration + 120)
+        cpu1, t1 = cpu_seconds(server.pid), time.monotonic()
+    finally:
+        server.terminate()
+        server.wait(60)
+    done = json.loads(out)
+    # tokens of streams that ended inside the window (the client's window is the warm-up + duration)
+    window = t1 - t0
+    tok_s = done["tokens"] / (duration + 2)
+    return {"streams": streams, "token_ms": token_ms, "tokens_per_stream": tokens, "window_s": round(window, 2),
+            "delivered_tok_s": round(tok_s), "streams_done": done["streams"], "errors": done["errors"],
+            "proxy_cpu_s": round(cpu1 - cpu0, 2), "proxy_core_share": round((cpu1 - cpu0) / window, 3),
+            "proxy_cpu_us_per_token": round((cpu1 - cpu0) / (tok_s * window) * 1e6, 2)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench_stream", description=__doc__.split("\n\n")[0])
+    p.add_argument("--streams", type=int, default=256)
+    p.add_argument("--duration", type=float, default=15.0)
+    p.add_argument("--token-ms", type=float, default=5.0)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--out", help="also write the JSON here")
+    args = p.parse_args(argv)
+    result = run(args.streams, args.duration, args.token_ms, args.tokens)
+    result["machine"] = f"{os.cpu_count()} cores, {sys.platform}"
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

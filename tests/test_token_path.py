@@ -1,0 +1,58 @@
+"""The streaming token path: a client slower than the worker gets its pending deltas merged into
+fewer events, and still receives exactly the same text and token counts."""
+
+import json
+import socket
+import time
+
+from tests.conftest import fake_config
+from tests.test_request_path import KEYS, body, read_stream, stream_text
+
+
+def _slow_read(port: int, payload: dict, key: str) -> list[dict]:
+    """A streaming request whose client stops reading for a while after the first bytes: the
+    sockets' buffers fill, and the deltas the worker makes meanwhile pile up behind them."""
+    sock = socket.socket()
+    sock.connect(("127.0.0.1", port))
+    raw = json.dumps(payload).encode()
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Cache-Control: no-cache, no-store\r\nConnection: close\r\n"
+                 + f"Authorization: {key}\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
+    data = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        if not data:
+            time.sleep(3.0)  # the pause: the worker goes on generating
+        data += chunk
+    sock.close()
+    head, _, chunked = data.partition(b"\r\n\r\n")
+    body_bytes, rest = b"", chunked
+    while rest:  # undo the chunked transfer encoding
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            break
+        body_bytes, rest = body_bytes + rest[:size], rest[size + 2:]
+    events = [block[6:] for block in body_bytes.decode().split("\n\n") if block.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_a_slow_client_gets_merged_deltas_with_the_exact_text_and_token_counts(start_server):
+    tokens = 40000  # about 6 MB of events: more than the sockets' buffers hold
+    server = start_server(fake_config(fake={"token_latency_ms": 0, "output_tokens": tokens,
+                                            "context_length": tokens + 100}))
+    payload = body("the same long answer", stream=True, temperature=0, max_tokens=tokens,
+                   stream_options={"include_usage": True})
+    fast = read_stream(server.url, payload, KEYS["standard"], headers={"Cache-Control": "no-cache, no-store"})
+    slow = _slow_read(server.port, payload, KEYS["standard"])
+    slow_text = "".join(e["choices"][0]["delta"].get("content") or "" for e in slow if e["choices"])
+    assert slow_text == stream_text(fast)
+    usage = slow[-1]["usage"]
+    assert usage["completion_tokens"] == tokens and slow[-2]["choices"][0]["finish_reason"] == "length"
+    deltas = [e for e in slow if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert len(deltas) < tokens, len(deltas)  # merged: fewer events than tokens
+    assert all(e["usage"] is None for e in slow[:-1])  # include_usage shape kept on merged events
