@@ -27,13 +27,16 @@ class RequestStream:
     timer per stream that is re-armed lazily (`wait_until`): arrivals never touch a timer.
     """
 
-    __slots__ = ("id", "_items", "_waiter", "closed")
+    __slots__ = ("id", "_items", "_waiter", "closed", "_wake_at", "_timer", "_timer_at")
 
     def __init__(self, request_id: int) -> None:
         self.id = request_id
         self._items: list = []
         self._waiter: asyncio.Future | None = None
         self.closed = False
+        self._wake_at = 0.0  # when the current waiter must be woken at the latest (loop time)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     def _push(self, item) -> None:
         self._items.append(item)
@@ -49,23 +52,45 @@ class RequestStream:
         return items
 
     async def wait_until(self, when: float) -> None:
-        """Return once a frame is there to take, or at loop time `when` (whichever is first)."""
+        """Return once a frame is there to take, or at loop time `when` (whichever is first).
+
+        The deadline moves later with every frame, so the stream keeps one timer and moves it
+        only when it must fire earlier; a timer that fires before the current deadline re-arms
+        itself. Frames at full speed thus cost no timer operations at all."""
         if self._items:
             return
         loop = asyncio.get_running_loop()
         waiter = self._waiter = loop.create_future()
-        timer = loop.call_at(when, _wake, waiter)
+        self._wake_at = when
+        if self._timer is None or self._timer_at > when:
+            self._arm(loop, when)
         try:
             await waiter
         finally:
-            timer.cancel()
             if self._waiter is waiter:
                 self._waiter = None
 
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = loop.call_at(when, self._on_timer, loop), when
 
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nobody waits: the next wait arms a timer again
+        if loop.time() >= self._wake_at:
+            self._waiter = None
+            waiter.set_result(None)
+        else:
+            self._arm(loop, self._wake_at)
+
+    def release(self) -> None:
+        """The consumer is done with the stream: drop its timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class WorkerConnection(asyncio.Protocol):

@@ -162,6 +162,7 @@ class Generation:
                     return
                 yield batch
         finally:
+            stream.release()
             if not stream.closed and worker.conn is not None:
                 worker.conn.cancel(rid)
             ejection = self.pools.release(worker, epoch, self.cost, outcome)
