@@ -5,14 +5,16 @@ import json
 import socket
 import time
 
-from tests.conftest import fake_config
+from tests.conftest import fake_config, http_json, metric_value, wait_until
 from tests.test_request_path import KEYS, body, read_stream, stream_text
 
 
-def _slow_read(port: int, payload: dict, key: str) -> list[dict]:
-    """A streaming request whose client stops reading for a while after the first bytes: the
-    sockets' buffers fill, and the deltas the worker makes meanwhile pile up behind them."""
+def _slow_read(port: int, payload: dict, key: str, pause) -> list[dict]:
+    """A streaming request whose client stops reading after the first bytes until `pause()`
+    returns: the sockets' buffers fill (a small receive buffer keeps them small), and the deltas
+    the worker makes meanwhile pile up behind them."""
     sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     sock.connect(("127.0.0.1", port))
     raw = json.dumps(payload).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -25,7 +27,7 @@ def _slow_read(port: int, payload: dict, key: str) -> list[dict]:
         if not chunk:
             break
         if not data:
-            time.sleep(3.0)  # the pause: the worker goes on generating
+            pause()
         data += chunk
     sock.close()
     head, _, chunked = data.partition(b"\r\n\r\n")
@@ -48,7 +50,13 @@ def test_a_slow_client_gets_merged_deltas_with_the_exact_text_and_token_counts(s
     payload = body("the same long answer", stream=True, temperature=0, max_tokens=tokens,
                    stream_options={"include_usage": True})
     fast = read_stream(server.url, payload, KEYS["standard"], headers={"Cache-Control": "no-cache, no-store"})
-    slow = _slow_read(server.port, payload, KEYS["standard"])
+    # the client reads again only once the worker has generated everything
+    def worker_done():
+        wait_until(lambda: metric_value(http_json(server.admin + "/metrics")[2],
+                                        "fullpower_worker_generated_tokens_total") >= 2 * tokens,
+                   timeout=60, interval=0.05, what="the worker finished generating")
+
+    slow = _slow_read(server.port, payload, KEYS["standard"], worker_done)
     slow_text = "".join(e["choices"][0]["delta"].get("content") or "" for e in slow if e["choices"])
     assert slow_text == stream_text(fast)
     usage = slow[-1]["usage"]
