@@ -5,6 +5,8 @@ import json
 import socket
 import time
 
+import pytest
+
 from tests.conftest import fake_config, http_json, metric_value, wait_until
 from tests.test_request_path import KEYS, body, read_stream, stream_text
 
@@ -43,10 +45,14 @@ def _slow_read(port: int, payload: dict, key: str, pause) -> list[dict]:
     return [json.loads(e) for e in events[:-1]]
 
 
-def test_a_slow_client_gets_merged_deltas_with_the_exact_text_and_token_counts(start_server):
-    tokens = 40000  # about 6 MB of events: more than the sockets' buffers hold
-    server = start_server(fake_config(fake={"token_latency_ms": 0, "output_tokens": tokens,
-                                            "context_length": tokens + 100}))
+@pytest.mark.parametrize("cache", [True, False], ids=["shared-flight", "direct-path"])
+def test_a_slow_client_gets_merged_deltas_with_the_exact_text_and_token_counts(start_server, cache):
+    """With the cache on, the answer comes through a shared flight; with it off, through the
+    request's own generation and the direct path (tokens written from the worker connection)."""
+    tokens = 100_000  # about 14 MB of events: far more than the sockets' buffers hold
+    config = fake_config(fake={"token_latency_ms": 0, "output_tokens": tokens, "context_length": tokens + 100})
+    config["cache"] = {"enabled": cache}
+    server = start_server(config)
     payload = body("the same long answer", stream=True, temperature=0, max_tokens=tokens,
                    stream_options={"include_usage": True})
     fast = read_stream(server.url, payload, KEYS["standard"], headers={"Cache-Control": "no-cache, no-store"})

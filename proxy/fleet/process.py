@@ -117,8 +117,9 @@ async def _watch(state: PoolState, worker: Replica, w: Workers, proc, conn: Work
             if exited in done:
                 return f"exited with code {proc.returncode}", not ready, False
             now = time.monotonic()
-            if now - worker.last_heartbeat > hung_after:
-                return Hung(f"no heartbeat for {now - worker.last_heartbeat:.1f}s (hung)"), not ready, False
+            heard = max(worker.last_heartbeat, conn.last_data)  # any bytes from it: it is alive
+            if now - heard > hung_after:
+                return Hung(f"no heartbeat for {now - heard:.1f}s (hung)"), not ready, False
             if ready and worker.engine_stall_s > w.engine_stall_timeout_s:
                 return Hung(f"engine stalled for {worker.engine_stall_s:.0f}s"), False, False
             if not ready and now - spawned > w.boot_timeout_s:

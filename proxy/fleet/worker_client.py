@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 from typing import Callable, Union
 
 from backend import protocol
@@ -25,9 +26,14 @@ class RequestStream:
     The consumer takes everything that arrived since it last looked (`take`), so one wake-up
     serves all the frames a slow consumer has fallen behind on. Waiting is bounded by a single
     timer per stream that is re-armed lazily (`wait_until`): arrivals never touch a timer.
+
+    The direct path: while the consumer is parked in `wait_until` with nothing left to take, a
+    frame may be handed to `sink` right here, in the connection's `data_received`, without waking
+    the consumer (it returns False to decline: the frame then queues and wakes the consumer as
+    usual). Order is kept: the sink only sees a frame when nothing is queued before it.
     """
 
-    __slots__ = ("id", "_items", "_waiter", "closed", "_wake_at", "_timer", "_timer_at")
+    __slots__ = ("id", "_items", "_waiter", "closed", "_wake_at", "_timer", "_timer_at", "sink", "last_arrival")
 
     def __init__(self, request_id: int) -> None:
         self.id = request_id
@@ -37,8 +43,14 @@ class RequestStream:
         self._wake_at = 0.0  # when the current waiter must be woken at the latest (loop time)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self.sink: Callable[[object], bool] | None = None
+        self.last_arrival = 0.0  # loop time of the last frame the sink took (the consumer did not see it)
 
     def _push(self, item) -> None:
+        sink = self.sink
+        if sink is not None and self._waiter is not None and not self._items and sink(item):
+            self.last_arrival = asyncio.get_running_loop().time()
+            return
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None:
@@ -87,7 +99,8 @@ class RequestStream:
             self._arm(loop, self._wake_at)
 
     def release(self) -> None:
-        """The consumer is done with the stream: drop its timer."""
+        """The consumer is done with the stream: drop its timer and sink."""
+        self.sink = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -102,6 +115,9 @@ class WorkerConnection(asyncio.Protocol):
         self._decoder = protocol.proxy_decoder()
         self._streams: dict[int, RequestStream] = {}
         self._transport: asyncio.Transport | None = None
+        # time.monotonic() of the last bytes from the worker: a worker that streams is alive, even
+        # when its heartbeat frames queue behind megabytes of tokens
+        self.last_data = time.monotonic()
 
     @classmethod
     async def attach(cls, sock: socket.socket, on_control) -> "WorkerConnection":
@@ -114,6 +130,7 @@ class WorkerConnection(asyncio.Protocol):
         self._transport = transport
 
     def data_received(self, data: bytes) -> None:
+        self.last_data = time.monotonic()
         try:
             messages = self._decoder.feed(data)
         except protocol.FrameError:

@@ -24,6 +24,7 @@ from proxy.serving.responses import ResponseFormatter
 from proxy.http.server import JsonBodyReader
 
 _json = msgspec.json.Encoder()
+MERGE_BACKLOG = 64  # tokens pending for one stream at once: it is behind, whatever its socket says
 FAST_WRITE_BYTES = 16384  # below aiohttp's 64 KiB high-water mark: such a write into an empty buffer never waits
 
 
@@ -120,6 +121,24 @@ class OpenAIHandlers:
 
         inter_token = self.metrics.child(self.metrics.inter_token, plan.tier)
         last = None
+
+        def direct(item) -> bool:
+            """The direct path (see RequestStream): a token's event written into the client's
+            transport from the worker connection's callback, when nothing waits to be sent - so it
+            cannot block, and order is kept. Declines (False) whenever the task must do it."""
+            nonlocal last
+            transport = request.transport
+            if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+                return False
+            if item.text:
+                event = fmt.delta_event(item.text, include_usage)
+                # aiohttp's chunked framing, written whole: the writer's own state stays valid
+                transport.write(b"%x\r\n%b\r\n" % (len(event), event) if chunked else event)
+                now = time.monotonic()
+                inter_token.observe(now - last)
+                last = now
+            return True
+
         async with contextlib.aclosing(answer.frames()) as frames:
             try:
                 async for batch in frames:
@@ -133,6 +152,8 @@ class OpenAIHandlers:
                             "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                         await response.prepare(request)
                         out.append(_sse(fmt.first_chunk(include_usage)))
+                        chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
+                        direct_ok = answer.deliver_directly(None)  # switched on below, once writing
                     if batch is None:
                         out.append(b": keep-alive\n\n")
                         await write(b"".join(out))
@@ -143,10 +164,11 @@ class OpenAIHandlers:
                     last = now
                     # Everything that arrived since the last write goes out in one write: one event
                     # per token while the client keeps up; merged into one event (the same text)
-                    # when the client is behind - the last write found bytes it had not taken.
+                    # when the client is behind (the last write found bytes it had not taken) or
+                    # the stream is far behind the worker (a backlog of MERGE_BACKLOG tokens).
                     finished = batch[-1] if isinstance(batch[-1], Finished) else None
                     tokens = batch[:-1] if finished is not None else batch
-                    if len(tokens) > 1 and behind:
+                    if len(tokens) > 1 and (behind or len(tokens) >= MERGE_BACKLOG):
                         text = "".join([item.text for item in tokens])
                         if text:
                             out.append(fmt.delta_event(text, include_usage))
@@ -159,6 +181,8 @@ class OpenAIHandlers:
                         out.append(b"data: [DONE]\n\n")
                     if out:
                         await write(out[0] if len(out) == 1 else b"".join(out))
+                    if direct_ok and last is not None and finished is None:
+                        answer.deliver_directly(direct)
             except ApiError as exc:
                 if response is None:
                     raise

@@ -38,10 +38,12 @@ class Answer:
     """Where one request's frames come from (its own generation, a shared flight, the cache) and
     who served it. `cache` is what the X-Fullpower-Cache header says: miss, hit, coalesced, bypass."""
 
-    __slots__ = ("cache", "cache_header", "_frames", "_served_by", "_queued_s", "_rec")
+    __slots__ = ("cache", "cache_header", "_frames", "_served_by", "_queued_s", "_rec", "_generation")
 
     def __init__(self, cache: str, frames: AsyncIterator[Batch], served_by: Callable[[], tuple],
-                 queued_s: Callable[[], float | None], rec: RequestRecord, same_owner: bool = True) -> None:
+                 queued_s: Callable[[], float | None], rec: RequestRecord, same_owner: bool = True,
+                 generation: Generation | None = None) -> None:
+        self._generation = generation  # its own generation (not a shared flight or the cache)
         self.cache = cache  # the truth, for the access log and metrics
         # What the client is told: another key's answer (shared cache scope) or generation in
         # progress must not reveal that someone else just asked the same thing.
@@ -70,6 +72,15 @@ class Answer:
                     if isinstance(last, Finished):
                         rec.prompt_tokens, rec.completion_tokens = last.prompt_tokens, last.completion_tokens
                 yield batch
+
+    def deliver_directly(self, sink: Callable[[Tokens], bool] | None) -> bool:
+        """Let `sink` take Tokens frames as they arrive, without waking the consumer (True when
+        this answer can: its own generation; a shared flight or a cached answer cannot). The
+        consumer still gets every frame the sink declines, and the end of the stream."""
+        if self._generation is None:
+            return False
+        self._generation.direct_sink = sink
+        return True
 
     async def collect(self) -> tuple[str, Finished]:
         """The whole answer as one text and its Finished frame (for non-streaming callers)."""
@@ -195,7 +206,7 @@ class ServingCore:
     async def _direct(self, plan: RequestPlan, gen: Generation, rec: RequestRecord):
         ticket = await self.gate.acquire(plan.pool, plan.tier, plan.key, plan.cost)
         answer = Answer("bypass", gen.frames(), lambda: (_worker(gen.worker), gen.dispatched_at),
-                        lambda: ticket.queued_s, rec)
+                        lambda: ticket.queued_s, rec, generation=gen)
         return answer, lambda: self.gate.release(ticket)
 
     async def _shared(self, plan: RequestPlan, gen: Generation, rec: RequestRecord):

@@ -63,6 +63,9 @@ class Generation:
         self.token_ids: list[int] = []
         self.dispatched_at: float | None = None  # time.monotonic() when the first Generate went out
         self.failovers = 0
+        # Set by the consumer once it can take tokens without waking up (see RequestStream):
+        # (Tokens) -> bool, True when it delivered the frame itself.
+        self.direct_sink: Callable[[Tokens], bool] | None = None
 
     async def frames(self) -> AsyncIterator[list | None]:
         """Batches of frames: Tokens, the last batch ending with one Finished. A batch holds every
@@ -105,6 +108,15 @@ class Generation:
             if holding_retry:
                 self.budget.give_back()
 
+    def _direct(self, item) -> bool:
+        """RequestStream's sink: a Tokens frame goes straight to the consumer's direct sink, with
+        the bookkeeping the consumer's wake-up would have done (resume ids, progress)."""
+        sink = self.direct_sink
+        if sink is None or type(item) is not Tokens or not sink(item):
+            return False
+        self.token_ids.extend(item.token_ids)
+        return True
+
     async def _attempt(self, tried: list[str]):
         """One worker's part: batches of its frames, the last ending with Finished, or with the
         failure to retry after; None for a keepalive."""
@@ -121,6 +133,7 @@ class Generation:
         epoch = self.pools.acquire(worker, self.cost)
         rid = next(_request_ids)
         stream = worker.conn.generate(self.make(rid, list(self.token_ids)))
+        stream.sink = self._direct
         progress = quiet_since = loop.time()  # last frame; last frame or keepalive
         if self.dispatched_at is None:
             self.dispatched_at = time.monotonic()
@@ -129,6 +142,9 @@ class Generation:
             while True:
                 batch = stream.take()
                 if not batch:
+                    # tokens the direct path delivered count as progress
+                    progress = max(progress, stream.last_arrival)
+                    quiet_since = max(quiet_since, stream.last_arrival)
                     limit = self.idle_s if self.token_ids else self.first_token_s
                     now = loop.time()
                     if now >= progress + limit:
