@@ -13,7 +13,6 @@ Loopback only; bounded in time.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import subprocess
@@ -27,8 +26,8 @@ from loadtest.bench_proxy import PY, ROOT, fake_bench_config, start_server
 CLIENT = r"""
 import asyncio, json, sys, time
 import aiohttp
-url, streams, duration, tokens = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-body = {"model": "fake-model", "messages": [{"role": "user", "content": "go"}], "max_tokens": tokens,
+url, streams, duration, tokens, model = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+body = {"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": tokens,
         "temperature": 0.7, "stream": True, "stream_options": {"include_usage": True}}
 async def main():
     done = {"tokens": 0, "streams": 0, "errors": 0}
@@ -59,6 +58,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def measure(url: str, server_pid: int, streams: int, duration: float, tokens: int, model: str = "fake-model",
+            key: str = "sk-test-premium") -> dict:
+    """Drive a running server at `url` (process `server_pid`) and return the figures."""
+    client = subprocess.Popen([PY, "-c", CLIENT.replace("sk-test-premium", key), url, str(streams),
+                               str(duration + 2), str(tokens), model], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    time.sleep(2)  # warm-up: every stream running before the window opens
+    cpu0, t0 = cpu_seconds(server_pid), time.monotonic()
+    out, _ = client.communicate(timeout=duration + 120)
+    cpu1, t1 = cpu_seconds(server_pid), time.monotonic()
+    done = json.loads(out)
+    window = t1 - t0
+    tok_s = done["tokens"] / (duration + 2)  # tokens of the streams that ended inside the client's run
+    return {"streams": streams, "tokens_per_stream": tokens, "window_s": round(window, 2),
+            "delivered_tok_s": round(tok_s), "streams_done": done["streams"], "errors": done["errors"],
+            "proxy_cpu_s": round(cpu1 - cpu0, 2), "proxy_core_share": round((cpu1 - cpu0) / window, 3),
+            "proxy_cpu_us_per_token": round((cpu1 - cpu0) / (tok_s * window) * 1e6, 2)}
+
+
 def run(streams: int, duration: float, token_ms: float, tokens: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-bench-stream-"))
     config, port, _ = fake_bench_config(tmp, devices=["cpu"], replicas={"hot": 1}, max_batch_size=streams,
@@ -69,23 +86,10 @@ def run(streams: int, duration: float, token_ms: float, tokens: int) -> dict:
         tier.update(max_concurrent=streams, max_queue=streams)
     server = start_server(config, tmp / "c.yaml", port)
     try:
-        client = subprocess.Popen([PY, "-c", CLIENT, f"http://127.0.0.1:{port}", str(streams), str(duration + 2),
-                                   str(tokens)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        time.sleep(2)  # warm-up: every stream running before the window opens
-        cpu0, t0 = cpu_seconds(server.pid), time.monotonic()
-        out, _ = client.communicate(timeout=duration + 120)
-        cpu1, t1 = cpu_seconds(server.pid), time.monotonic()
+        return {"token_ms": token_ms, **measure(f"http://127.0.0.1:{port}", server.pid, streams, duration, tokens)}
     finally:
         server.terminate()
         server.wait(60)
-    done = json.loads(out)
-    # tokens of streams that ended inside the window (the client's window is the warm-up + duration)
-    window = t1 - t0
-    tok_s = done["tokens"] / (duration + 2)
-    return {"streams": streams, "token_ms": token_ms, "tokens_per_stream": tokens, "window_s": round(window, 2),
-            "delivered_tok_s": round(tok_s), "streams_done": done["streams"], "errors": done["errors"],
-            "proxy_cpu_s": round(cpu1 - cpu0, 2), "proxy_core_share": round((cpu1 - cpu0) / window, 3),
-            "proxy_cpu_us_per_token": round((cpu1 - cpu0) / (tok_s * window) * 1e6, 2)}
 
 
 def main(argv=None) -> int:
@@ -95,8 +99,15 @@ def main(argv=None) -> int:
     p.add_argument("--token-ms", type=float, default=5.0)
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--url", help="measure this running server instead of starting one (with --pid)")
+    p.add_argument("--pid", type=int, help="the running server's process id")
+    p.add_argument("--model", default="fake-model")
+    p.add_argument("--key", default="sk-test-premium")
     args = p.parse_args(argv)
-    result = run(args.streams, args.duration, args.token_ms, args.tokens)
+    if args.url:
+        result = measure(args.url, args.pid, args.streams, args.duration, args.tokens, args.model, args.key)
+    else:
+        result = run(args.streams, args.duration, args.token_ms, args.tokens)
     result["machine"] = f"{os.cpu_count()} cores, {sys.platform}"
     text = json.dumps(result, indent=2)
     print(text)
