@@ -59,18 +59,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measure(url: str, server_pid: int, streams: int, duration: float, tokens: int, model: str = "fake-model",
-            key: str = "sk-test-premium") -> dict:
-    """Drive a running server at `url` (process `server_pid`) and return the figures."""
-    client = subprocess.Popen([PY, "-c", CLIENT.replace("sk-test-premium", key), url, str(streams),
+            key: str = "sk-test-premium", clients: int = 1) -> dict:
+    """Drive a running server at `url` (process `server_pid`) from `clients` client processes
+    (the streams split among them) and return the figures."""
+    procs = [subprocess.Popen([PY, "-c", CLIENT.replace("sk-test-premium", key), url, str(streams // clients),
                                str(duration + 2), str(tokens), model], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+             for _ in range(clients)]
     time.sleep(2)  # warm-up: every stream running before the window opens
     cpu0, t0 = cpu_seconds(server_pid), time.monotonic()
-    out, _ = client.communicate(timeout=duration + 120)
+    outs = [json.loads(p.communicate(timeout=duration + 120)[0]) for p in procs]
     cpu1, t1 = cpu_seconds(server_pid), time.monotonic()
-    done = json.loads(out)
+    done = {k: sum(o[k] for o in outs) for k in ("tokens", "streams", "errors")}
     window = t1 - t0
     tok_s = done["tokens"] / (duration + 2)  # tokens of the streams that ended inside the client's run
-    return {"streams": streams, "tokens_per_stream": tokens, "window_s": round(window, 2),
+    return {"streams": streams, "clients": clients, "tokens_per_stream": tokens, "window_s": round(window, 2),
             "delivered_tok_s": round(tok_s), "streams_done": done["streams"], "errors": done["errors"],
             "proxy_cpu_s": round(cpu1 - cpu0, 2), "proxy_core_share": round((cpu1 - cpu0) / window, 3),
             "proxy_cpu_us_per_token": round((cpu1 - cpu0) / (tok_s * window) * 1e6, 2)}
@@ -103,9 +105,11 @@ def main(argv=None) -> int:
     p.add_argument("--pid", type=int, help="the running server's process id")
     p.add_argument("--model", default="fake-model")
     p.add_argument("--key", default="sk-test-premium")
+    p.add_argument("--clients", type=int, default=1, help="client processes the streams are split among")
     args = p.parse_args(argv)
     if args.url:
-        result = measure(args.url, args.pid, args.streams, args.duration, args.tokens, args.model, args.key)
+        result = measure(args.url, args.pid, args.streams, args.duration, args.tokens, args.model, args.key,
+                         args.clients)
     else:
         result = run(args.streams, args.duration, args.token_ms, args.tokens)
     result["machine"] = f"{os.cpu_count()} cores, {sys.platform}"
