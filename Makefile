@@ -33,6 +33,7 @@ bench: install
 	@command -v wrk >/dev/null || (echo "make bench needs wrk and nginx: apt-get install wrk nginx-light" && exit 2)
 	$(PY) -m loadtest.bench_proxy $(BENCH_ARGS)
 	$(PY) -m loadtest.bench_cache $(BENCH_ARGS_CACHE)
+	$(PY) -m loadtest.bench_stream $(BENCH_ARGS_STREAM)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
