@@ -5,24 +5,8 @@
 # wheels/ (msgspec, cachetools, diskcache, aiohttp for the host's Python) and tokenizer/ (the
 # embedded model's tokenizer files). Writes stream-*.json into ${OUT:-reports}.
 set -u
-OUT=${OUT:-reports}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-deps --no-index --no-compile --root-user-action=ignore --target /tmp/site .gpu/wheels/*.whl
-export PYTHONPATH=/tmp/site
-nvidia-smi -L
-python3 - <<'PY'
-import json
-from pathlib import Path
-from loadtest.bench_gpu import build_model
-build_model("smollm2-135m", Path(".gpu/tokenizer"), Path("/tmp/m135"))
-Path("/tmp/gpu.yaml").write_text(json.dumps({
-    "listen": "127.0.0.1:18080", "admin_listen": "127.0.0.1:19091", "data_dir": "/tmp/fpdata", "log_level": "warning",
-    "pools": [{"name": "main", "model": "m135", "model_path": "/tmp/m135", "devices": ["cuda:0"],
-               "max_batch_size": 256, "max_inflight_per_worker": 512, "max_context": 512, "verify_manifest": False}],
-    "tiers": [{"name": "standard", "pool": "main", "max_concurrent": 512, "max_queue": 1024}],
-    "auth": {"allow_anonymous": True, "anonymous_tier": "standard"}, "cache": {"enabled": False}}))
-PY
+source loadtest/gpu_env.sh
+python3 -m loadtest.gpu_config --gpus 1 --out /tmp/gpu.yaml
 ROOT=$(pwd)
 for spec in ${TREES:-after=.}; do
   name=${spec%%=*}; tree=${spec#*=}
