@@ -220,9 +220,9 @@ def test_job_submissions_are_bounded(start_server):
     server = start_server(config)
     auth = {"Authorization": KEYS["standard"]}
     statuses = [http_json(server.url + "/v1/jobs", {"request": body(f"j{i}")}, auth)[0] for i in range(6)]
-    assert 429 in statuses and statuses[:2] == [202, 202]
+    # the key's bucket (2 per second, shared with its jobs as they run) and its queue cap (3) refuse
+    assert statuses[0] == 202 and 429 in statuses and statuses.count(202) <= 3, statuses
     big = {"request": body("m"), "metadata": {"blob": "x" * 20000}}
-    time.sleep(1.0)  # let the key's request bucket refill (2 per second)
     status, _, answer = http_json(server.url + "/v1/jobs", big, auth)
     assert status == 400 and answer["error"]["param"] == "metadata"
     deep = b'{"request": ' + b'{"a": ' * 5000 + b'1' + b'}' * 5000 + b'}'
