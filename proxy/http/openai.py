@@ -101,11 +101,11 @@ class OpenAIHandlers:
         behind = False  # the last write found bytes the client had not taken yet
 
         async def write(data: bytes | None) -> None:
-            nonlocal behind
             """One write (None: the end of the stream). Bounded: aiohttp buffers up to its
             high-water mark, then waits for the socket to drain; a client that stops reading is
             cut here, and leaving the answer block frees its slot. With nothing unsent in the
             transport a small write cannot block, so it needs no timer (the common case)."""
+            nonlocal behind
             transport = request.transport
             behind = transport is not None and transport.get_write_buffer_size() > 0
             if transport is not None and not behind and (data is None or len(data) < FAST_WRITE_BYTES):
