@@ -121,6 +121,7 @@ class OpenAIHandlers:
 
         inter_token = self.metrics.child(self.metrics.inter_token, plan.tier)
         last = None
+        direct_on = False  # the direct path is switched on (once, after the first tokens went out)
 
         def direct(item) -> bool:
             """The direct path (see RequestStream): a token's event written into the client's
@@ -153,7 +154,6 @@ class OpenAIHandlers:
                         await response.prepare(request)
                         out.append(_sse(fmt.first_chunk(include_usage)))
                         chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
-                        direct_ok = answer.deliver_directly(None)  # switched on below, once writing
                     if batch is None:
                         out.append(b": keep-alive\n\n")
                         await write(b"".join(out))
@@ -181,8 +181,9 @@ class OpenAIHandlers:
                         out.append(b"data: [DONE]\n\n")
                     if out:
                         await write(out[0] if len(out) == 1 else b"".join(out))
-                    if direct_ok and last is not None and finished is None:
-                        answer.deliver_directly(direct)
+                    if not direct_on and finished is None:
+                        # from the first token on (`last` is set), tokens may take the direct path
+                        direct_on = answer.deliver_directly(direct)
             except ApiError as exc:
                 if response is None:
                     raise

@@ -148,11 +148,12 @@ class Admission:
 
     def finish_rate(self) -> float | None:
         """Requests finished per second lately; None until enough have finished to tell."""
-        now = self.clock()
-        recent = [when for when in self._finished if now - when <= RATE_WINDOW_S]
-        if len(recent) < RATE_MIN_SAMPLES:
+        now, finished = self.clock(), self._finished
+        while finished and now - finished[0] > RATE_WINDOW_S:  # forget what left the window
+            finished.popleft()
+        if len(finished) < RATE_MIN_SAMPLES:
             return None
-        return len(recent) / max(now - recent[0], 1e-3)
+        return len(finished) / max(now - finished[0], 1e-3)
 
     def hopeless(self, tier: str) -> bool:
         """Would an arrival in `tier` wait past its deadline? It waits behind everyone queued in its
