@@ -141,6 +141,10 @@ class Worker:
                         self.engine.submit(msg)
                     elif isinstance(msg, Cancel):
                         self.engine.cancel(msg.id)
+        except ConnectionError as exc:
+            # A reset or broken pipe is the proxy going away (for example, it stopped because a port
+            # was taken while this worker was still booting): the same as a clean close.
+            log.info("proxy closed the connection (%s); exiting", exc)
         except (OSError, protocol.FrameError) as exc:
             log.error("connection to the proxy failed: %s", exc)
         self.done.set()
