@@ -18,6 +18,7 @@ The request lifecycle (max_tokens, EOS, stop sequences, streaming frames) lives 
 from __future__ import annotations
 
 import heapq
+import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -28,7 +29,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from backend.manifest import ManifestError, has_manifest, verify_manifest
-from backend.protocol import Generate, WorkerSettings
+from backend.protocol import Generate, TokenLogprob, WorkerSettings
 from backend.sampling import sample
 from backend.scheduler import BatchEngine, RequestError, EngineSequence
 
@@ -87,6 +88,16 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise BootError(f"unknown dtype {name!r}") from None
 
 
+def _loads(arguments):
+    """A tool call's arguments as an object where they parse (they come as a JSON string)."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except ValueError:
+            return arguments
+    return arguments
+
+
 def _bucket(n: int, cap: int, floor: int = 1) -> int:
     size = floor
     while size < n:
@@ -141,6 +152,9 @@ class TransformersEngine(BatchEngine):
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._pinned = d.type == "cuda"
+        self._lltok = None  # llguidance's tokenizer, on first use (see _ll_tokenizer)
+        self._bytes_of: dict[int, bytes] = {}  # token id -> its bytes (bounded by the vocabulary)
+        self._bit_shift = torch.arange(32, dtype=torch.int32, device=d)
 
     def _allocate_kv(self, config, settings: WorkerSettings, max_len: int) -> int:
         layers = config.num_hidden_layers
@@ -164,15 +178,52 @@ class TransformersEngine(BatchEngine):
     # --- tokens ---------------------------------------------------------------------------------
     def encode(self, req: Generate) -> list[int]:
         if req.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in req.messages]
+            messages, tools = self._conversation(req)
             try:
-                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+                ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                         tokenize=True)
             except Exception as exc:  # a template that rejects the conversation (e.g. role order)
-                raise RequestError(f"messages: {exc}") from exc
+                raise RequestError(f"messages: {exc}", param="messages") from exc
             if not isinstance(ids, list):
                 ids = ids["input_ids"]
             return list(ids)
         return list(self.tokenizer(req.prompt or "").input_ids) or [self.pad_id]
+
+    def _conversation(self, req: Generate) -> tuple[list[dict], list[dict] | None]:
+        """The messages (and tools) for the chat template. A template that knows tools gets them
+        as they are; for one that does not (the embedded model's), tools, calls and results are
+        written into the conversation in the widespread <tool_call> convention, which the proxy
+        parses back out of the answer."""
+        template_knows_tools = "tools" in (self.tokenizer.chat_template or "")
+        messages = []
+        for m in req.messages:
+            entry = {"role": m.role, "content": m.content}
+            if template_knows_tools:
+                if m.tool_calls:
+                    entry["tool_calls"] = m.tool_calls
+                if m.tool_call_id:
+                    entry["tool_call_id"] = m.tool_call_id
+            else:
+                for call in m.tool_calls:
+                    fn = call.get("function", {})
+                    entry["content"] += ("<tool_call>" + json.dumps({"name": fn.get("name"), "arguments": _loads(
+                        fn.get("arguments"))}) + "</tool_call>")
+                if m.role == "tool":
+                    entry = {"role": "user", "content": "<tool_response>" + json.dumps(
+                        {"tool_call_id": m.tool_call_id, "content": m.content}) + "</tool_response>"}
+            messages.append(entry)
+        if not req.tools:
+            return messages, None
+        if template_knows_tools:
+            return messages, list(req.tools)
+        listing = "\n".join(json.dumps(t.get("function", t)) for t in req.tools)
+        guide = ("You may call these functions:\n<tools>\n" + listing + "\n</tools>\nTo call one, reply with "
+                 '<tool_call>{"name": <function name>, "arguments": <arguments as a JSON object>}</tool_call>')
+        if messages and messages[0]["role"] == "system":
+            messages[0] = {**messages[0], "content": messages[0]["content"] + "\n\n" + guide}
+        else:
+            messages.insert(0, {"role": "system", "content": guide})
+        return messages, None
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -281,16 +332,101 @@ class TransformersEngine(BatchEngine):
                 n = min(n * 2, self.max_batch_size)
             torch.cuda.synchronize()
 
-    # --- sampling -------------------------------------------------------------------------------
+    # --- constraints and sampling ----------------------------------------------------------------
+    def _ll_tokenizer(self):
+        """llguidance's view of our tokenizer (built on first use: about a second; it also gives
+        each token's exact bytes for logprobs)."""
+        if self._lltok is None:
+            import llguidance.hf
+
+            self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab,
+                                                       eos_token=sorted(self.eos_ids))
+        return self._lltok
+
+    def make_matcher(self, grammar: str):
+        import llguidance
+
+        matcher = llguidance.LLMatcher(self._ll_tokenizer(), grammar, log_level=0)
+        if matcher.is_error():
+            raise RequestError(f"the output format cannot be enforced: {matcher.get_error()}",
+                               param="response_format")
+        return matcher
+
+    def check_params(self, req: Generate) -> None:
+        for token_id in req.params.logit_bias:
+            if not 0 <= token_id < self.vocab:
+                raise RequestError(f"logit_bias names token {token_id}, outside this model's vocabulary "
+                                   f"(0..{self.vocab - 1})", param="logit_bias")
+
+    def _token_bytes(self, token_id: int) -> bytes:
+        cached = self._bytes_of.get(token_id)
+        if cached is None:
+            cached = self._bytes_of[token_id] = self._ll_tokenizer().decode_bytes([token_id])
+        return cached
+
+    def _shape_logits(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> None:
+        """In place, for the rows that ask: frequency/presence penalties over the tokens generated
+        so far, logit_bias, and the grammar's mask (last: nothing may re-allow a masked token)."""
+        d = self.device
+        penalised = [i for i, s in enumerate(seqs)
+                     if (s.params.presence_penalty or s.params.frequency_penalty) and s.generated]
+        if penalised:
+            counts = torch.zeros((len(penalised), logits.shape[-1]), dtype=torch.float32)
+            for j, i in enumerate(penalised):
+                ids = torch.tensor(seqs[i].generated, dtype=torch.long)
+                counts[j].index_add_(0, ids, torch.ones(len(ids)))
+            counts = counts.to(d)
+            freq = torch.tensor([seqs[i].params.frequency_penalty for i in penalised], device=d)[:, None]
+            pres = torch.tensor([seqs[i].params.presence_penalty for i in penalised], device=d)[:, None]
+            rows = torch.tensor(penalised, device=d)
+            logits[rows] -= (freq * counts + pres * (counts > 0)).to(logits.dtype)
+        for i, s in enumerate(seqs):
+            if s.params.logit_bias:
+                ids = torch.tensor(list(s.params.logit_bias), dtype=torch.long, device=d)
+                logits[i, ids] += torch.tensor(list(s.params.logit_bias.values()), device=d).to(logits.dtype)
+        constrained = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            words = (logits.shape[-1] + 31) // 32
+            bitmask = torch.empty((len(constrained), words), dtype=torch.int32, pin_memory=self._pinned)
+            for j, i in enumerate(constrained):
+                row = bitmask[j]
+                seqs[i].matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+            bits = bitmask.to(d, non_blocking=True)[:, :, None] >> self._bit_shift  # [rows, words, 32]
+            allowed = (bits & 1).bool().view(len(constrained), -1)[:, :logits.shape[-1]]
+            rows = torch.tensor(constrained, device=d)
+            logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
+
+    def _record_logprobs(self, raw_logprobs: torch.Tensor, chosen: list[int], seqs: list[EngineSequence],
+                         want: list[int]) -> None:
+        top_k = max(seqs[i].params.logprobs for i in want)
+        rows = raw_logprobs[torch.tensor(want, device=raw_logprobs.device)]
+        picked = rows.gather(1, torch.tensor([[chosen[i]] for i in want], device=rows.device)).squeeze(1).tolist()
+        top_values, top_ids = rows.topk(top_k, dim=-1) if top_k else (None, None)
+        top_values = top_values.tolist() if top_k else None
+        top_ids = top_ids.tolist() if top_k else None
+        for j, i in enumerate(want):
+            k = seqs[i].params.logprobs
+            top = [(self._token_bytes(t), v) for t, v in zip(top_ids[j][:k], top_values[j][:k])] if k else []
+            seqs[i].logprob = TokenLogprob(self._token_bytes(chosen[i]), picked[j], top)
+
     def _sample(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> list[int]:
         params = [s.params for s in seqs]
+        want_logprobs = [i for i, p in enumerate(params) if p.logprobs >= 0]
+        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
+        if any(p.presence_penalty or p.frequency_penalty or p.logit_bias or p.grammar for p in params):
+            self._shape_logits(logits, seqs)
         any_sampled = any(p.temperature > 0 for p in params)
         if not any_sampled:
-            return logits.argmax(dim=-1).tolist()
-        d = self.device
-        temperature = torch.tensor([p.temperature for p in params], device=d)
-        top_p = torch.tensor([p.top_p for p in params], device=d)
-        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.long, device=d)
-        # the noise position: index of the sampled token within the completion (resume-stable)
-        positions = torch.tensor([len(s.generated) for s in seqs], dtype=torch.long, device=d)
-        return sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params)).tolist()
+            chosen = logits.argmax(dim=-1).tolist()
+        else:
+            d = self.device
+            temperature = torch.tensor([p.temperature for p in params], device=d)
+            top_p = torch.tensor([p.top_p for p in params], device=d)
+            seeds = torch.tensor([s.seed for s in seqs], dtype=torch.long, device=d)
+            # the noise position: index of the sampled token within the completion (resume-stable)
+            positions = torch.tensor([len(s.generated) for s in seqs], dtype=torch.long, device=d)
+            chosen = sample(logits, temperature, top_p, seeds, positions, True,
+                            any(p.top_p < 1 for p in params)).tolist()
+        if want_logprobs:
+            self._record_logprobs(raw_logprobs, chosen, seqs, want_logprobs)
+        return chosen

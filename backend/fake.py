@@ -13,7 +13,7 @@ import time
 from typing import Sequence
 
 from backend.protocol import Generate, WorkerSettings
-from backend.scheduler import BatchEngine, InternalError, EngineSequence
+from backend.scheduler import BatchEngine, EngineSequence, InternalError, RequestError
 
 WORDS = (
     "the quick brown fox jumps over lazy dog while seven bright stars watch a quiet river "
@@ -48,6 +48,14 @@ class FakeEngine(BatchEngine):
 
     def detokenize(self, ids: Sequence[int]) -> str:
         return "".join(" " + WORDS[i] for i in ids if i < EOS_ID)
+
+    def check_params(self, req: Generate) -> None:
+        """The fake engine has no distribution to shape or report: refuse what it cannot honour."""
+        p = req.params
+        for name, value in (("presence_penalty", p.presence_penalty), ("frequency_penalty", p.frequency_penalty),
+                            ("logit_bias", p.logit_bias), ("logprobs", p.logprobs >= 0), ("tools", req.tools)):
+            if value:
+                raise RequestError(f"the fake engine does not support {name}", param=name)
 
     def _inject_faults(self) -> None:
         s = self.settings

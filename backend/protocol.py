@@ -25,9 +25,13 @@ class _Msg(msgspec.Struct, array_like=True, omit_defaults=True, gc=False, tag=Tr
     pass
 
 
-class ChatMessage(msgspec.Struct, array_like=True, gc=False):
+class ChatMessage(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     role: str
     content: str
+    # An assistant turn's tool calls ([{"id", "type": "function", "function": {"name", "arguments"}}])
+    # and a tool turn's call id: handed to the chat template as they are.
+    tool_calls: list[dict] = []
+    tool_call_id: str = ""
 
 
 class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
@@ -37,6 +41,13 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     seed: Union[int, None] = None
     stop: list[str] = []
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = {}  # token id -> added to its logit (-100..100)
+    logprobs: int = -1  # -1: none; 0: the sampled token's log-probability; k: and the k most likely
+    # A grammar the output must follow (llguidance's JSON grammar format, built by the proxy from
+    # a JSON schema); "" for free text. The sequence ends ("stop") when the grammar is complete.
+    grammar: str = ""
 
 
 # proxy -> worker
@@ -54,6 +65,7 @@ class Generate(_Msg, tag="gen"):
     messages: Union[list[ChatMessage], None] = None
     prompt: Union[str, None] = None
     resume_token_ids: list[int] = []
+    tools: list[dict] = []  # function tools for the chat template ({"type": "function", "function": {...}})
 
 
 class Cancel(_Msg, tag="cancel"):
@@ -82,10 +94,20 @@ class Heartbeat(_Msg, tag="hb"):
     gpu_memory_bytes: int = 0  # memory torch holds on the worker's GPU
 
 
+class TokenLogprob(msgspec.Struct, array_like=True, gc=False):
+    """One sampled token's log-probability (of the model's distribution, before temperature,
+    top_p, penalties and grammar masks), with the most likely alternatives when asked for."""
+
+    token: bytes  # the token's bytes (a character may span tokens)
+    logprob: float
+    top: list[tuple[bytes, float]] = []
+
+
 class Tokens(_Msg, tag="tok"):
     id: int
     token_ids: list[int]
     text: str
+    logprobs: Union[list[TokenLogprob], None] = None  # one per token id, when the request asked
 
 
 class Finished(_Msg, tag="fin"):
@@ -102,6 +124,7 @@ class Failed(_Msg, tag="fail"):
     id: int
     code: str
     message: str
+    param: str = ""  # the request parameter at fault (invalid_request), when one is
 
 
 class Fatal(_Msg, tag="fatal"):

@@ -24,7 +24,11 @@ log = logging.getLogger("fullpower.worker")
 
 
 class RequestError(Exception):
-    """A request the engine refuses (code "invalid_request")."""
+    """A request the engine refuses (code "invalid_request"), naming the parameter at fault."""
+
+    def __init__(self, message: str, param: str = "") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class InternalError(Exception):
@@ -34,7 +38,8 @@ class InternalError(Exception):
 class EngineSequence:
     """One request's generation state inside the engine."""
 
-    __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "seed")
+    __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "seed", "matcher",
+                 "logprob")
 
     def __init__(self, req: Generate, prompt_ids: list[int], detok: IncrementalDetokenizer) -> None:
         self.req = req
@@ -46,6 +51,8 @@ class EngineSequence:
         self.slot = None  # engine-private
         # sampling noise is a function of (seed, position): unseeded requests get a random seed
         self.seed = req.params.seed if req.params.seed is not None else random.getrandbits(62)
+        self.matcher = None  # the grammar's matcher (engine-made) when the output is constrained
+        self.logprob = None  # the TokenLogprob of the token just sampled, when the request asked
 
     @property
     def id(self) -> int:
@@ -90,6 +97,13 @@ class BatchEngine:
 
     def release(self, seqs: list[EngineSequence]) -> None:
         pass
+
+    def make_matcher(self, grammar: str):
+        """A matcher for the grammar (see TransformersEngine); engines without one refuse."""
+        raise RequestError(f"the {self.name} engine does not support structured outputs", param="response_format")
+
+    def check_params(self, req: Generate) -> None:
+        """Engine-specific checks of a request's parameters (e.g. logit_bias token ids)."""
 
     def warm_up(self) -> None:
         """Run one short generation end to end; raises if the engine cannot serve."""
@@ -186,7 +200,7 @@ class BatchEngine:
             try:
                 seqs.append(self._start(req))
             except RequestError as exc:
-                frames.append(Failed(id=req.id, code="invalid_request", message=str(exc)))
+                frames.append(Failed(id=req.id, code="invalid_request", message=str(exc), param=exc.param))
             except InternalError as exc:
                 frames.append(Failed(id=req.id, code="internal", message=str(exc)))
         if not seqs:
@@ -208,7 +222,13 @@ class BatchEngine:
                 f"completion). Please reduce the length of the messages or completion.")
         if len(req.resume_token_ids) >= p.max_tokens:
             raise RequestError("resume_token_ids already reach max_tokens")
+        self.check_params(req)
         seq = EngineSequence(req, prompt_ids, IncrementalDetokenizer(self.detokenize, req.resume_token_ids))
+        if p.grammar:
+            seq.matcher = self.make_matcher(p.grammar)
+            # a resumed generation continues from where the grammar was
+            if req.resume_token_ids and not seq.matcher.consume_tokens(req.resume_token_ids):
+                raise RequestError(f"resume_token_ids do not follow the grammar: {seq.matcher.get_error()}")
         return seq
 
     def _advance(self, seqs: list[EngineSequence], next_ids: list[int], frames: list) -> None:
@@ -221,7 +241,15 @@ class BatchEngine:
             if tok in self.eos_ids and not seq.params.ignore_eos:
                 ends.append("stop")
                 continue
-            if len(seq.generated) >= seq.params.max_tokens or (
+            matcher = seq.matcher
+            if matcher is not None and (not matcher.consume_token(tok) or matcher.is_stopped()):
+                # Complete (nothing but EOS could follow): end now rather than spend a step on EOS.
+                # A refused token cannot happen (the mask allows only what the grammar accepts);
+                # if it ever does, the sequence ends and the proxy sees unparsable output.
+                if matcher.is_error():
+                    log.error("request %d: a sampled token left the grammar: %s", seq.id, matcher.get_error())
+                ends.append("stop")
+            elif len(seq.generated) >= seq.params.max_tokens or (
                     len(seq.prompt_ids) + len(seq.generated) >= self.context_length):
                 ends.append("length")
             else:
@@ -240,7 +268,11 @@ class BatchEngine:
                 reason = "stop"
             elif reason is not None:
                 text += seq.stops.flush()
-            frames.append(Tokens(id=seq.id, token_ids=[tok], text=text))
+            if seq.logprob is None:
+                frames.append(Tokens(id=seq.id, token_ids=[tok], text=text))
+            else:
+                frames.append(Tokens(id=seq.id, token_ids=[tok], text=text, logprobs=[seq.logprob]))
+                seq.logprob = None
             if reason is not None:
                 frames.append(Finished(id=seq.id, finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
                                        completion_tokens=len(seq.generated)))

@@ -20,7 +20,7 @@ from proxy.serving.core import Answer, ServingCore
 from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest, parse
 from proxy.serving.plan import Planner, RequestPlan, cache_directives
 from proxy.serving.record import RequestRecord
-from proxy.serving.responses import ResponseFormatter
+from proxy.serving.responses import ChoiceStream, ResponseFormatter
 from proxy.http.server import JsonBodyReader
 
 _json = msgspec.json.Encoder()
@@ -70,15 +70,23 @@ class OpenAIHandlers:
         rec.key = principal.key_name
         req = parse(await self.body.read(request), kind)
         rec.model = req.model
-        plan = self.planner.plan(principal, request.headers.get("X-Priority"), req,
-                                 cache_directives(request.headers.get("Cache-Control", "")),
-                                 choose_pool=self.core.choose_pool, context_of=self.core.context_length)
+        plans = self.planner.plan_choices(principal, request.headers.get("X-Priority"), req,
+                                          cache_directives(request.headers.get("Cache-Control", "")),
+                                          choose_pool=self.core.choose_pool, context_of=self.core.context_length)
+        plan = plans[0]
         rec.tier, rec.planned_model = plan.tier, self.planner.pools[plan.pool].model
-        fmt = ResponseFormatter(plan.chat, plan.model)
-        async with self.core.answer(plan, rec) as answer:
+        fmt = ResponseFormatter(plan.chat, plan.model, plan.shape, plan.params.logprobs)
+        if plan.plain:
+            async with self.core.answer(plan, rec) as answer:
+                if plan.stream:
+                    return await self._stream(request, rec, plan, answer, fmt)
+                return await self._complete(rec, [answer], fmt)
+        # Several choices, tool calls or logprobs: each choice is admitted and generated on its own.
+        async with contextlib.AsyncExitStack() as stack:
+            answers = [await stack.enter_async_context(self.core.answer(p, rec)) for p in plans]
             if plan.stream:
-                return await self._stream(request, rec, plan, answer, fmt)
-            return await self._complete(rec, answer, fmt)
+                return await self._stream_choices(request, rec, plan, answers, fmt)
+            return await self._complete(rec, answers, fmt)
 
     @staticmethod
     def _headers(rec: RequestRecord, answer: Answer) -> dict[str, str]:
@@ -86,38 +94,79 @@ class OpenAIHandlers:
                 "X-Fullpower-Model": rec.served_model or "", "X-Fullpower-Cache": answer.cache_header,
                 "X-Fullpower-Overhead-Ms": f"{rec.overhead_s * 1000:.3f}"}
 
-    async def _complete(self, rec: RequestRecord, answer: Answer, fmt: ResponseFormatter) -> web.Response:
-        text, finished = await answer.collect()
+    async def _complete(self, rec: RequestRecord, answers: list[Answer], fmt: ResponseFormatter) -> web.Response:
+        if len(answers) == 1:
+            outcomes = [await answers[0].collect()]
+        else:
+            outcomes = await asyncio.gather(*(a.collect() for a in answers))
         finished_at = time.monotonic()
-        body = _json.encode(fmt.complete(text, finished))
-        rec.overhead_s = overhead_s(rec, answer, time.monotonic(), finished_at)
-        return web.Response(body=body, content_type="application/json", headers=self._headers(rec, answer))
+        body = _json.encode(fmt.complete_choices(outcomes))
+        rec.overhead_s = overhead_s(rec, answers[0], time.monotonic(), finished_at)
+        return web.Response(body=body, content_type="application/json", headers=self._headers(rec, answers[0]))
+
+    async def _stream_choices(self, request: web.Request, rec: RequestRecord, plan: RequestPlan,
+                              answers: list[Answer], fmt: ResponseFormatter) -> web.StreamResponse:
+        """The general stream: every choice's frames, merged as they come, each formatted by its
+        ChoiceStream (tool calls, logprobs, several choices)."""
+        choices = [ChoiceStream(fmt, i, plan.include_usage) for i in range(len(answers))]
+        merged: asyncio.Queue = asyncio.Queue(maxsize=4 * len(answers))  # pumps wait while the client is behind
+
+        async def pump(index: int, answer: Answer) -> None:
+            try:
+                async with contextlib.aclosing(answer.frames()) as frames:
+                    async for batch in frames:
+                        await merged.put((index, batch))
+            except ApiError as exc:
+                await merged.put((index, exc))
+
+        pumps = [asyncio.create_task(pump(i, a)) for i, a in enumerate(answers)]
+        sse = response = None
+        finished: dict[int, Finished] = {}
+        try:
+            while len(finished) < len(answers):
+                index, batch = await merged.get()
+                if isinstance(batch, ApiError) and response is None:
+                    raise batch
+                out: list[bytes] = []
+                if response is None:
+                    rec.overhead_s = overhead_s(rec, answers[0], time.monotonic())
+                    response = web.StreamResponse(headers={
+                        **self._headers(rec, answers[0]), "Content-Type": "text/event-stream",
+                        "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                    await response.prepare(request)
+                    sse = SseWriter(request, response, plan.write_timeout_s)
+                    out.extend(c.first() for c in choices)
+                if isinstance(batch, ApiError):
+                    rec.fail(batch)  # after the first byte the status is sent: report it in-band
+                    await sse.write(b"".join(out) + b"data: " + batch.body() + b"\n\n")
+                    break
+                if batch is None:
+                    out.append(b": keep-alive\n\n")
+                else:
+                    end = batch[-1] if isinstance(batch[-1], Finished) else None
+                    out.extend(choices[index].tokens(batch[:-1] if end is not None else batch))
+                    if end is not None:
+                        finished[index] = end
+                        out.extend(choices[index].finish(end))
+                        if len(finished) == len(answers):
+                            if plan.include_usage:
+                                extra = sum(f.completion_tokens for i, f in finished.items() if i)
+                                out.append(_sse(fmt.usage_chunk(finished[0], extra)))
+                            out.append(b"data: [DONE]\n\n")
+                if out:
+                    await sse.write(b"".join(out))
+        finally:
+            for task in pumps:
+                task.cancel()
+            await asyncio.gather(*pumps, return_exceptions=True)
+        await sse.write(None)
+        return response
 
     async def _stream(self, request: web.Request, rec: RequestRecord, plan: RequestPlan, answer: Answer,
                       fmt: ResponseFormatter) -> web.StreamResponse:
         response: web.StreamResponse | None = None
         include_usage = plan.include_usage
-        write_timeout = plan.write_timeout_s
-        behind = False  # the last write found bytes the client had not taken yet
-
-        async def write(data: bytes | None) -> None:
-            """One write (None: the end of the stream). Bounded: aiohttp buffers up to its
-            high-water mark, then waits for the socket to drain; a client that stops reading is
-            cut here, and leaving the answer block frees its slot. With nothing unsent in the
-            transport a small write cannot block, so it needs no timer (the common case)."""
-            nonlocal behind
-            transport = request.transport
-            behind = transport is not None and transport.get_write_buffer_size() > 0
-            if transport is not None and not behind and (data is None or len(data) < FAST_WRITE_BYTES):
-                await (response.write_eof() if data is None else response.write(data))
-                return
-            try:
-                async with asyncio.timeout(write_timeout):
-                    await (response.write_eof() if data is None else response.write(data))
-            except TimeoutError:
-                if request.transport is not None:
-                    request.transport.abort()
-                raise SlowClient(f"the client took no bytes for {write_timeout:.0f}s") from None
+        sse: SseWriter | None = None
 
         inter_token = self.metrics.child(self.metrics.inter_token, plan.tier)
         last = None
@@ -152,11 +201,12 @@ class OpenAIHandlers:
                             **self._headers(rec, answer), "Content-Type": "text/event-stream",
                             "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
                         await response.prepare(request)
+                        sse = SseWriter(request, response, plan.write_timeout_s)
                         out.append(_sse(fmt.first_chunk(include_usage)))
                         chunked = response.headers.get("Transfer-Encoding", "").lower() == "chunked"
                     if batch is None:
                         out.append(b": keep-alive\n\n")
-                        await write(b"".join(out))
+                        await sse.write(b"".join(out))
                         continue
                     now = time.monotonic()
                     if last is not None:
@@ -168,7 +218,7 @@ class OpenAIHandlers:
                     # the stream is far behind the worker (a backlog of MERGE_BACKLOG tokens).
                     finished = batch[-1] if isinstance(batch[-1], Finished) else None
                     tokens = batch[:-1] if finished is not None else batch
-                    if len(tokens) > 1 and (behind or len(tokens) >= MERGE_BACKLOG):
+                    if len(tokens) > 1 and (sse.behind or len(tokens) >= MERGE_BACKLOG):
                         text = "".join([item.text for item in tokens])
                         if text:
                             out.append(fmt.delta_event(text, include_usage))
@@ -180,7 +230,7 @@ class OpenAIHandlers:
                             out.append(_sse(fmt.usage_chunk(finished)))
                         out.append(b"data: [DONE]\n\n")
                     if out:
-                        await write(out[0] if len(out) == 1 else b"".join(out))
+                        await sse.write(out[0] if len(out) == 1 else b"".join(out))
                     if not direct_on and finished is None:
                         # from the first token on (`last` is set), tokens may take the direct path
                         direct_on = answer.deliver_directly(direct)
@@ -189,9 +239,40 @@ class OpenAIHandlers:
                     raise
                 # After the first byte the status is sent: report the error in-band, never hang.
                 rec.fail(exc)
-                await write(b"data: " + exc.body() + b"\n\n")
-        await write(None)
+                await sse.write(b"data: " + exc.body() + b"\n\n")
+        await sse.write(None)
         return response
+
+
+class SseWriter:
+    """A stream's writes, bounded: aiohttp buffers up to its high-water mark, then waits for the
+    socket to drain; a client that stops reading is cut here (SlowClient), and leaving the answer
+    block frees its slot. With nothing unsent in the transport a small write cannot block, so it
+    needs no timer (the common case)."""
+
+    __slots__ = ("request", "response", "timeout_s", "behind")
+
+    def __init__(self, request: web.Request, response: web.StreamResponse, timeout_s: float) -> None:
+        self.request = request
+        self.response = response
+        self.timeout_s = timeout_s
+        self.behind = False  # the last write found bytes the client had not taken yet
+
+    async def write(self, data: bytes | None) -> None:
+        """One write (None: the end of the stream)."""
+        transport = self.request.transport
+        response = self.response
+        self.behind = transport is not None and transport.get_write_buffer_size() > 0
+        if transport is not None and not self.behind and (data is None or len(data) < FAST_WRITE_BYTES):
+            await (response.write_eof() if data is None else response.write(data))
+            return
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await (response.write_eof() if data is None else response.write(data))
+        except TimeoutError:
+            if self.request.transport is not None:
+                self.request.transport.abort()
+            raise SlowClient(f"the client took no bytes for {self.timeout_s:.0f}s") from None
 
 
 def _sse(obj) -> bytes:

@@ -137,12 +137,15 @@ class JobRunner:
     async def _answer(self, job: dict, principal, rec: RequestRecord) -> dict:
         req = parse(msgspec.json.encode(job["request"]), ENDPOINTS[job["endpoint"]])
         rec.model = req.model
-        plan = self.planner.plan(principal, self.tier, req, choose_pool=self.core.choose_pool,
-                                 context_of=self.core.context_length)
+        plans = self.planner.plan_choices(principal, self.tier, req, choose_pool=self.core.choose_pool,
+                                          context_of=self.core.context_length)
+        plan = plans[0]
         rec.tier, rec.planned_model = plan.tier, self.planner.pools[plan.pool].model
-        async with self.core.answer(plan, rec) as answer:
-            text, finished = await answer.collect()
-        return ResponseFormatter(plan.chat, plan.model).complete(text, finished)
+        outcomes = []
+        for choice in plans:  # one after another: a job is not in a hurry
+            async with self.core.answer(choice, rec) as answer:
+                outcomes.append(await answer.collect())
+        return ResponseFormatter(plan.chat, plan.model, plan.shape, plan.params.logprobs).complete_choices(outcomes)
 
     async def _finish(self, job: dict, status: str, result, error) -> None:
         """Store the outcome. A store that refuses it (disk full, say) is tried again a few times;

@@ -23,15 +23,17 @@ def shareable(params: SamplingParams, include_sampled: bool) -> bool:
 
 
 def cache_key(scope: str, model: str, kind: str, params: SamplingParams,
-              messages: list[ChatMessage] | None, prompt: str | None) -> str:
+              messages: list[ChatMessage] | None, prompt: str | None, tools=()) -> str:
     canonical = (
-        "v2", scope, model, kind,
-        [(m.role, m.content) for m in messages] if messages is not None else None,
+        "v3", scope, model, kind,
+        [(m.role, m.content, m.tool_calls, m.tool_call_id) for m in messages] if messages is not None else None,
         prompt,
         params.max_tokens,
         # greedy decoding ignores these: do not let them split identical greedy requests
         float(params.temperature), float(params.top_p) if params.temperature else 1.0,
         params.seed if params.temperature else None,
         list(params.stop), params.ignore_eos,
+        float(params.presence_penalty), float(params.frequency_penalty), sorted(params.logit_bias.items()),
+        params.logprobs, params.grammar, list(tools),
     )
     return hashlib.blake2b(_encoder.encode(canonical), digest_size=20).hexdigest()

@@ -30,6 +30,7 @@ from proxy.serving.generation import Generation, RetryBudget
 from proxy.serving.plan import RequestPlan
 from proxy.serving.ratelimit import KeyLimits
 from proxy.serving.record import RequestRecord
+from proxy.serving.responses import Collected
 
 Batch = list | None  # [Tokens..., Finished?] or None (keepalive)
 
@@ -82,9 +83,10 @@ class Answer:
         self._generation.direct_sink = sink
         return True
 
-    async def collect(self) -> tuple[str, Finished]:
-        """The whole answer as one text and its Finished frame (for non-streaming callers)."""
+    async def collect(self) -> Collected:
+        """The whole answer (for non-streaming callers): its text, Finished frame and logprobs."""
         parts: list[str] = []
+        logprobs: list = []
         finished = None
         async with contextlib.aclosing(self.frames()) as frames:
             async for batch in frames:
@@ -93,7 +95,9 @@ class Answer:
                         finished = item
                     else:
                         parts.append(item.text)
-        return "".join(parts), finished
+                        if item.logprobs:
+                            logprobs.extend(item.logprobs)
+        return Collected("".join(parts), finished, logprobs)
 
     def _record_served_by(self) -> None:
         worker, _ = self._served_by()

@@ -167,7 +167,7 @@ class Generation:
                     elif isinstance(item, Failed):
                         if item.code == "invalid_request":
                             outcome = Outcome.OK  # the request was at fault, not the worker
-                            raise InvalidRequest(item.message, param="messages")
+                            raise InvalidRequest(item.message, param=item.param or "messages")
                         outcome = Outcome.INTERNAL
                         tried.append(worker.id)
                     else:  # WorkerGone

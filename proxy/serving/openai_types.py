@@ -21,10 +21,27 @@ class ContentPart(msgspec.Struct):
     text: Union[str, None] = None
 
 
+class FunctionCallIn(msgspec.Struct):
+    name: str
+    arguments: str
+
+
+class ToolCallIn(msgspec.Struct):
+    id: str
+    function: FunctionCallIn
+    type: Literal["function"] = "function"
+
+    def as_dict(self) -> dict:
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.function.name, "arguments": self.function.arguments}}
+
+
 class ChatMessageIn(msgspec.Struct):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: Union[str, None] = None
+    tool_calls: Union[list[ToolCallIn], None] = None  # an assistant turn that called tools
+    tool_call_id: Union[str, None] = None  # a tool turn: which call this is the result of
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -44,6 +61,53 @@ class StreamOptions(msgspec.Struct):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(max_length=64)]
+    schema: Union[dict, None] = None
+    strict: Union[bool, None] = None
+    description: Union[str, None] = None
+
+
+class ResponseFormat(msgspec.Struct):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Union[JsonSchemaFormat, None] = None
+
+
+class FunctionDef(msgspec.Struct):
+    name: Annotated[str, msgspec.Meta(pattern="^[a-zA-Z0-9_-]{1,64}$")]
+    description: Union[str, None] = None
+    parameters: Union[dict, None] = None
+    strict: Union[bool, None] = None
+
+    def as_dict(self) -> dict:
+        out = {"name": self.name, "parameters": self.parameters or {"type": "object", "properties": {}}}
+        if self.description:
+            out["description"] = self.description
+        return out
+
+
+class Tool(msgspec.Struct):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(msgspec.Struct):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice, None]
+LogitBias = Union[Annotated[dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]],
+                            msgspec.Meta(max_length=1024)], None]
+# Fields of OpenAI's request we do not serve: refused by name rather than silently dropped.
+UNSUPPORTED = ("functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
+               "best_of", "service_tier")
+
+
 class _Common(msgspec.Struct, kw_only=True):
     model: str
     max_tokens: Union[MaxTokens, None] = None
@@ -57,18 +121,38 @@ class _Common(msgspec.Struct, kw_only=True):
     user: Union[str, None] = None
     presence_penalty: Union[Penalty, None] = None
     frequency_penalty: Union[Penalty, None] = None
+    logit_bias: LogitBias = None
+    # refused when present (see UNSUPPORTED); typed loosely so the refusal names them
+    functions: Union[msgspec.Raw, None] = None
+    function_call: Union[msgspec.Raw, None] = None
+    audio: Union[msgspec.Raw, None] = None
+    modalities: Union[msgspec.Raw, None] = None
+    prediction: Union[msgspec.Raw, None] = None
+    web_search_options: Union[msgspec.Raw, None] = None
+    best_of: Union[msgspec.Raw, None] = None
+    service_tier: Union[msgspec.Raw, None] = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    def token_bias(self) -> dict[int, float]:
+        """logit_bias with its keys as token ids (JSON object keys are strings)."""
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                out[int(key)] = float(value)
+            except ValueError:
+                raise InvalidRequest(f"logit_bias keys are token ids; {key[:40]!r} is not one.",
+                                     param="logit_bias") from None
+        return out
+
     def check_common(self) -> None:
-        if self.n not in (None, 1):
-            raise InvalidRequest("Only n=1 is supported.", param="n")
-        if self.presence_penalty or self.frequency_penalty:
-            raise InvalidRequest("presence_penalty and frequency_penalty are not supported; send 0 or omit them.",
-                                 param="presence_penalty" if self.presence_penalty else "frequency_penalty")
+        for name in UNSUPPORTED:
+            raw = getattr(self, name)
+            if raw is not None and bytes(raw) not in (b"null", b"1", b'"auto"', b'"default"', b'["text"]'):
+                raise InvalidRequest(f"The '{name}' parameter is not supported by this server.", param=name)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                                  param="stream_options")
@@ -77,6 +161,12 @@ class _Common(msgspec.Struct, kw_only=True):
 class ChatCompletionRequest(_Common, kw_only=True):
     messages: Annotated[list[ChatMessageIn], msgspec.Meta(min_length=1)]
     max_completion_tokens: Union[MaxTokens, None] = None
+    response_format: Union[ResponseFormat, None] = None
+    tools: Union[Annotated[list[Tool], msgspec.Meta(max_length=128)], None] = None
+    tool_choice: ToolChoice = None
+    parallel_tool_calls: Union[bool, None] = None
+    logprobs: Union[bool, None] = None
+    top_logprobs: Union[Annotated[int, msgspec.Meta(ge=0, le=20)], None] = None
 
     def output_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -86,6 +176,7 @@ class CompletionRequest(_Common, kw_only=True):
     prompt: Union[str, Annotated[list[str], msgspec.Meta(min_length=1, max_length=1)]]
     echo: Union[bool, None] = False
     suffix: Union[str, None] = None
+    logprobs: Union[Annotated[int, msgspec.Meta(ge=0, le=5)], None] = None
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]

@@ -8,8 +8,11 @@ server (tests/test_plan.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+from dataclasses import dataclass, replace
 from typing import Callable
+
+import msgspec
 
 from backend.protocol import ChatMessage, Generate, SamplingParams
 from proxy.config import Cache, Pool, Tier, Timeouts
@@ -17,6 +20,7 @@ from proxy.errors import InvalidRequest, NotFound
 from proxy.serving.auth import Principal
 from proxy.serving.cachekey import cache_key, shareable
 from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest
+from proxy.serving.structured import TEXT, OutputShape, output_shape
 
 CHARS_PER_TOKEN = 4  # the proxy has no tokenizer; admission estimates prompt tokens from length
 
@@ -40,10 +44,18 @@ class RequestPlan:
     cache_key: str | None  # None: neither cached nor coalesced
     cache_read: bool
     cache_write: bool
+    shape: OutputShape = TEXT  # text, JSON or tool calls (structured.py)
+    tools: tuple = ()  # function definitions for the chat template, when the shape is tool calls
+    n: int = 1  # choices asked for; plan_choices gives one plan per choice
+
+    @property
+    def plain(self) -> bool:
+        """Plain text, one choice, no logprobs: the stream's fast path applies."""
+        return self.shape.kind == "text" and self.n == 1 and self.params.logprobs < 0
 
     def generate(self, request_id: int, resume_token_ids: list[int]) -> Generate:
         return Generate(id=request_id, params=self.params, messages=self.messages, prompt=self.prompt,
-                        resume_token_ids=resume_token_ids)
+                        resume_token_ids=resume_token_ids, tools=list(self.tools))
 
 
 class Planner:
@@ -103,24 +115,35 @@ class Planner:
         pool_cfg = self.pools[pool]
         chat = isinstance(req, ChatCompletionRequest)
         messages = prompt = None
+        shape, tools, logprobs = TEXT, (), -1
         if chat:
-            messages = [ChatMessage(m.role, m.text(i)) for i, m in enumerate(req.messages)]
+            messages = [self._message(i, m) for i, m in enumerate(req.messages)]
             prompt_chars = sum(len(m.content) for m in messages)
+            shape = output_shape(req)
+            if shape.tools:
+                tools = tuple({"type": "function", "function": t.function.as_dict()} for t in req.tools)
+                prompt_chars += sum(len(str(t)) for t in tools)
+            if req.top_logprobs is not None and not req.logprobs:
+                raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
+            if req.logprobs:
+                logprobs = req.top_logprobs or 0
         else:
             prompt = req.prompt_text()
             prompt_chars = len(prompt)
+            if req.logprobs is not None:
+                logprobs = req.logprobs
+        if shape.grammar and req.stop:
+            raise InvalidRequest("stop cannot be combined with a structured output (it would cut the JSON).",
+                                 param="stop")
         prompt_estimate = prompt_chars // CHARS_PER_TOKEN + 1
         context = context_of(pool)
         max_tokens = self._output_limit(req, context, prompt_estimate)
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=pool_cfg.default_temperature if req.temperature is None else req.temperature,
-            top_p=pool_cfg.default_top_p if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop_list())
-        key = None
-        c = self.cache
-        if c.enabled and shareable(params, c.include_sampled):
-            scope = principal.key_name if c.scope == "key" else "shared"
-            key = cache_key(scope, pool_cfg.model, "chat" if chat else "text", params, messages, prompt)
+            top_p=pool_cfg.default_top_p if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop_list(),
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=req.token_bias(), logprobs=logprobs, grammar=shape.grammar)
         tier_cfg = self.tiers[tier]
         return RequestPlan(
             key=principal.key_name, tier=tier, pool=pool, model=req.model, chat=chat, params=params,
@@ -132,9 +155,46 @@ class Planner:
             include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
             first_token_s=tier_cfg.first_token_s or self.timeouts.first_token_s,
             idle_s=tier_cfg.idle_s or self.timeouts.idle_s, write_timeout_s=self.timeouts.stream_write_s,
-            cache_key=key, cache_read="no-cache" not in cache_directives,
-            cache_write="no-store" not in cache_directives)
+            cache_key=self._cache_key(principal, pool_cfg, chat, params, messages, prompt, tools),
+            cache_read="no-cache" not in cache_directives, cache_write="no-store" not in cache_directives,
+            shape=shape, tools=tools, n=req.n or 1)
 
+    def plan_choices(self, principal: Principal, requested_tier: str | None,
+                     req: ChatCompletionRequest | CompletionRequest, cache_directives: frozenset[str] = frozenset(),
+                     choose_pool: Callable[[str, str], str] = lambda tier, pool: pool,
+                     context_of: Callable[[str], int | None] = lambda pool: None) -> list[RequestPlan]:
+        """One plan per choice (`n`): each is admitted, rate-limited and generated on its own. Sampled
+        choices get consecutive seeds from the request's seed (or a random one), so they differ
+        and a seeded request is reproducible; greedy choices are identical and may share one
+        generation (coalescing)."""
+        first = self.plan(principal, requested_tier, req, cache_directives, choose_pool, context_of)
+        if first.n == 1:
+            return [first]
+        if first.params.temperature == 0:
+            return [first] * first.n
+        base = first.params.seed if first.params.seed is not None else random.getrandbits(62)
+        plans = []
+        for i in range(first.n):
+            params = msgspec.structs.replace(first.params, seed=(base + i) % 2**63)
+            plans.append(replace(first, params=params, cache_key=self._cache_key(
+                principal, self.pools[first.pool], first.chat, params, first.messages, first.prompt, first.tools)))
+        return plans
+
+    @staticmethod
+    def _message(index: int, m) -> ChatMessage:
+        if m.role == "tool" and not m.tool_call_id:
+            raise InvalidRequest("A tool message needs tool_call_id.", param=f"messages[{index}].tool_call_id")
+        return ChatMessage(m.role, m.text(index), tool_calls=[c.as_dict() for c in m.tool_calls or ()],
+                           tool_call_id=m.tool_call_id or "")
+
+    def _cache_key(self, principal: Principal, pool_cfg: Pool, chat: bool, params: SamplingParams,
+                   messages, prompt, tools) -> str | None:
+        c = self.cache
+        # logprobs are not kept with cached answers: such requests are neither cached nor shared
+        if not c.enabled or params.logprobs >= 0 or not shareable(params, c.include_sampled):
+            return None
+        scope = principal.key_name if c.scope == "key" else "shared"
+        return cache_key(scope, pool_cfg.model, "chat" if chat else "text", params, messages, prompt, tools)
 
     def _output_limit(self, req, context: int | None, prompt_estimate: int) -> int:
         """The request's max_tokens, refused when it alone exceeds the model's context (the prompt
