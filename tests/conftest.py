@@ -184,6 +184,19 @@ def embedded_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def embedded_server(embedded_model, tmp_path_factory):
+    """`fullpower serve` with the shipped config (the real embedded model on CPU), shared by the
+    modules that test what the model does through real clients."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "config/fullpower.yaml").read_text())
+    config["data_dir"] = str(embedded_model.parent.parent)
+    server = Server(config, tmp_path_factory.mktemp("e2e")).start(timeout=300)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, embedded_model) -> Path:
     """A tiny random-weight Llama with the embedded model's tokenizer and chat template, plus a manifest."""
     out = tmp_path_factory.mktemp("tiny-model")

@@ -3,21 +3,6 @@
 import pytest
 from openai import OpenAI
 
-from tests.conftest import ROOT
-
-import yaml
-
-
-@pytest.fixture(scope="module")
-def embedded_server(embedded_model, tmp_path_factory):
-    from tests.conftest import Server
-
-    config = yaml.safe_load((ROOT / "config/fullpower.yaml").read_text())
-    config["data_dir"] = str(embedded_model.parent.parent)
-    server = Server(config, tmp_path_factory.mktemp("e2e")).start(timeout=300)
-    yield server
-    server.stop()
-
 
 @pytest.fixture
 def client(embedded_server):

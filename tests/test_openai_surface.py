@@ -61,9 +61,12 @@ def test_streaming_with_usage_and_completions(client):
 
 
 def test_error_objects_parse(client, server):
+    with pytest.raises(openai.BadRequestError) as e:  # the fake engine has no distribution to report
+        client.chat.completions.create(model="fake-model", messages=MSG, logprobs=True)
+    assert e.value.body["param"] == "logprobs" and e.value.status_code == 400
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="fake-model", messages=MSG, n=2)
-    assert e.value.body["param"] == "n" and e.value.status_code == 400
+        client.chat.completions.create(model="fake-model", messages=MSG, functions=[{"name": "f"}])
+    assert e.value.body["param"] == "functions"
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="fake-model", messages=MSG, temperature=3)
     assert e.value.body["param"] == "temperature"

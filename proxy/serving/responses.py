@@ -82,7 +82,7 @@ class ResponseFormatter:
         prompt_tokens = outcomes[0].finished.prompt_tokens
         completion_tokens = sum(c.finished.completion_tokens for c in outcomes)
         return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "system_fingerprint": None, "choices": choices,
+                "created": self.created, "model": self.model, "choices": choices,
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
@@ -93,7 +93,7 @@ class ResponseFormatter:
 
     def _chunk(self, choice: dict | None, include_usage: bool) -> dict:
         out = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-               "created": self.created, "model": self.model, "system_fingerprint": None,
+               "created": self.created, "model": self.model,
                "choices": [] if choice is None else [choice]}
         if include_usage:
             out["usage"] = None

@@ -1,0 +1,259 @@
+"""The OpenAI surface real clients use, on the real embedded model: structured outputs, tool calls,
+logprobs, n, penalties and logit_bias, through the official openai client and LangChain; every
+body and stream chunk checked against OpenAI's published schema (tests/openai_schema.py)."""
+
+import json
+
+import jsonschema
+import openai
+import pytest
+from openai import OpenAI
+from pydantic import BaseModel, Field
+
+from tests.openai_schema import assert_conforms
+
+MODEL = "smollm2-135m-instruct"
+ASK = [{"role": "user", "content": "Describe Paris as JSON."}]
+
+SCHEMAS = [
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                      "country": {"type": "string", "maxLength": 30}},
+     "required": ["city", "country"], "additionalProperties": False},
+    {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 1000}},
+     "required": ["answer"], "additionalProperties": False},
+    {"type": "object", "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]},
+                                      "confidence": {"type": "number", "minimum": 0, "maximum": 1}},
+     "required": ["sentiment", "confidence"], "additionalProperties": False},
+    {"type": "object", "properties": {"colors": {"type": "array", "items": {"type": "string", "maxLength": 12},
+                                                 "minItems": 1, "maxItems": 3}},
+     "required": ["colors"], "additionalProperties": False},
+    {"type": "object", "properties": {"person": {
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                         "student": {"type": "boolean"}},
+        "required": ["name", "age", "student"], "additionalProperties": False}},
+     "required": ["person"], "additionalProperties": False},
+]
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 30}, "unit": {"enum": ["c", "f"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"tz": {"type": "string", "maxLength": 30}}, "required": ["tz"],
+        "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "description": "Current time in a time zone",
+                                           "parameters": TIME}}]
+TOOL_SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
+
+
+@pytest.fixture
+def client(embedded_server):
+    return OpenAI(base_url=embedded_server.url + "/v1", api_key="any-key-works-here", max_retries=0)
+
+
+def stream_chunks(client, **kwargs) -> list:
+    """The raw chunk objects of a stream, each checked against the schema."""
+    chunks = []
+    with client.chat.completions.with_streaming_response.create(stream=True, **kwargs) as raw:
+        for line in raw.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                assert_conforms(chunk, "CreateChatCompletionStreamResponse")
+                chunks.append(chunk)
+    return chunks
+
+
+def create(client, **kwargs) -> dict:
+    body = client.chat.completions.with_raw_response.create(**kwargs).http_response.json()
+    assert_conforms(body, "CreateChatCompletionResponse")
+    return body
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_json_schema_outputs_always_validate(client, stream):
+    for schema in SCHEMAS:
+        for temperature in (0, 0.8):
+            kwargs = dict(model=MODEL, messages=ASK, temperature=temperature, max_tokens=120, seed=7,
+                          response_format={"type": "json_schema",
+                                           "json_schema": {"name": "answer", "schema": schema, "strict": True}})
+            if stream:
+                chunks = stream_chunks(client, **kwargs)
+                text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+                reasons = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+                assert reasons[-1] == "stop"
+            else:
+                body = create(client, **kwargs)
+                text = body["choices"][0]["message"]["content"]
+                assert body["choices"][0]["finish_reason"] == "stop"
+            jsonschema.validate(json.loads(text), schema)
+
+
+def test_json_object_mode_parses(client):
+    body = create(client, model=MODEL, messages=ASK, temperature=0, max_tokens=200,
+                  response_format={"type": "json_object"})
+    assert isinstance(json.loads(body["choices"][0]["message"]["content"]), dict)
+
+
+class City(BaseModel):
+    name: str = Field(max_length=30)
+    population_millions: int = Field(ge=0, le=50)
+
+
+def test_openai_parse_helper_gets_a_typed_object(client):
+    completion = client.chat.completions.parse(model=MODEL, messages=ASK, temperature=0, max_tokens=100,
+                                               response_format=City)
+    city = completion.choices[0].message.parsed
+    assert isinstance(city, City) and city.name
+
+
+@pytest.mark.parametrize("schema, fragment", [
+    ({"type": "string", "pattern": "(?<=a)b"}, "look-around"),
+    ({"type": "integer", "minimum": 5, "maximum": 1}, "minimum"),
+    ({"$ref": "#/definitions/missing"}, "does not exist"),
+])
+def test_a_schema_that_cannot_be_enforced_is_refused_naming_it(client, schema, fragment):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert e.value.body["param"] == "response_format.json_schema.schema"
+    assert fragment in e.value.body["message"]
+
+
+PROMPTS = ["What's the weather in Paris?", "What time is it in Tokyo?", "Is it raining in Berlin right now?",
+           "hello", "Tell me a joke.", "Weather and time in New York, please."]
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "single"])
+def test_required_tool_choice_parses_every_time(client, parallel):
+    for i, prompt in enumerate(PROMPTS):
+        kwargs = dict(model=MODEL, messages=[{"role": "user", "content": prompt}], tools=TOOLS,
+                      tool_choice="required", parallel_tool_calls=parallel, temperature=0.7, seed=i, max_tokens=150)
+        body = create(client, **kwargs)
+        choice = body["choices"][0]
+        assert choice["finish_reason"] == "tool_calls", body
+        calls = choice["message"]["tool_calls"]
+        assert calls and (parallel or len(calls) == 1)
+        for call in calls:
+            assert call["id"].startswith("call_") and call["type"] == "function"
+            jsonschema.validate(json.loads(call["function"]["arguments"]), TOOL_SCHEMAS[call["function"]["name"]])
+        # streamed: the same shape of calls, as a header chunk then argument deltas per call
+        chunks = stream_chunks(client, **kwargs)
+        deltas = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+        assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "tool_calls"
+        streamed: dict[int, dict] = {}
+        for tc in deltas:
+            entry = streamed.setdefault(tc["index"], {"name": None, "arguments": ""})
+            if tc.get("id"):
+                entry["name"] = tc["function"]["name"]
+            entry["arguments"] += tc["function"].get("arguments", "")
+        assert streamed
+        for entry in streamed.values():
+            jsonschema.validate(json.loads(entry["arguments"]), TOOL_SCHEMAS[entry["name"]])
+
+
+def test_named_tool_choice_streams_argument_deltas(client):
+    chunks = stream_chunks(client, model=MODEL, messages=[{"role": "user", "content": "Weather in Rome?"}],
+                           tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                           temperature=0, max_tokens=100)
+    deltas = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert deltas[0]["id"].startswith("call_") and deltas[0]["function"] == {"name": "get_weather", "arguments": ""}
+    pieces = [d["function"]["arguments"] for d in deltas[1:]]
+    assert len(pieces) >= 3  # the arguments arrive as they are generated, not in one piece
+    jsonschema.validate(json.loads("".join(pieces)), WEATHER)
+
+
+def test_tool_results_round_trip(client):
+    first = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo?"}],
+                                           tools=TOOLS, tool_choice="required", parallel_tool_calls=False,
+                                           temperature=0, max_tokens=100)
+    call = first.choices[0].message.tool_calls[0]
+    messages = [{"role": "user", "content": "Weather in Oslo?"}, first.choices[0].message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": -3, "sky": "snow"})}]
+    body = create(client, model=MODEL, messages=messages, tools=TOOLS, temperature=0, max_tokens=40)
+    answer = body["choices"][0]["message"]
+    assert answer["content"] or answer.get("tool_calls")
+    with pytest.raises(openai.BadRequestError) as e:  # a tool result must say which call it answers
+        client.chat.completions.create(model=MODEL, messages=[*messages[:2], {"role": "tool", "content": "x"}])
+    assert e.value.body["param"] == "messages[2].tool_call_id"
+
+
+def test_chat_logprobs_match_the_greedy_choice(client):
+    body = create(client, model=MODEL, messages=ASK, temperature=0, max_tokens=8, logprobs=True, top_logprobs=3)
+    content = body["choices"][0]["logprobs"]["content"]
+    assert len(content) == body["usage"]["completion_tokens"]
+    for entry in content:
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 3
+        assert entry["top_logprobs"][0]["token"] == entry["token"]  # greedy takes the most likely token
+        assert bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"]
+    chunks = stream_chunks(client, model=MODEL, messages=ASK, temperature=0, max_tokens=8, logprobs=True,
+                           top_logprobs=3)
+    streamed = [e for c in chunks if c["choices"] and c["choices"][0]["logprobs"]
+                for e in c["choices"][0]["logprobs"]["content"]]
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
+
+
+def test_completion_logprobs(client):
+    raw = client.completions.with_raw_response.create(model=MODEL, prompt="The capital of France is", max_tokens=4,
+                                                      temperature=0, logprobs=2)
+    body = raw.http_response.json()
+    assert_conforms(body, "CreateCompletionResponse")
+    lp = body["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 4
+    assert "".join(lp["tokens"]) == body["choices"][0]["text"]
+    assert all(len(top) <= 2 and lp["tokens"][i] in top for i, top in enumerate(lp["top_logprobs"]))
+
+
+def test_n_choices(client):
+    sampled = create(client, model=MODEL, messages=ASK, temperature=1.0, seed=11, max_tokens=16, n=3)
+    texts = [c["message"]["content"] for c in sampled["choices"]]
+    assert [c["index"] for c in sampled["choices"]] == [0, 1, 2] and len(set(texts)) > 1
+    again = create(client, model=MODEL, messages=ASK, temperature=1.0, seed=11, max_tokens=16, n=3)
+    assert [c["message"]["content"] for c in again["choices"]] == texts  # seeded: reproducible
+    assert sampled["usage"]["completion_tokens"] == sum(
+        create(client, model=MODEL, messages=ASK, temperature=1.0, seed=11 + i, max_tokens=16)["usage"]
+        ["completion_tokens"] for i in range(3))
+    chunks = stream_chunks(client, model=MODEL, messages=ASK, temperature=1.0, seed=11, max_tokens=16, n=3,
+                           stream_options={"include_usage": True})
+    streamed = {i: "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                           if c["choices"] and c["choices"][0]["index"] == i) for i in range(3)}
+    assert list(streamed.values()) == texts
+    assert chunks[-1]["usage"]["completion_tokens"] == sampled["usage"]["completion_tokens"]
+
+
+def test_penalties_and_logit_bias_change_the_output(client, embedded_model):
+    from transformers import AutoTokenizer
+
+    prompt = [{"role": "user", "content": "Repeat the word 'cat' twenty times."}]
+    plain = create(client, model=MODEL, messages=prompt, temperature=0, max_tokens=30)["choices"][0]
+    penalised = create(client, model=MODEL, messages=prompt, temperature=0, max_tokens=30,
+                       frequency_penalty=2.0, presence_penalty=1.0)["choices"][0]
+    assert penalised["message"]["content"] != plain["message"]["content"]
+    first = create(client, model=MODEL, messages=prompt, temperature=0, max_tokens=1, logprobs=True)
+    token = first["choices"][0]["logprobs"]["content"][0]["token"]
+    token_id = AutoTokenizer.from_pretrained(embedded_model).convert_tokens_to_ids(
+        AutoTokenizer.from_pretrained(embedded_model).tokenize(token))[0]
+    biased = create(client, model=MODEL, messages=prompt, temperature=0, max_tokens=1, logprobs=True,
+                    logit_bias={str(token_id): -100})
+    assert biased["choices"][0]["logprobs"]["content"][0]["token"] != token
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=prompt, logit_bias={"999999": 5})
+    assert e.value.body["param"] == "logit_bias"
+
+
+def test_langchain_structured_output_and_tool_binding(embedded_server):
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(model=MODEL, base_url=embedded_server.url + "/v1", api_key="any", temperature=0,
+                     max_tokens=100, max_retries=0)
+    city = llm.with_structured_output(City).invoke("Describe Paris.")
+    assert isinstance(city, City) and city.name
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather in a city."""
+        return "sunny"
+
+    message = llm.bind_tools([get_weather], tool_choice="any").invoke("What's the weather in Lisbon?")
+    assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
+    assert isinstance(message.tool_calls[0]["args"]["city"], str)
