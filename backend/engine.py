@@ -176,12 +176,12 @@ class TransformersEngine(BatchEngine):
         return slots
 
     # --- tokens ---------------------------------------------------------------------------------
-    def encode(self, req: Generate) -> list[int]:
+    def encode(self, req: Generate, add_generation_prompt: bool = True) -> list[int]:
         if req.messages is not None:
             messages, tools = self._conversation(req)
             try:
-                ids = self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                         tokenize=True)
+                ids = self.tokenizer.apply_chat_template(messages, tools=tools,
+                                                         add_generation_prompt=add_generation_prompt, tokenize=True)
             except Exception as exc:  # a template that rejects the conversation (e.g. role order)
                 raise RequestError(f"messages: {exc}", param="messages") from exc
             if not isinstance(ids, list):

@@ -37,8 +37,8 @@ class FakeEngine(BatchEngine):
         if settings.fake_boot_fail:
             raise RuntimeError(settings.fake_boot_fail)
 
-    def encode(self, req: Generate) -> list[int]:
-        if req.id >= 0:  # not the warm-up request
+    def encode(self, req: Generate, add_generation_prompt: bool = True) -> list[int]:
+        if isinstance(req, Generate) and req.id >= 0:  # a generation, not the warm-up or a tokenize call
             self._inject_faults()
         if req.messages is not None:
             text = "\n".join(f"{m.role}: {m.content}" for m in req.messages)

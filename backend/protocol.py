@@ -72,6 +72,22 @@ class Cancel(_Msg, tag="cancel"):
     id: int
 
 
+class Tokenize(_Msg, tag="tokenize"):
+    """Token ids of a prompt, or of chat messages through the chat template (answered by
+    TokenizeResult or Failed). The engine thread answers it between steps."""
+
+    id: int
+    messages: Union[list[ChatMessage], None] = None
+    prompt: Union[str, None] = None
+    tools: list[dict] = []
+    add_generation_prompt: bool = True
+
+
+class Detokenize(_Msg, tag="detokenize"):
+    id: int
+    token_ids: list[int]
+
+
 # worker -> proxy
 
 
@@ -117,6 +133,12 @@ class Finished(_Msg, tag="fin"):
     completion_tokens: int
 
 
+class TokenizeResult(_Msg, tag="tokenized"):
+    id: int
+    token_ids: list[int] = []
+    text: str = ""
+
+
 class Failed(_Msg, tag="fail"):
     """One request failed. `code` is "invalid_request" (the request itself is at fault, e.g. it does
     not fit the context) or "internal" (the worker is at fault)."""
@@ -134,8 +156,8 @@ class Fatal(_Msg, tag="fatal"):
     at_boot: bool = False
 
 
-ToWorker = Union[Generate, Cancel]
-FromWorker = Union[Ready, Heartbeat, Tokens, Finished, Failed, Fatal]
+ToWorker = Union[Generate, Cancel, Tokenize, Detokenize]
+FromWorker = Union[Ready, Heartbeat, Tokens, Finished, Failed, Fatal, TokenizeResult]
 
 
 class FrameError(Exception):

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from backend.protocol import Failed, Finished, Generate, Tokens
+from backend.protocol import Detokenize, Failed, Finished, Generate, TokenizeResult, Tokens
 from backend.textstream import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger("fullpower.worker")
@@ -79,7 +79,8 @@ class BatchEngine:
         self.emit: Callable[[list], None] = lambda frames: None
 
     # --- model hooks ----------------------------------------------------------------------------
-    def encode(self, req: Generate) -> list[int]:
+    def encode(self, req: Generate, add_generation_prompt: bool = True) -> list[int]:
+        """Prompt token ids of a Generate (or Tokenize): its messages through the chat template, or its prompt."""
         raise NotImplementedError
 
     def detokenize(self, ids: Sequence[int]) -> str:
@@ -136,6 +137,10 @@ class BatchEngine:
     def cancel(self, request_id: int) -> None:
         self._inbox.put(("cancel", request_id))
 
+    def submit_tokenizer_call(self, msg) -> None:
+        """A Tokenize or Detokenize request: answered on the engine thread (the tokenizer's owner)."""
+        self._inbox.put(("tokenizer", msg))
+
     def stop(self) -> None:
         self._stop.set()
         self._inbox.put(("wake", None))
@@ -178,10 +183,22 @@ class BatchEngine:
                 self._waiting.append(value)
             elif kind == "cancel":
                 self._cancel(value)
+            elif kind == "tokenizer":
+                self.emit([self._tokenizer_call(value)])
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _tokenizer_call(self, msg):
+        try:
+            if isinstance(msg, Detokenize):
+                return TokenizeResult(id=msg.id, text=self.detokenize(msg.token_ids))
+            return TokenizeResult(id=msg.id, token_ids=self.encode(msg, add_generation_prompt=msg.add_generation_prompt))
+        except RequestError as exc:
+            return Failed(id=msg.id, code="invalid_request", message=str(exc), param=exc.param)
+        except Exception as exc:  # noqa: BLE001 - e.g. an id outside the vocabulary: the caller's input
+            return Failed(id=msg.id, code="invalid_request", message=f"{type(exc).__name__}: {exc}")
 
     def _cancel(self, request_id: int) -> None:
         self._waiting = [r for r in self._waiting if r.id != request_id]

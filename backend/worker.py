@@ -22,7 +22,8 @@ import time
 import msgspec
 
 from backend import protocol
-from backend.protocol import STACK_DUMP_SIGNAL, Cancel, Fatal, Generate, Heartbeat, Ready, WorkerSettings
+from backend.protocol import (STACK_DUMP_SIGNAL, Cancel, Detokenize, Fatal, Generate, Heartbeat, Ready, Tokenize,
+                              WorkerSettings)
 
 log = logging.getLogger("fullpower.worker")
 
@@ -141,6 +142,8 @@ class Worker:
                         self.engine.submit(msg)
                     elif isinstance(msg, Cancel):
                         self.engine.cancel(msg.id)
+                    elif isinstance(msg, (Tokenize, Detokenize)):
+                        self.engine.submit_tokenizer_call(msg)
         except ConnectionError as exc:
             # A reset or broken pipe is the proxy going away (for example, it stopped because a port
             # was taken while this worker was still booting): the same as a clean close.

@@ -21,6 +21,7 @@ from proxy.fleet.pool import PoolState
 from proxy.fleet.supervisor import Supervisor
 from proxy.http.admin import AdminHandlers, Probes
 from proxy.http.admin_guard import AdminGuard, load_or_create_token, warn_if_exposed
+from proxy.http.compat import CompatHandlers
 from proxy.http.jobs import JobHandlers
 from proxy.http.openai import OpenAIHandlers
 from proxy.http.server import (ClientAddress, InflightRequests, JsonBodyReader, Listener, RequestContext,
@@ -32,6 +33,7 @@ from proxy.serving.cache import AnswerCache
 from proxy.serving.core import ServingCore
 from proxy.serving.gate import Gate
 from proxy.serving.plan import Planner
+from proxy.serving.responses_api import ResponseStore
 
 log = logging.getLogger("fullpower")
 # The systemd unit's TimeoutStopSec (systemd/fullpower.service): a stop must end well inside it.
@@ -72,7 +74,9 @@ class Appliance:
         self.body = JsonBodyReader(cfg.limits)
         self.context = RequestContext(ClientAddress(cfg.limits.trusted_proxies), self.inflight, metrics)
         self.probes = Probes(self.pools, self.inflight)
-        self.openai = OpenAIHandlers(self.auth, self.planner, self.core, metrics, self.body)
+        self.responses = ResponseStore()  # stored Responses API objects (memory only, bounded)
+        self.openai = OpenAIHandlers(self.auth, self.planner, self.core, metrics, self.body, self.responses)
+        self.compat = CompatHandlers(self.auth, self.planner, self.core, self.pools, self.body)
         self.job_handlers = JobHandlers(self.jobs, self.auth, self.body) if self.jobs is not None else None
         self.admin = AdminHandlers(self.pools, self.gate, self.supervisor, self.cache, metrics, self.inflight,
                                    self.reload)
@@ -87,7 +91,7 @@ class Appliance:
     def public_app(self) -> web.Application:
         app = web.Application(middlewares=[self.context.middleware], client_max_size=self.cfg.limits.max_body_bytes)
         app.on_response_prepare.append(set_server_header)
-        app.add_routes(self.openai.routes() + self.probes.routes())
+        app.add_routes(self.openai.routes() + self.compat.routes() + self.probes.routes())
         if self.job_handlers is not None:
             app.add_routes(self.job_handlers.routes())
         return app

@@ -21,14 +21,15 @@ _json = msgspec.json.Encoder()
 
 
 class Probes:
-    """/healthz and /readyz, on both listeners."""
+    """/healthz and /readyz, on both listeners; /health is /readyz under the path vLLM and TGI
+    answer (benchmark clients such as guidellm check it before they start)."""
 
     def __init__(self, pools: PoolState, inflight: InflightRequests) -> None:
         self.pools = pools
         self.inflight = inflight
 
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/healthz", self.healthz), web.get("/readyz", self.readyz)]
+        return [web.get("/healthz", self.healthz), web.get("/readyz", self.readyz), web.get("/health", self.readyz)]
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -17,7 +17,7 @@ from aiohttp import web
 from proxy.errors import Forbidden, Unauthorized
 
 log = logging.getLogger("fullpower")
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/health", "/metrics"})
 
 
 def load_or_create_token(path: Path) -> str:

@@ -13,7 +13,7 @@ import msgspec
 from aiohttp import web
 
 from backend.protocol import Finished
-from proxy.errors import ApiError, SlowClient
+from proxy.errors import ApiError, NotFound, SlowClient
 from proxy.metrics import Metrics
 from proxy.serving.auth import Authenticator
 from proxy.serving.core import Answer, ServingCore
@@ -21,6 +21,8 @@ from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest,
 from proxy.serving.plan import Planner, RequestPlan, cache_directives
 from proxy.serving.record import RequestRecord
 from proxy.serving.responses import ChoiceStream, ResponseFormatter
+from proxy.serving.responses_api import (ResponseBuilder, ResponseStore, StoredResponse, as_chat_request,
+                                         conversation, parse_create)
 from proxy.http.server import JsonBodyReader
 
 _json = msgspec.json.Encoder()
@@ -40,22 +42,29 @@ def overhead_s(rec: RequestRecord, answer: Answer, now: float, finished_at: floa
 
 class OpenAIHandlers:
     def __init__(self, auth: Authenticator, planner: Planner, core: ServingCore, metrics: Metrics,
-                 body: JsonBodyReader) -> None:
+                 body: JsonBodyReader, responses: ResponseStore) -> None:
         self.auth = auth
         self.planner = planner
         self.core = core
         self.metrics = metrics
         self.body = body
+        self.responses = responses
         self.created = int(time.time())
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/v1/chat/completions", self.chat_completions), web.post("/v1/completions", self.completions),
-                web.get("/v1/models", self.list_models)]
+                web.get("/v1/models", self.list_models), web.post("/v1/responses", self.create_response),
+                web.get("/v1/responses/{id}", self.get_response), web.delete("/v1/responses/{id}", self.delete_response)]
 
     async def list_models(self, request: web.Request) -> web.Response:
         principal = self.auth.authenticate(request.headers.get("Authorization"))
-        data = [{"id": m, "object": "model", "created": self.created, "owned_by": "fullpower"}
-                for m in self.planner.models_for(principal)]
+        data = []
+        for model in self.planner.models_for(principal):
+            entry = {"id": model, "object": "model", "created": self.created, "owned_by": "fullpower"}
+            context = self.core.context_length(self.planner.pool_for(model, principal, principal.tier))
+            if context is not None:
+                entry["max_model_len"] = context  # as vLLM reports it (clients size prompts by it)
+            data.append(entry)
         return web.Response(body=_json.encode({"object": "list", "data": data}), content_type="application/json")
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -87,6 +96,92 @@ class OpenAIHandlers:
             if plan.stream:
                 return await self._stream_choices(request, rec, plan, answers, fmt)
             return await self._complete(rec, answers, fmt)
+
+    # --- the Responses API ----------------------------------------------------------------------
+    async def create_response(self, request: web.Request) -> web.StreamResponse:
+        rec: RequestRecord = request["record"]
+        principal = self.auth.authenticate(request.headers.get("Authorization"))
+        rec.key = principal.key_name
+        req = parse_create(await self.body.read(request))
+        rec.model = req.model
+        earlier = []
+        if req.previous_response_id:
+            stored = self.responses.get(req.previous_response_id, principal.key_name)
+            if stored is None:
+                raise NotFound(f"Response with id '{req.previous_response_id[:80]}' not found (stored responses are "
+                               "kept in memory for a limited time).", param="previous_response_id")
+            earlier = stored.messages
+        messages = conversation(req, earlier)
+        history = messages[1:] if req.instructions else messages  # instructions are not carried over
+        plan = self.planner.plan(principal, request.headers.get("X-Priority"), as_chat_request(req, messages),
+                                 cache_directives(request.headers.get("Cache-Control", "")),
+                                 choose_pool=self.core.choose_pool, context_of=self.core.context_length)
+        rec.tier, rec.planned_model = plan.tier, self.planner.pools[plan.pool].model
+        builder = ResponseBuilder(req, plan.shape, stored=bool(req.store))
+
+        def store(body: dict, turn: list) -> None:
+            if req.store:
+                self.responses.put(builder.id, StoredResponse(principal.key_name, body, history + turn))
+
+        async with self.core.answer(plan, rec) as answer:
+            if plan.stream:
+                return await self._stream_response(request, rec, plan, answer, builder, store)
+            collected = await answer.collect()
+            finished_at = time.monotonic()
+        body, _, turn = builder.outcome(collected)
+        store(body, turn)
+        rec.overhead_s = overhead_s(rec, answer, time.monotonic(), finished_at)
+        return web.Response(body=_json.encode(body), content_type="application/json",
+                            headers=self._headers(rec, answer))
+
+    async def _stream_response(self, request: web.Request, rec: RequestRecord, plan: RequestPlan, answer: Answer,
+                               builder: ResponseBuilder, store) -> web.StreamResponse:
+        response = sse = None
+        async with contextlib.aclosing(answer.frames()) as frames:
+            try:
+                async for batch in frames:
+                    out: list[bytes] = []
+                    if response is None:
+                        rec.overhead_s = overhead_s(rec, answer, time.monotonic())
+                        response = web.StreamResponse(headers={
+                            **self._headers(rec, answer), "Content-Type": "text/event-stream",
+                            "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                        await response.prepare(request)
+                        sse = SseWriter(request, response, plan.write_timeout_s)
+                        out.extend(builder.start_events())
+                    if batch is None:
+                        out.append(b": keep-alive\n\n")
+                    else:
+                        end = batch[-1] if isinstance(batch[-1], Finished) else None
+                        out.extend(builder.tokens(batch[:-1] if end is not None else batch))
+                        if end is not None:
+                            events, body, turn = builder.finish_events(end)
+                            out.extend(events)
+                            store(body, turn)
+                    if out:
+                        await sse.write(b"".join(out))
+            except ApiError as exc:
+                if response is None:
+                    raise
+                rec.fail(exc)
+                await sse.write(builder.event("error", code=exc.code or exc.type, message=exc.message,
+                                              param=exc.param))
+        await sse.write(None)
+        return response
+
+    async def get_response(self, request: web.Request) -> web.Response:
+        principal = self.auth.authenticate(request.headers.get("Authorization"))
+        stored = self.responses.get(request.match_info["id"], principal.key_name)
+        if stored is None:
+            raise NotFound(f"Response with id '{request.match_info['id'][:80]}' not found.", param="response_id")
+        return web.Response(body=_json.encode(stored.body), content_type="application/json")
+
+    async def delete_response(self, request: web.Request) -> web.Response:
+        principal = self.auth.authenticate(request.headers.get("Authorization"))
+        response_id = request.match_info["id"]
+        if not self.responses.delete(response_id, principal.key_name):
+            raise NotFound(f"Response with id '{response_id[:80]}' not found.", param="response_id")
+        return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
     @staticmethod
     def _headers(rec: RequestRecord, answer: Answer) -> dict[str, str]:

@@ -21,7 +21,8 @@ from proxy.errors import InvalidRequest, NoWorkerReady, UpstreamError, UpstreamT
 from proxy.fleet.pool import Ejection, Outcome, PoolState, Replica
 from proxy.fleet.worker_client import WorkerGone
 
-_request_ids = itertools.count(1)
+# Request ids on worker connections (one counter: generations and tokenizer calls share connections).
+next_request_id = itertools.count(1).__next__
 
 
 class RetryBudget:
@@ -131,7 +132,7 @@ class Generation:
         loop = asyncio.get_running_loop()
         self.worker = worker
         epoch = self.pools.acquire(worker, self.cost)
-        rid = next(_request_ids)
+        rid = next_request_id()
         stream = worker.conn.generate(self.make(rid, list(self.token_ids)))
         stream.sink = self._direct
         progress = quiet_since = loop.time()  # last frame; last frame or keepalive

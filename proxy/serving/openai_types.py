@@ -191,21 +191,28 @@ _decoders = {
 }
 
 
-def parse(body: bytes, kind: type):
-    try:
-        req = _decoders[kind].decode(body)
-    except msgspec.ValidationError as exc:
+def raise_invalid(exc: Exception):
+    """A decoding error as the 400 OpenAI would send, naming the parameter where msgspec can."""
+    if isinstance(exc, msgspec.ValidationError):
         reason, _, where = str(exc).rpartition(" - at `$")
         param = where.rstrip("`").lstrip(".") or None
         if not reason:
             reason = str(exc)
         raise InvalidRequest(f"Invalid value for '{param}': {reason}" if param else reason, param=param) from None
-    except msgspec.DecodeError as exc:
+    if isinstance(exc, msgspec.DecodeError):
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
-    except UnicodeDecodeError:
+    if isinstance(exc, UnicodeDecodeError):
         raise InvalidRequest("The request body is not valid UTF-8.") from None
-    except RecursionError:
+    if isinstance(exc, RecursionError):
         raise InvalidRequest("The request body is nested too deeply.") from None
+    raise exc
+
+
+def parse(body: bytes, kind: type):
+    try:
+        req = _decoders[kind].decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise_invalid(exc)
     req.check_common()
     if kind is CompletionRequest and (req.echo or req.suffix):
         raise InvalidRequest("echo and suffix are not supported.", param="echo" if req.echo else "suffix")

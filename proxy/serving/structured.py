@@ -31,6 +31,9 @@ _TOOL_CALL = re.compile(re.escape(TOOL_CALL_OPEN) + r"(.*?)" + re.escape(TOOL_CA
 # Compact JSON: no free whitespace for a small model to wander in, fewer tokens per answer.
 _JSON_OPTIONS = {"whitespace_flexible": False}
 MAX_SCHEMA_BYTES = 64 * 1024
+# Parallel forced calls: a small model tends to repeat its first call until max_tokens; the array
+# is bounded, and identical calls (same function, same arguments) are kept once.
+MAX_PARALLEL_CALLS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +95,7 @@ def output_shape(req) -> OutputShape:
             return OutputShape("tool_auto", "", names, parallel)
         if choice == "required":
             one = {"anyOf": [_call_schema(t) for t in tools]} if len(tools) > 1 else _call_schema(tools[0])
-            schema = {"type": "array", "items": one, "minItems": 1} if parallel else one
+            schema = {"type": "array", "items": one, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS} if parallel else one
             return OutputShape("tool_required", _compile(schema, "tools"), names, parallel)
         named = choice.function.name
         if named not in names:
@@ -144,9 +147,10 @@ def parse_tool_calls(shape: OutputShape, text: str) -> tuple[str | None, list[To
             return text, []
         items = value if isinstance(value, list) else [value]
         try:
-            return None, [ToolCall(new_call_id(), item["name"], json.dumps(item["arguments"])) for item in items]
+            unique = dict.fromkeys((item["name"], json.dumps(item["arguments"])) for item in items)
         except (KeyError, TypeError):  # not the constrained shape (cannot happen with the grammar)
             return text, []
+        return None, [ToolCall(new_call_id(), name, arguments) for name, arguments in unique]
     if shape.kind == "tool_auto":
         calls: list[ToolCall] = []
         for block in _TOOL_CALL.findall(text):
