@@ -142,7 +142,7 @@ class TransformersEngine(BatchEngine):
         super().__init__(slots, max_len, sorted(eos))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._free = list(range(slots))  # a heap: the lowest free slot goes first
-        self.vocab = config.vocab_size
+        self.vocab = self.vocab_size = config.vocab_size
         d = self.device
         self._ids = torch.zeros((slots, 1), dtype=torch.long, device=d)
         self._pos = torch.zeros(slots, dtype=torch.long, device=d)

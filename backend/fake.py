@@ -25,6 +25,7 @@ EOS_ID = len(WORDS)
 
 class FakeEngine(BatchEngine):
     name = "fake"
+    vocab_size = EOS_ID + 1
 
     def __init__(self, settings: WorkerSettings) -> None:
         super().__init__(settings.max_batch_size, settings.fake_context_length, [EOS_ID])

@@ -65,6 +65,7 @@ class EngineSequence:
 
 class BatchEngine:
     name = "base"
+    vocab_size = 2**31  # token ids the engine knows (engines set theirs)
 
     def __init__(self, max_batch_size: int, context_length: int, eos_ids: Sequence[int]) -> None:
         self.max_batch_size = max_batch_size
@@ -193,6 +194,10 @@ class BatchEngine:
     def _tokenizer_call(self, msg):
         try:
             if isinstance(msg, Detokenize):
+                bad = [t for t in msg.token_ids if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise RequestError(f"token {bad[0]} is outside this model's vocabulary (0..{self.vocab_size - 1})",
+                                       param="tokens")
                 return TokenizeResult(id=msg.id, text=self.detokenize(msg.token_ids))
             return TokenizeResult(id=msg.id, token_ids=self.encode(msg, add_generation_prompt=msg.add_generation_prompt))
         except RequestError as exc:

@@ -257,3 +257,139 @@ def test_langchain_structured_output_and_tool_binding(embedded_server):
     message = llm.bind_tools([get_weather], tool_choice="any").invoke("What's the weather in Lisbon?")
     assert message.tool_calls and message.tool_calls[0]["name"] == "get_weather"
     assert isinstance(message.tool_calls[0]["args"]["city"], str)
+
+
+# --- the Responses API ----------------------------------------------------------------------------
+def raw_events(stream_cm) -> list[dict]:
+    events = []
+    with stream_cm as raw:
+        for line in raw.iter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                assert_conforms(event, "ResponseStreamEvent")
+                events.append(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    return events
+
+
+def test_responses_text_stored_and_chained(client):
+    raw = client.responses.with_raw_response.create(model=MODEL, input="What is the capital of France?",
+                                                    instructions="Answer in one sentence.", temperature=0,
+                                                    max_output_tokens=30)
+    body = raw.http_response.json()
+    assert_conforms(body, "Response")
+    assert body["status"] == "completed" and "Paris" in body["output_text"]
+    first = client.responses.retrieve(body["id"])  # stored by default, as OpenAI does
+    assert first.output_text == body["output_text"]
+    follow = client.responses.create(model=MODEL, input="And of Germany?", previous_response_id=body["id"],
+                                     temperature=0, max_output_tokens=30)
+    assert "Berlin" in follow.output_text
+    unstored = client.responses.create(model=MODEL, input="hi", store=False, max_output_tokens=5)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
+    other_key = OpenAI(base_url=str(client.base_url), api_key="someone-else", max_retries=0)
+    client.responses.delete(body["id"])
+    with pytest.raises(openai.NotFoundError):
+        other_key.responses.create(model=MODEL, input="x", previous_response_id=body["id"])
+
+
+def test_responses_stream_events_in_the_sdk_shape(client):
+    events = raw_events(client.responses.with_streaming_response.create(
+        model=MODEL, input="Say hello.", temperature=0, max_output_tokens=12, stream=True))
+    kinds = [e["type"] for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds.count("response.output_text.delta") >= 3
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == text
+
+
+FLAT_TOOLS = [{"type": "function", "name": t["function"]["name"], "description": t["function"]["description"],
+               "parameters": t["function"]["parameters"], "strict": True} for t in TOOLS]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_responses_function_calls_and_their_outputs(client, stream):
+    kwargs = dict(model=MODEL, input="What's the weather in Paris?", tools=FLAT_TOOLS, tool_choice="required",
+                  temperature=0)
+    if stream:
+        events = raw_events(client.responses.with_streaming_response.create(stream=True, **kwargs))
+        output = events[-1]["response"]["output"]
+        assert any(e["type"] == "response.function_call_arguments.done" for e in events)
+        response_id = events[-1]["response"]["id"]
+    else:
+        body = client.responses.with_raw_response.create(**kwargs).http_response.json()
+        assert_conforms(body, "Response")
+        output, response_id = body["output"], body["id"]
+    calls = [item for item in output if item["type"] == "function_call"]
+    assert calls
+    for call in calls:
+        jsonschema.validate(json.loads(call["arguments"]), TOOL_SCHEMAS[call["name"]])
+    after = client.responses.create(model=MODEL, previous_response_id=response_id, tools=FLAT_TOOLS, temperature=0,
+                                    max_output_tokens=20, input=[{"type": "function_call_output",
+                                                                  "call_id": calls[0]["call_id"],
+                                                                  "output": "sunny, 21 C"}])
+    assert after.status in ("completed", "incomplete") and after.output
+
+
+def test_responses_structured_output(client):
+    schema = SCHEMAS[0]
+    r = client.responses.create(model=MODEL, input="Describe Paris.", temperature=0, text={
+        "format": {"type": "json_schema", "name": "place", "schema": schema, "strict": True}})
+    jsonschema.validate(json.loads(r.output_text), schema)
+
+
+def test_responses_refuses_what_it_does_not_serve(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", tools=[{"type": "web_search"}])
+    assert e.value.body["param"] == "tools[0].type"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=MODEL, input="hi", background=True)
+    assert e.value.body["param"] == "background"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model=MODEL, input="hi", previous_response_id="resp_nope")
+    assert e.value.body["param"] == "previous_response_id"
+
+
+# --- what the ecosystem probes --------------------------------------------------------------------
+def test_vllm_compatible_endpoints(embedded_server):
+    from tests.conftest import http_json
+
+    url = embedded_server.url
+    assert http_json(url + "/health")[0] == 200
+    assert http_json(url + "/version")[2]["version"]
+    status, _, tokens = http_json(url + "/tokenize", {"model": MODEL, "prompt": "Hello world"})
+    assert status == 200 and tokens["count"] == len(tokens["tokens"]) == 2 and tokens["max_model_len"] == 2048
+    status, _, chat = http_json(url + "/tokenize", {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}]})
+    assert chat["count"] > tokens["count"]  # the chat template's turns are counted
+    assert http_json(url + "/detokenize", {"model": MODEL, "tokens": tokens["tokens"]})[2] == {"prompt": "Hello world"}
+    status, _, bad = http_json(url + "/detokenize", {"model": MODEL, "tokens": [10**9]})
+    assert status == 400
+    models = http_json(url + "/v1/models")[2]
+    assert_conforms(models, "ListModelsResponse")
+    assert models["data"][0]["max_model_len"] == 2048
+
+
+def test_guidellm_default_validation_and_a_short_run(embedded_server, embedded_model, tmp_path):
+    """An independent benchmark client, with its default backend validation (GET /health)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    guidellm = shutil.which("guidellm", path=os.path.dirname(sys.executable))
+    if guidellm is None:
+        pytest.skip("guidellm is not installed (it is in the test extras)")
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [guidellm, "run", "--backend", f"kind=openai_http,target={embedded_server.url},model={MODEL}",
+         "--profile", "kind=synchronous", "--constraint", "kind=max_requests,count=6",
+         "--data", "kind=synthetic_text,prompt_tokens=32,output_tokens=16",
+         "--tokenizer", f"kind=hf_auto,model={embedded_model}", "--output", f"kind=json,path={report}",
+         "--disable-console-interactive"],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    totals = json.loads(report.read_text())["benchmarks"][0]["metrics"]["request_totals"]
+    assert totals["successful"] == 6 and totals["errored"] == 0
