@@ -1,0 +1,147 @@
+"""The per-token cost of constrained decoding (structured outputs), engine alone, in one run:
+the same batch decoded unconstrained and constrained by a JSON schema grammar (llguidance).
+
+Reported per batch size: engine µs per generated token for both, the ratio, and the grammar's own
+share — the host time spent computing and applying token masks (`_shape_logits`) and advancing
+matchers (`consume_token`), per constrained token. Unconstrained rows ignore EOS and constrained
+rows end when their grammar is complete, so both are normalised per token actually generated.
+
+    python -m loadtest.bench_grammar [--model DIR] [--device cpu|cuda] [--batch 1,8] [--tokens 64]
+        [--out docs/results/bench-grammar-cpu.json]
+
+On CPU the default model is the embedded one (real weights). On the GPU host pass a directory made
+by loadtest.bench_gpu's shapes (random weights: the grammar keeps the output valid anyway).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import llguidance
+
+from backend.engine import TransformersEngine
+from backend.protocol import ChatMessage, Finished, Generate, SamplingParams, Tokens, WorkerSettings
+from loadtest.report import write_json
+
+# Long enough to keep a row busy: an array of short records.
+SCHEMA = {"type": "object", "properties": {"people": {"type": "array", "maxItems": 64, "items": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                     "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                     "city": {"enum": ["Paris", "Berlin", "Rome", "Oslo", "Lisbon"]}},
+    "required": ["name", "age", "city"], "additionalProperties": False}}},
+    "required": ["people"], "additionalProperties": False}
+PROMPT = "List many people with their name, age and city as JSON."
+
+
+def run_batch(engine: TransformersEngine, batch: int, tokens: int, grammar: str) -> dict:
+    frames: list = []
+    engine.emit = frames.extend
+    for i in range(batch):
+        engine.submit(Generate(id=i, messages=[ChatMessage("user", PROMPT)],
+                               params=SamplingParams(max_tokens=tokens, temperature=0.7, seed=i,
+                                                     ignore_eos=not grammar, grammar=grammar)))
+    open_ids, produced, valid = set(range(batch)), 0, 0
+    texts = {i: [] for i in range(batch)}
+    started = time.perf_counter()
+    while open_ids:
+        engine.step()
+        for f in frames:
+            if isinstance(f, Tokens):
+                produced += len(f.token_ids)
+                texts[f.id].append(f.text)
+            elif f.id in open_ids:
+                open_ids.discard(f.id)
+                if isinstance(f, Finished) and grammar and f.finish_reason == "stop":
+                    try:
+                        json.loads("".join(texts[f.id]))
+                        valid += 1
+                    except ValueError:
+                        pass
+        frames.clear()
+    wall = time.perf_counter() - started
+    return {"tokens": produced, "wall_s": round(wall, 4), "us_per_token": round(wall / produced * 1e6, 1),
+            "parsed_complete": valid}
+
+
+def instrument(engine: TransformersEngine) -> dict:
+    """Accumulate the host time of the grammar's work: mask building and matcher advances."""
+    spent = {"mask_s": 0.0, "consume_s": 0.0}
+    shape = engine._shape_logits
+
+    def timed_shape(logits, seqs):
+        t = time.perf_counter()
+        shape(logits, seqs)
+        if logits.is_cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        spent["mask_s"] += time.perf_counter() - t
+
+    engine._shape_logits = timed_shape
+    make = engine.make_matcher
+
+    def timed_matcher(grammar):
+        matcher = make(grammar)
+
+        class Timed:
+            def __getattr__(self, name):
+                return getattr(matcher, name)
+
+            def consume_token(self, tok):
+                t = time.perf_counter()
+                ok = matcher.consume_token(tok)
+                spent["consume_s"] += time.perf_counter() - t
+                return ok
+
+        return Timed()
+
+    engine.make_matcher = timed_matcher
+    return spent
+
+
+def main() -> None:
+    from proxy.config import EMBEDDED_MODEL_DIRNAME, default_data_dir
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=str(default_data_dir() / "models" / EMBEDDED_MODEL_DIRNAME))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch", default="1,8")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--out", default="reports/bench-grammar.json")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batch.split(",")]
+    engine = TransformersEngine(WorkerSettings(engine="transformers", model_name="bench", model_path=args.model,
+                                               device=args.device, max_batch_size=max(batches), max_context=1024,
+                                               verify_manifest=False, cpu_threads=0))
+    engine.warm_up()
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(SCHEMA),
+                                                            overrides={"whitespace_flexible": False})
+    spent = instrument(engine)
+    run_batch(engine, 1, 8, grammar)  # builds llguidance's tokenizer (once per engine) outside the timing
+    rows = []
+    for batch in batches:
+        free = run_batch(engine, batch, args.tokens, "")
+        spent["mask_s"] = spent["consume_s"] = 0.0
+        constrained = run_batch(engine, batch, args.tokens, grammar)
+        grammar_us = (spent["mask_s"] + spent["consume_s"]) / constrained["tokens"] * 1e6
+        row = {"batch": batch, "unconstrained": free, "constrained": constrained,
+               "constrained_over_unconstrained": round(constrained["us_per_token"] / free["us_per_token"], 3),
+               "grammar_host_us_per_token": round(grammar_us, 1),
+               "mask_us_per_token": round(spent["mask_s"] / constrained["tokens"] * 1e6, 1),
+               "consume_us_per_token": round(spent["consume_s"] / constrained["tokens"] * 1e6, 1)}
+        rows.append(row)
+        print(f"batch {batch:4d}: unconstrained {free['us_per_token']:8.1f} us/token, constrained "
+              f"{constrained['us_per_token']:8.1f} us/token ({row['constrained_over_unconstrained']:.2f}x); "
+              f"grammar host work {row['grammar_host_us_per_token']:.1f} us/token (mask {row['mask_us_per_token']}, "
+              f"advance {row['consume_us_per_token']}); complete and parsed: {constrained['parsed_complete']}/{batch}",
+              flush=True)
+    write_json(Path(args.out), {"device": args.device, "model": args.model, "tokens": args.tokens, "rows": rows,
+                                "command": "python -m loadtest.bench_grammar " + " ".join(
+                                    f"--{k} {v}" for k, v in vars(args).items() if k != "model")})
+
+
+if __name__ == "__main__":
+    main()
