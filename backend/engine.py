@@ -153,6 +153,7 @@ class TransformersEngine(BatchEngine):
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._pinned = d.type == "cuda"
         self._lltok = None  # llguidance's tokenizer, on first use (see _ll_tokenizer)
+        self._executor = None  # llguidance's thread pool for many rows' masks, on first use
         self._bytes_of: dict[int, bytes] = {}  # token id -> its bytes (bounded by the vocabulary)
         self._bit_shift = torch.arange(32, dtype=torch.int32, device=d)
 
@@ -343,6 +344,13 @@ class TransformersEngine(BatchEngine):
                                                        eos_token=sorted(self.eos_ids))
         return self._lltok
 
+    def _ll_executor(self):
+        if self._executor is None:
+            import llguidance
+
+            self._executor = llguidance.LLExecutor()
+        return self._executor
+
     def make_matcher(self, grammar: str):
         import llguidance
 
@@ -388,9 +396,11 @@ class TransformersEngine(BatchEngine):
         if constrained:
             words = (logits.shape[-1] + 31) // 32
             bitmask = torch.empty((len(constrained), words), dtype=torch.int32, pin_memory=self._pinned)
-            for j, i in enumerate(constrained):
-                row = bitmask[j]
-                seqs[i].matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+            if len(constrained) == 1:
+                seqs[constrained[0]].matcher.unsafe_compute_mask_ptr(bitmask.data_ptr(), words * 4)
+            else:  # llguidance computes the rows' masks on its own threads, without the GIL
+                self._ll_executor().unsafe_compute_mask_ptr([(seqs[i].matcher, j) for j, i in enumerate(constrained)],
+                                                            bitmask.data_ptr(), words * 4, len(constrained))
             bits = bitmask.to(d, non_blocking=True)[:, :, None] >> self._bit_shift  # [rows, words, 32]
             allowed = (bits & 1).bool().view(len(constrained), -1)[:, :logits.shape[-1]]
             rows = torch.tensor(constrained, device=d)
