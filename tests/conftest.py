@@ -190,8 +190,12 @@ def embedded_server(embedded_model, tmp_path_factory):
     import yaml
 
     config = yaml.safe_load((ROOT / "config/fullpower.yaml").read_text())
-    config["data_dir"] = str(embedded_model.parent.parent)
-    server = Server(config, tmp_path_factory.mktemp("e2e")).start(timeout=300)
+    tmp = tmp_path_factory.mktemp("e2e")
+    # its own data (cache, jobs, token) in tmp: answers cached by an earlier run must not serve this one
+    config["data_dir"] = str(tmp / "data")
+    for pool in config["pools"]:
+        pool["model_path"] = str(embedded_model)
+    server = Server(config, tmp).start(timeout=300)
     yield server
     server.stop()
 

@@ -48,7 +48,10 @@ TOOL_SCHEMAS = {"get_weather": WEATHER, "get_time": TIME}
 
 @pytest.fixture
 def client(embedded_server):
-    return OpenAI(base_url=embedded_server.url + "/v1", api_key="any-key-works-here", max_retries=0)
+    # no-cache: every request here is generated (an answer cached by an earlier test would skip
+    # the grammar it is meant to exercise)
+    return OpenAI(base_url=embedded_server.url + "/v1", api_key="any-key-works-here", max_retries=0,
+                  default_headers={"Cache-Control": "no-cache"})
 
 
 def stream_chunks(client, **kwargs) -> list:
