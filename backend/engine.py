@@ -81,12 +81,45 @@ AttentionInterface.register(ATTENTION, slot_attention)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
+    """The dtype activations, the KV cache and unquantised weights use (int8 computes in auto's)."""
+    if name in ("auto", "int8"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
         raise BootError(f"unknown dtype {name!r}") from None
+    if dtype is torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BootError(f"dtype bfloat16: {torch.cuda.get_device_name(device)} does not support it; use float16")
+    return dtype
+
+
+def quantize_int8(model: torch.nn.Module) -> None:
+    """Weight-only int8 for the decoder's linear layers, with torchao (PyTorch's own quantisation
+    library: maintained with torch, CPU and CUDA kernels, and its tensors work under torch.compile
+    and CUDA graphs). lm_head stays in the compute dtype: it is tied to the embeddings in small
+    models, and the logits are where precision shows first."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as exc:
+        raise BootError(f"dtype int8 needs the torchao package on the worker's host ({exc}); "
+                        "install it or choose float32, bfloat16 or float16") from None
+    quantize_(model, Int8WeightOnlyConfig(),
+              filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the model's parameters hold (shared ones once; quantised tensors by their parts)."""
+    total = 0
+    for param in model.parameters():
+        data = param.data
+        flatten = getattr(data, "__tensor_flatten__", None)
+        if flatten is not None and type(data) is not torch.Tensor:
+            names, _ = flatten()
+            total += sum(t.numel() * t.element_size() for t in (getattr(data, n) for n in names)
+                         if isinstance(t, torch.Tensor))
+        else:
+            total += data.numel() * data.element_size()
+    return total
 
 
 def _loads(arguments):
@@ -129,6 +162,10 @@ class TransformersEngine(BatchEngine):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=self.dtype, attn_implementation=ATTENTION)
         self.model.to(self.device).eval()
+        if settings.dtype == "int8":
+            quantize_int8(self.model)
+        self.weight_bytes = weight_bytes(self.model)
+        log.info("model weights: %.0f MiB (%s)", self.weight_bytes / 2**20, settings.dtype)
         self.body, self.lm_head = self.model.model, self.model.lm_head
         config = self.model.config
         eos = set()

@@ -108,6 +108,7 @@ class Heartbeat(_Msg, tag="hb"):
     kv_slots: int = 0  # sequences the KV cache can hold (running ones use one each)
     memory_bytes: int = 0  # the worker process's resident memory
     gpu_memory_bytes: int = 0  # memory torch holds on the worker's GPU
+    weight_bytes: int = 0  # the model's weights as loaded (after quantisation)
 
 
 class TokenLogprob(msgspec.Struct, array_like=True, gc=False):

@@ -66,6 +66,7 @@ class EngineSequence:
 class BatchEngine:
     name = "base"
     vocab_size = 2**31  # token ids the engine knows (engines set theirs)
+    weight_bytes = 0  # the model's weights in memory (engines with a model set it)
 
     def __init__(self, max_batch_size: int, context_length: int, eos_ids: Sequence[int]) -> None:
         self.max_batch_size = max_batch_size

@@ -163,7 +163,8 @@ class Worker:
                 hb = Heartbeat(running=running, waiting=waiting,
                                engine_stall_s=round(time.monotonic() - engine.last_tick, 3),
                                generated_tokens=engine.generated_tokens, kv_slots=engine.max_batch_size,
-                               memory_bytes=_rss_bytes(), gpu_memory_bytes=engine.gpu_memory_bytes())
+                               memory_bytes=_rss_bytes(), gpu_memory_bytes=engine.gpu_memory_bytes(),
+                               weight_bytes=engine.weight_bytes)
             self._write(protocol.encode(hb))
             await asyncio.sleep(interval)
 

@@ -36,6 +36,8 @@ def pool_collector(pools, gate) -> Callable[[], list]:
                                    labels=["worker", "pool"])
         gpu_memory = GaugeMetricFamily("fullpower_worker_gpu_memory_bytes", "GPU memory held by the worker",
                                        labels=["worker", "pool"])
+        weights = GaugeMetricFamily("fullpower_worker_weight_bytes", "Memory of the model's weights as the worker "
+                                    "loaded them (after quantisation)", labels=["worker", "pool"])
         tokens = CounterMetricFamily("fullpower_worker_generated_tokens", "Tokens the worker process generated "
                                      "(resets when it restarts)", labels=["worker", "pool"])
         for w in pools.workers.values():
@@ -53,6 +55,7 @@ def pool_collector(pools, gate) -> Callable[[], list]:
             slots.add_metric(labels, w.kv_slots)
             memory.add_metric(labels, w.memory_bytes)
             gpu_memory.add_metric(labels, w.gpu_memory_bytes)
+            weights.add_metric(labels, w.weight_bytes)
         depth = GaugeMetricFamily("fullpower_queue_depth", "Requests waiting for admission", labels=["pool", "tier"])
         active = GaugeMetricFamily("fullpower_inflight_requests", "Requests admitted and running",
                                    labels=["pool", "tier"])
@@ -61,7 +64,7 @@ def pool_collector(pools, gate) -> Callable[[], list]:
                 depth.add_metric([pool, tier], admission.queued(tier))
                 active.add_metric([pool, tier], admission.active_in(tier))
         return [state, inflight, running, restarts, boot_fail, breaker, hb_age, tokens, slots, memory, gpu_memory,
-                depth, active]
+                weights, depth, active]
 
     return collect
 

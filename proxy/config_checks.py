@@ -4,6 +4,7 @@ problem names its field path."""
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import os
 from pathlib import Path
@@ -11,6 +12,14 @@ from pathlib import Path
 import msgspec
 
 from proxy.config import Config, parse_host_port
+
+
+def module_available(name: str) -> bool:
+    """Whether `name` can be imported here, without importing it (the proxy never loads torch)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _path_of(exc: msgspec.ValidationError, prefix: str) -> str:
@@ -95,6 +104,9 @@ def cross_field_problems(cfg: Config) -> list[str]:
                 problems.append(f"{where}.devices[{j}]: {dev} is already used by pool {gpu_owner[dev]!r}")
             else:
                 gpu_owner[dev] = pool.name
+        if pool.dtype == "int8" and pool.engine == "transformers" and not module_available("torchao"):
+            problems.append(f"{where}.dtype: int8 needs the torchao package on this host "
+                            "(pip install torchao), or choose float32, bfloat16 or float16")
         if pool.engine == "transformers" and pool.model_path:
             path = Path(pool.model_path)
             if not path.is_dir() or not os.access(path, os.R_OK | os.X_OK):

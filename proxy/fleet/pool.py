@@ -74,6 +74,7 @@ class Replica:
         self.kv_slots = 0
         self.memory_bytes = 0
         self.gpu_memory_bytes = 0
+        self.weight_bytes = 0
         self.ready_since: float | None = None
         self.weight = 1.0
         self.info: Ready | None = None
@@ -85,7 +86,7 @@ class Replica:
             "capacity": self.capacity, "inflight_tokens": self.inflight_tokens,
             "engine_running": self.engine_running, "engine_waiting": self.engine_waiting,
             "kv_slots": self.kv_slots, "memory_bytes": self.memory_bytes, "gpu_memory_bytes": self.gpu_memory_bytes,
-            "weight": round(self.weight, 3), "breaker": self.breaker.state,
+            "weight_bytes": self.weight_bytes, "weight": round(self.weight, 3), "breaker": self.breaker.state,
             "times_ejected": self.breaker.times_ejected, "restarts": self.restarts,
             "boot_failures": self.boot_failures, "backoff_s": round(self.backoff_s, 3),
             "heartbeat_age_s": round(now - self.last_heartbeat, 3) if self.last_heartbeat else None,
@@ -195,6 +196,7 @@ class PoolState:
         worker.kv_slots = hb.kv_slots
         worker.memory_bytes = hb.memory_bytes
         worker.gpu_memory_bytes = hb.gpu_memory_bytes
+        worker.weight_bytes = hb.weight_bytes
 
     def draining(self, worker: Replica) -> None:
         if worker.state in (WorkerState.READY, WorkerState.STARTING):
