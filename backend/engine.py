@@ -187,6 +187,12 @@ class TransformersEngine(BatchEngine):
         self._rows = torch.arange(slots, dtype=torch.long, device=d)
         self._cols = torch.arange(max_len, dtype=torch.long, device=d)
         self.use_graphs = settings.cuda_graphs and d.type == "cuda"
+        if self.use_graphs and settings.dtype == "int8":
+            # torchao's int8 weight-only linear dequantises each weight on every call; inside a
+            # captured graph those copies live as long as the graph, one set per captured shape,
+            # which spent all of an H200's memory on the 1B shape. int8 runs eagerly on GPU.
+            log.warning("dtype int8: CUDA graphs off (each captured step would keep dequantised weights)")
+            self.use_graphs = False
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._pinned = d.type == "cuda"

@@ -79,6 +79,8 @@ def measure(model_dir: str, device: str, dtype: str, batch: int, tokens: int, qu
     engine = TransformersEngine(WorkerSettings(engine="transformers", model_name="bench", model_path=model_dir,
                                                device=device, dtype=dtype, max_batch_size=max(batch, len(PROMPTS)),
                                                max_context=512, verify_manifest=False))
+    if device.startswith("cuda"):
+        print(f"  {dtype}: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated after loading", flush=True)
     engine.warm_up()
     row = {"dtype": dtype, "weight_bytes": engine.weight_bytes}
     prompt = "Tell me about the history of the printing press and how it changed Europe."
@@ -123,7 +125,17 @@ def main() -> None:
         rows = []
         for dtype in dtypes:
             started = time.perf_counter()
-            row = measure(path, args.device, dtype, args.batch, args.tokens, quality)
+            try:
+                row = measure(path, args.device, dtype, args.batch, args.tokens, quality)
+            except Exception as exc:  # noqa: BLE001 - one precision failing must not lose the others
+                import traceback
+
+                traceback.print_exc(limit=-8)
+                results.setdefault("failed", []).append(f"{name} {dtype}: {type(exc).__name__}: {exc}"[:600])
+                gc.collect()
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                continue
             row["seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
             print(f"{name} {dtype}: {row['weight_bytes'] / 2**20:.0f} MiB, {row['tok_s_1']} tok/s at 1, "
