@@ -24,6 +24,7 @@ from proxy.http.admin_guard import AdminGuard, load_or_create_token, warn_if_exp
 from proxy.http.compat import CompatHandlers
 from proxy.http.jobs import JobHandlers
 from proxy.http.openai import OpenAIHandlers
+from proxy.http.responses import ResponsesHandlers
 from proxy.http.server import (ClientAddress, InflightRequests, JsonBodyReader, Listener, RequestContext,
                                set_server_header)
 from proxy.jobs.service import JobService
@@ -75,7 +76,8 @@ class Appliance:
         self.context = RequestContext(ClientAddress(cfg.limits.trusted_proxies), self.inflight, metrics)
         self.probes = Probes(self.pools, self.inflight)
         self.responses = ResponseStore()  # stored Responses API objects (memory only, bounded)
-        self.openai = OpenAIHandlers(self.auth, self.planner, self.core, metrics, self.body, self.responses)
+        self.openai = OpenAIHandlers(self.auth, self.planner, self.core, metrics, self.body)
+        self.responses_api = ResponsesHandlers(self.auth, self.planner, self.core, self.body, self.responses)
         self.compat = CompatHandlers(self.auth, self.planner, self.core, self.pools, self.body)
         self.job_handlers = JobHandlers(self.jobs, self.auth, self.body) if self.jobs is not None else None
         self.admin = AdminHandlers(self.pools, self.gate, self.supervisor, self.cache, metrics, self.inflight,
@@ -91,7 +93,7 @@ class Appliance:
     def public_app(self) -> web.Application:
         app = web.Application(middlewares=[self.context.middleware], client_max_size=self.cfg.limits.max_body_bytes)
         app.on_response_prepare.append(set_server_header)
-        app.add_routes(self.openai.routes() + self.compat.routes() + self.probes.routes())
+        app.add_routes(self.openai.routes() + self.responses_api.routes() + self.compat.routes() + self.probes.routes())
         if self.job_handlers is not None:
             app.add_routes(self.job_handlers.routes())
         return app
