@@ -139,6 +139,17 @@ def _bucket(n: int, cap: int, floor: int = 1) -> int:
     return min(size, cap)
 
 
+class _DecodeStep:
+    """One launched decode step: its rows, and its sampled tokens on the device (`tokens`, copied
+    to `host` behind `event`) or already on the host (`ids`)."""
+
+    __slots__ = ("seqs", "slots", "tokens", "host", "event", "ids")
+
+    def __init__(self, seqs: list[EngineSequence], slots: list[int]) -> None:
+        self.seqs, self.slots = seqs, slots
+        self.tokens = self.host = self.event = self.ids = None
+
+
 class TransformersEngine(BatchEngine):
     name = "transformers"
 
@@ -198,6 +209,7 @@ class TransformersEngine(BatchEngine):
         self._pinned = d.type == "cuda"
         self._lltok = None  # llguidance's tokenizer, on first use (see _ll_tokenizer)
         self._executor = None  # llguidance's thread pool for many rows' masks, on first use
+        self._eos_tensor = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=d)
         self._bytes_of: dict[int, bytes] = {}  # token id -> its bytes (bounded by the vocabulary)
         # byte value -> its 8 bits, least significant first (llguidance's bitmask order)
         self._bit_table = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(d)
@@ -338,24 +350,65 @@ class TransformersEngine(BatchEngine):
         return entry
 
     def decode(self, seqs: list[EngineSequence]) -> list[int]:
-        top = max(s.slot for s in seqs) + 1
-        n = _bucket(top, self.max_batch_size)
+        return self.collect(self.launch(seqs))
+
+    def launch(self, seqs: list[EngineSequence]) -> "_DecodeStep":
+        """A decode step from the host's view of the sequences (their last tokens and positions)."""
+        slots = [s.slot for s in seqs]
+        n = _bucket(max(slots) + 1, self.max_batch_size)
         ids = [0] * n
         pos = [0] * n
         for s in seqs:
             ids[s.slot] = s.generated[-1]
             pos[s.slot] = len(s.prompt_ids) + len(s.generated) - 1
-        length = _bucket(max(pos) + 1, self.context_length, MIN_LENGTH_BUCKET)
         self._ids[:n, 0].copy_(torch.tensor(ids, pin_memory=self._pinned), non_blocking=True)
         self._pos[:n].copy_(torch.tensor(pos, pin_memory=self._pinned), non_blocking=True)
+        return self._run_step(seqs, slots, n, max(pos) + 1, offset=0)
+
+    def launch_next(self, step: "_DecodeStep", seqs: list[EngineSequence]) -> "_DecodeStep | None":
+        """The step after `step`, fed on the device with the tokens `step` sampled (not yet on the
+        host): the GPU runs it while the host detokenises `step`. Only steps sampled on the device
+        (`step.tokens`) can be followed this way."""
+        if step.tokens is None or not seqs:
+            return None
+        keep = [i for i, s in enumerate(step.seqs) if not s.done] if len(seqs) != len(step.seqs) else None
+        slots = [step.slots[i] for i in keep] if keep is not None else step.slots
+        tokens = step.tokens if keep is None else step.tokens[torch.tensor(keep, device=self.device)]
+        rows = torch.tensor(slots, device=self.device)
+        self._ids[rows, 0] = tokens
+        self._pos[rows] += 1
+        top = max(len(s.prompt_ids) + len(s.generated) for s in seqs)  # the new input's position, + 1
+        n = _bucket(max(slots) + 1, self.max_batch_size)
+        return self._run_step(seqs, slots, n, top + 1, offset=1)
+
+    def _run_step(self, seqs: list[EngineSequence], slots: list[int], n: int, length: int,
+                  offset: int) -> "_DecodeStep":
+        length = _bucket(length, self.context_length, MIN_LENGTH_BUCKET)
         if self.use_graphs:
             graph, out = self._graph(n, length)
             graph.replay()
             logits = out
         else:
             logits = self._decode_forward(n, length)
-        rows = torch.tensor([s.slot for s in seqs], device=self.device)
-        return self._sample(logits[rows], seqs)
+        logits = logits[torch.tensor(slots, device=self.device)]
+        step = _DecodeStep(seqs, slots)
+        if offset == 0 and not self._device_sampling(seqs):
+            step.ids = self._sample(logits, seqs)  # host work between steps (grammar, logprobs, ...)
+            return step
+        step.tokens = self._sample_on_device(logits, seqs, offset)
+        step.host = torch.empty(len(seqs), dtype=torch.long, pin_memory=self._pinned)
+        step.host.copy_(step.tokens, non_blocking=True)
+        if self.device.type == "cuda":
+            step.event = torch.cuda.Event()
+            step.event.record()
+        return step
+
+    def collect(self, step: "_DecodeStep") -> list[int]:
+        if step.ids is None:
+            if step.event is not None:
+                step.event.synchronize()  # this step's tokens only: a step launched after it runs on
+            step.ids = step.host.tolist()
+        return step.ids
 
     def release(self, seqs: list[EngineSequence]) -> None:
         for s in seqs:
@@ -421,7 +474,8 @@ class TransformersEngine(BatchEngine):
 
     def _shape_logits(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> None:
         """In place, for the rows that ask: frequency/presence penalties over the tokens generated
-        so far, logit_bias, and the grammar's mask (last: nothing may re-allow a masked token)."""
+        so far, EOS held back until min_tokens, logit_bias, and the grammar's mask (last: nothing
+        may re-allow a masked token)."""
         d = self.device
         penalised = [i for i, s in enumerate(seqs)
                      if (s.params.presence_penalty or s.params.frequency_penalty) and s.generated]
@@ -435,6 +489,10 @@ class TransformersEngine(BatchEngine):
             pres = torch.tensor([seqs[i].params.presence_penalty for i in penalised], device=d)[:, None]
             rows = torch.tensor(penalised, device=d)
             logits[rows] -= (freq * counts + pres * (counts > 0)).to(logits.dtype)
+        early = [i for i, s in enumerate(seqs) if len(s.generated) < s.params.min_tokens]
+        if early:  # min_tokens: EOS may not be sampled yet
+            rows = torch.tensor(early, device=d)[:, None]
+            logits[rows, self._eos_tensor[None, :]] = float("-inf")
         for i, s in enumerate(seqs):
             if s.params.logit_bias:
                 ids = torch.tensor(list(s.params.logit_bias), dtype=torch.long, device=d)
@@ -471,11 +529,33 @@ class TransformersEngine(BatchEngine):
             top = [(self._token_bytes(t), v) for t, v in zip(top_ids[j][:k], top_values[j][:k])] if k else []
             seqs[i].logprob = TokenLogprob(self._token_bytes(chosen[i]), picked[j], top)
 
+    @staticmethod
+    def _device_sampling(seqs: list[EngineSequence]) -> bool:
+        """Rows whose next token needs nothing from the host (see BatchEngine._can_pipeline)."""
+        for s in seqs:
+            p = s.params
+            if (p.grammar or p.logprobs >= 0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
+                    or len(s.generated) < p.min_tokens):
+                return False
+        return True
+
+    def _sample_on_device(self, logits: torch.Tensor, seqs: list[EngineSequence], offset: int) -> torch.Tensor:
+        """Token ids as a device tensor; `offset`: tokens sampled but not yet in `generated`."""
+        params = [s.params for s in seqs]
+        if not any(p.temperature > 0 for p in params):
+            return logits.argmax(dim=-1)
+        d = self.device
+        temperature = torch.tensor([p.temperature for p in params], device=d)
+        top_p = torch.tensor([p.top_p for p in params], device=d)
+        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.long, device=d)
+        positions = torch.tensor([len(s.generated) + offset for s in seqs], dtype=torch.long, device=d)
+        return sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params))
+
     def _sample(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> list[int]:
         params = [s.params for s in seqs]
         want_logprobs = [i for i, p in enumerate(params) if p.logprobs >= 0]
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
-        if any(p.presence_penalty or p.frequency_penalty or p.logit_bias or p.grammar for p in params):
+        if any(p.presence_penalty or p.frequency_penalty or p.logit_bias or p.grammar or p.min_tokens for p in params):
             self._shape_logits(logits, seqs)
         any_sampled = any(p.temperature > 0 for p in params)
         if not any_sampled:

@@ -41,6 +41,7 @@ class SamplingParams(msgspec.Struct, array_like=True, omit_defaults=True, gc=Fal
     seed: Union[int, None] = None
     stop: list[str] = []
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS cannot end the sequence before this many tokens (vLLM's min_tokens)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[int, float] = {}  # token id -> added to its logit (-100..100)

@@ -39,7 +39,7 @@ class EngineSequence:
     """One request's generation state inside the engine."""
 
     __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "seed", "matcher",
-                 "logprob")
+                 "logprob", "done")
 
     def __init__(self, req: Generate, prompt_ids: list[int], detok: IncrementalDetokenizer) -> None:
         self.req = req
@@ -53,6 +53,7 @@ class EngineSequence:
         self.seed = req.params.seed if req.params.seed is not None else random.getrandbits(62)
         self.matcher = None  # the grammar's matcher (engine-made) when the output is constrained
         self.logprob = None  # the TokenLogprob of the token just sampled, when the request asked
+        self.done = False  # finished or cancelled (a step in flight may still hold its row)
 
     @property
     def id(self) -> int:
@@ -63,10 +64,20 @@ class EngineSequence:
         return self.prompt_ids + self.generated
 
 
+class _DoneStep:
+    """A decode step that ran synchronously (engines that do not pipeline)."""
+
+    __slots__ = ("seqs", "ids")
+
+    def __init__(self, seqs: list, ids: list[int]) -> None:
+        self.seqs, self.ids = seqs, ids
+
+
 class BatchEngine:
     name = "base"
     vocab_size = 2**31  # token ids the engine knows (engines set theirs)
     weight_bytes = 0  # the model's weights in memory (engines with a model set it)
+    pipeline = True  # launch the next decode step before this one's tokens reach the host, when rows allow
 
     def __init__(self, max_batch_size: int, context_length: int, eos_ids: Sequence[int]) -> None:
         self.max_batch_size = max_batch_size
@@ -75,6 +86,7 @@ class BatchEngine:
         self._inbox: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
         self._waiting: list[Generate] = []
         self._running: list[EngineSequence] = []
+        self._inflight = None  # a decode step launched and not yet collected (pipelining)
         self._stop = threading.Event()
         self.last_tick = time.monotonic()
         self.generated_tokens = 0
@@ -160,19 +172,75 @@ class BatchEngine:
             self.step()
 
     def step(self) -> None:
+        """One decode step for the running batch, after admitting waiting requests between steps.
+
+        Pipelined (engines that can, for rows that need nothing from the host between steps): the
+        next step is launched from the device's sampled tokens before this step's tokens are turned
+        into text and frames, so the host's detokenising overlaps the device's next step. A row that
+        ended at this step has run one step too many; that step's token is dropped."""
         self.last_tick = time.monotonic()
-        idle = not self._running and not self._waiting
+        idle = not self._running and not self._waiting and self._inflight is None
         self._drain_inbox(block=idle)
         frames: list = []
-        self._admit(frames)
-        if frames:
-            self.emit(frames)  # first tokens go out now, not after the next decode step
-            frames = []
+        if self._waiting and len(self._running) < self.max_batch_size:
+            self._flush(frames)  # admission sees the batch as it really is
+            self._admit(frames)
+            if frames:
+                self.emit(frames)  # first tokens go out now, not after the next decode step
+                frames = []
         if self._running:
-            ids = self.decode(self._running)
-            self._advance(self._running, ids, frames)
+            current = self._inflight if self._inflight is not None else self.launch(self._running)
+            alive = [s for s in current.seqs if not s.done]
+            self._inflight = self.launch_next(current, alive) if self._can_pipeline(alive) else None
+            self._advance_alive(current.seqs, self.collect(current), frames)
+        else:
+            self._flush(frames)
         if frames:
             self.emit(frames)
+
+    def _can_pipeline(self, seqs: list[EngineSequence]) -> bool:
+        """Whether the step after this one can be launched before this one's tokens are known:
+        every row samples on the device alone (no grammar, penalties, bias, logprobs or held EOS)
+        and none can reach max_tokens or the context at this step."""
+        if not self.pipeline or not seqs or len(seqs) != len(self._running):
+            return False
+        for s in seqs:
+            p = s.params
+            if (p.grammar or p.logprobs >= 0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
+                    or len(s.generated) < p.min_tokens):
+                return False
+            if len(s.generated) + 2 > p.max_tokens or len(s.prompt_ids) + len(s.generated) + 2 > self.context_length:
+                return False
+        return True
+
+    def _flush(self, frames: list) -> None:
+        """Collect the step in flight, if any."""
+        if self._inflight is not None:
+            current, self._inflight = self._inflight, None
+            self._advance_alive(current.seqs, self.collect(current), frames)
+
+    def _advance_alive(self, seqs: list[EngineSequence], ids: list[int], frames: list) -> None:
+        """_advance for the rows still running (a row that ended or was cancelled while its step
+        was in flight is dropped with its token)."""
+        if all(not s.done for s in seqs):
+            self._advance(seqs, ids, frames)
+            return
+        alive = [(s, t) for s, t in zip(seqs, ids) if not s.done]
+        if alive:
+            self._advance([s for s, _ in alive], [t for _, t in alive], frames)
+
+    # --- decode steps (engines override launch/launch_next/collect to pipeline) ----------------------
+    def launch(self, seqs: list[EngineSequence]):
+        """Start a decode step for `seqs`; `collect` gives its sampled token ids."""
+        return _DoneStep(list(seqs), self.decode(seqs))
+
+    def launch_next(self, step, seqs: list[EngineSequence]):
+        """Start the step after `step` for `seqs` (a subset of its rows) from the tokens `step`
+        sampled on the device, before they are collected; None when the engine cannot."""
+        return None
+
+    def collect(self, step) -> list[int]:
+        return step.ids
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -209,6 +277,8 @@ class BatchEngine:
     def _cancel(self, request_id: int) -> None:
         self._waiting = [r for r in self._waiting if r.id != request_id]
         gone = [s for s in self._running if s.id == request_id]
+        for s in gone:
+            s.done = True
         if gone:
             self._running = [s for s in self._running if s.id != request_id]
             self.release(gone)
@@ -261,7 +331,7 @@ class BatchEngine:
         for seq, tok in zip(seqs, next_ids):
             seq.generated.append(tok)
             self.generated_tokens += 1
-            if tok in self.eos_ids and not seq.params.ignore_eos:
+            if tok in self.eos_ids and not seq.params.ignore_eos and len(seq.generated) > seq.params.min_tokens:
                 ends.append("stop")
                 continue
             matcher = seq.matcher
@@ -282,7 +352,7 @@ class BatchEngine:
         # One tokenizer call for the whole batch: per-sequence decodes dominate big batches.
         texts = iter(self.detokenize_batch(windows)) if windows else iter(())
         for seq, tok, reason in zip(seqs, next_ids, ends):
-            is_eos = tok in self.eos_ids and not seq.params.ignore_eos
+            is_eos = tok in self.eos_ids and not seq.params.ignore_eos and len(seq.generated) > seq.params.min_tokens
             text = "" if is_eos else seq.detok.accept(next(texts), next(texts))
             if reason is not None:
                 text += seq.detok.flush()
@@ -300,6 +370,7 @@ class BatchEngine:
                 frames.append(Finished(id=seq.id, finish_reason=reason, prompt_tokens=len(seq.prompt_ids),
                                        completion_tokens=len(seq.generated)))
                 finished.append(seq)
+                seq.done = True
         if finished:
             done = {id(s) for s in finished}
             self._running = [s for s in self._running if id(s) not in done]

@@ -173,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--concurrency", default="1,16,64,256")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--hf-batches", default="1,16,64,256")
+    p.add_argument("--compare-pipeline", action="store_true",
+                   help="run each concurrency with the host/GPU overlap off, then on")
     p.add_argument("--out", default="reports/bench-gpu.json")
     args = p.parse_args(argv)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -193,12 +195,16 @@ def main(argv=None) -> int:
                  "graphs": len(engine._graphs), "engine": [], "hf_generate": []}
         entry["greedy_vs_hf"] = greedy_check(engine, ["Hello there", " word" * 20, "1 2 3 4 5"], 32)
         for c in concurrency:
-            entry["engine"].append(run_engine(engine, prompt, c, max(2 * c, 8), args.new_tokens))
-            print(shape, entry["engine"][-1], file=sys.stderr, flush=True)
+            for pipelined in ((False, True) if args.compare_pipeline else (True,)):
+                engine.pipeline = pipelined  # host/GPU overlap off, then on, in the same process
+                result = run_engine(engine, prompt, c, max(2 * c, 8), args.new_tokens)
+                result["pipelined"] = pipelined
+                entry["engine"].append(result)
+                print(shape, entry["engine"][-1], file=sys.stderr, flush=True)
         entry["step_breakdown"] = step_breakdown(engine, max(concurrency))
         print(shape, "breakdown", entry["step_breakdown"], file=sys.stderr, flush=True)
         prompt_ids = engine.tokenizer(prompt).input_ids
-        for b in [int(x) for x in args.hf_batches.split(",")]:
+        for b in [int(x) for x in args.hf_batches.split(",") if x]:
             entry["hf_generate"].append(run_hf(engine.model, prompt_ids, b, args.new_tokens))
             print(shape, "hf", entry["hf_generate"][-1], file=sys.stderr, flush=True)
         results["shapes"][shape] = entry

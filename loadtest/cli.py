@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiers", help="name=key:share,... e.g. premium=sk-test-premium:0.2,batch=sk-test-batch:0.8")
     p.add_argument("--prompt-words", help="LOW-HIGH")
     p.add_argument("--max-tokens", help="LOW-HIGH")
+    p.add_argument("--ignore-eos", action="store_true", default=None, help="send ignore_eos (fixed output length)")
+    p.add_argument("--min-tokens", type=int, help="send min_tokens (capped at each request's max_tokens)")
     p.add_argument("--stream-share", type=float)
     p.add_argument("--duplicate-share", type=float)
     p.add_argument("--chaos-every", type=float, dest="chaos_every_s", help="kill a random worker every N seconds")
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     overrides = {k: getattr(args, k) for k in ("url", "admin_url", "model", "mode", "rate", "concurrency",
                                                 "duration_s", "max_requests", "stream_share", "duplicate_share",
-                                                "chaos_every_s", "seed")}
+                                                "chaos_every_s", "seed", "ignore_eos", "min_tokens")}
     if args.admin_token_file:
         overrides["admin_token"] = Path(args.admin_token_file).read_text().strip()
     overrides["tiers"] = _tiers(args.tiers)

@@ -31,6 +31,9 @@ class Workload(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     tiers: dict[str, TierMix] = {}
     prompt_words: tuple[int, int] = (8, 32)
     max_tokens: tuple[int, int] = (8, 32)
+    # a fixed output length (served runs generate what engine-alone runs do): vLLM's parameters
+    ignore_eos: bool = False
+    min_tokens: Annotated[int, msgspec.Meta(ge=0)] = 0  # capped at each request's max_tokens
     stream_share: Share = 0.5
     duplicate_share: Share = 0.0
     chaos_every_s: Union[Annotated[float, msgspec.Meta(gt=0)], None] = None
@@ -90,6 +93,10 @@ class RequestFactory:
             words = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*w.prompt_words)))
             body = {"model": w.model, "messages": [{"role": "user", "content": f"{self.n} {words}"}],
                     "max_tokens": rng.randint(*w.max_tokens), "temperature": 0}
+            if w.ignore_eos:
+                body["ignore_eos"] = True
+            if w.min_tokens:
+                body["min_tokens"] = min(w.min_tokens, body["max_tokens"])
             self.recent = (self.recent + [body])[-100:]
         body["stream"] = rng.random() < w.stream_share
         if body["stream"]:

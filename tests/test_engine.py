@@ -143,3 +143,29 @@ def test_tampered_model_is_refused_naming_the_file(tiny_model, tmp_path):
         f.write(" ")
     with pytest.raises(BootError, match="config.json"):
         TransformersEngine(WorkerSettings(engine="transformers", model_name="t", model_path=str(bad)))
+
+
+def test_pipelined_steps_match_hf_generate(engine, monkeypatch):
+    """The next step is launched from the device's tokens before the host has them (pipelining);
+    the output must still be HF's, with a row leaving mid-batch (EOS is not ignored for it) and a
+    sampled row in the same batch."""
+    launched = []
+    original = engine.launch_next
+
+    def counting(step, seqs):
+        nxt = original(step, seqs)
+        launched.append(nxt is not None)
+        return nxt
+
+    monkeypatch.setattr(engine, "launch_next", counting)
+    reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS[:2])]
+    reqs.append(Generate(id=7, prompt=PROMPTS[2], params=SamplingParams(max_tokens=12, temperature=0.8, seed=5)))
+    out = run(engine, reqs)
+    assert sum(launched) >= 5  # most steps were pipelined
+    for i, p in enumerate(PROMPTS[:2]):
+        assert out[i][0] == hf_greedy(engine, p, 12)
+    monkeypatch.setattr(engine, "launch_next", lambda step, seqs: None)  # the same sampled row, unpipelined
+    again = run(engine, [Generate(id=7, prompt=PROMPTS[2], params=SamplingParams(max_tokens=12, temperature=0.8,
+                                                                                   seed=5))])
+    assert again[7][0] == out[7][0]

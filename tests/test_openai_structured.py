@@ -243,6 +243,21 @@ def test_penalties_and_logit_bias_change_the_output(client, embedded_model):
     assert e.value.body["param"] == "logit_bias"
 
 
+def test_ignore_eos_and_min_tokens_fix_the_output_length(client):
+    short = create(client, model=MODEL, messages=[{"role": "user", "content": "Say hi."}], temperature=0,
+                   max_tokens=40)
+    assert short["choices"][0]["finish_reason"] == "stop" and short["usage"]["completion_tokens"] < 40
+    held = create(client, model=MODEL, messages=[{"role": "user", "content": "Say hi."}], temperature=0,
+                  max_tokens=40, extra_body={"min_tokens": 40})
+    assert held["usage"]["completion_tokens"] == 40 and held["choices"][0]["finish_reason"] == "length"
+    ignored = create(client, model=MODEL, messages=[{"role": "user", "content": "Say hi."}], temperature=0,
+                     max_tokens=40, extra_body={"ignore_eos": True})
+    assert ignored["usage"]["completion_tokens"] == 40
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=5, extra_body={"min_tokens": 6})
+    assert e.value.body["param"] == "min_tokens"
+
+
 def test_langchain_structured_output_and_tool_binding(embedded_server):
     from langchain_core.tools import tool
     from langchain_openai import ChatOpenAI

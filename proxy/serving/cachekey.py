@@ -32,7 +32,7 @@ def cache_key(scope: str, model: str, kind: str, params: SamplingParams,
         # greedy decoding ignores these: do not let them split identical greedy requests
         float(params.temperature), float(params.top_p) if params.temperature else 1.0,
         params.seed if params.temperature else None,
-        list(params.stop), params.ignore_eos,
+        list(params.stop), params.ignore_eos, params.min_tokens,
         float(params.presence_penalty), float(params.frequency_penalty), sorted(params.logit_bias.items()),
         params.logprobs, params.grammar, list(tools),
     )

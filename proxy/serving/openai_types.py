@@ -122,6 +122,9 @@ class _Common(msgspec.Struct, kw_only=True):
     presence_penalty: Union[Penalty, None] = None
     frequency_penalty: Union[Penalty, None] = None
     logit_bias: LogitBias = None
+    # vLLM's extensions, for benchmarks that need a fixed output length
+    ignore_eos: Union[bool, None] = None
+    min_tokens: Union[Annotated[int, msgspec.Meta(ge=0, le=1_000_000)], None] = None
     # refused when present (see UNSUPPORTED); typed loosely so the refusal names them
     functions: Union[msgspec.Raw, None] = None
     function_call: Union[msgspec.Raw, None] = None

@@ -138,10 +138,14 @@ class Planner:
         prompt_estimate = prompt_chars // CHARS_PER_TOKEN + 1
         context = context_of(pool)
         max_tokens = self._output_limit(req, context, prompt_estimate)
+        if req.min_tokens and req.min_tokens > max_tokens:
+            raise InvalidRequest(f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens}).",
+                                 param="min_tokens")
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=pool_cfg.default_temperature if req.temperature is None else req.temperature,
             top_p=pool_cfg.default_top_p if req.top_p is None else req.top_p, seed=req.seed, stop=req.stop_list(),
+            ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             logit_bias=req.token_bias(), logprobs=logprobs, grammar=shape.grammar)
         tier_cfg = self.tiers[tier]
