@@ -365,6 +365,12 @@ class TransformersEngine(BatchEngine):
         self._pos[:n].copy_(torch.tensor(pos, pin_memory=self._pinned), non_blocking=True)
         return self._run_step(seqs, slots, n, max(pos) + 1, offset=0)
 
+    def _to_device(self, values: list, dtype=torch.long) -> torch.Tensor:
+        """A small host list on the device without waiting for the device: torch.tensor(...,
+        device=cuda) copies from pageable memory, which waits for every kernel queued before it -
+        the step in flight - and would undo the pipelining."""
+        return torch.tensor(values, dtype=dtype, pin_memory=self._pinned).to(self.device, non_blocking=True)
+
     def launch_next(self, step: "_DecodeStep", seqs: list[EngineSequence]) -> "_DecodeStep | None":
         """The step after `step`, fed on the device with the tokens `step` sampled (not yet on the
         host): the GPU runs it while the host detokenises `step`. Only steps sampled on the device
@@ -373,8 +379,8 @@ class TransformersEngine(BatchEngine):
             return None
         keep = [i for i, s in enumerate(step.seqs) if not s.done] if len(seqs) != len(step.seqs) else None
         slots = [step.slots[i] for i in keep] if keep is not None else step.slots
-        tokens = step.tokens if keep is None else step.tokens[torch.tensor(keep, device=self.device)]
-        rows = torch.tensor(slots, device=self.device)
+        tokens = step.tokens if keep is None else step.tokens[self._to_device(keep)]
+        rows = self._to_device(slots)
         self._ids[rows, 0] = tokens
         self._pos[rows] += 1
         top = max(len(s.prompt_ids) + len(s.generated) for s in seqs)  # the new input's position, + 1
@@ -390,7 +396,7 @@ class TransformersEngine(BatchEngine):
             logits = out
         else:
             logits = self._decode_forward(n, length)
-        logits = logits[torch.tensor(slots, device=self.device)]
+        logits = logits[self._to_device(slots)]
         step = _DecodeStep(seqs, slots)
         if offset == 0 and not self._device_sampling(seqs):
             step.ids = self._sample(logits, seqs)  # host work between steps (grammar, logprobs, ...)
@@ -544,11 +550,10 @@ class TransformersEngine(BatchEngine):
         params = [s.params for s in seqs]
         if not any(p.temperature > 0 for p in params):
             return logits.argmax(dim=-1)
-        d = self.device
-        temperature = torch.tensor([p.temperature for p in params], device=d)
-        top_p = torch.tensor([p.top_p for p in params], device=d)
-        seeds = torch.tensor([s.seed for s in seqs], dtype=torch.long, device=d)
-        positions = torch.tensor([len(s.generated) + offset for s in seqs], dtype=torch.long, device=d)
+        temperature = self._to_device([p.temperature for p in params], torch.float32)
+        top_p = self._to_device([p.top_p for p in params], torch.float32)
+        seeds = self._to_device([s.seed for s in seqs])
+        positions = self._to_device([len(s.generated) + offset for s in seqs])
         return sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params))
 
     def _sample(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> list[int]:
