@@ -169,3 +169,30 @@ def test_pipelined_steps_match_hf_generate(engine, monkeypatch):
     again = run(engine, [Generate(id=7, prompt=PROMPTS[2], params=SamplingParams(max_tokens=12, temperature=0.8,
                                                                                    seed=5))])
     assert again[7][0] == out[7][0]
+
+
+def test_constrained_rows_batch_with_free_rows(engine):
+    """Grammar rows (JSON schema) and unconstrained rows in one batch: every constrained answer
+    parses and validates even on random weights, and the free rows decode exactly as alone."""
+    import json
+
+    import jsonschema
+    import llguidance
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "tag": {"enum": ["a", "b", "c"]}},
+              "required": ["n", "tag"], "additionalProperties": False}
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
+                                                            overrides={"whitespace_flexible": False})
+    free = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS[:2])]
+    constrained = [Generate(id=10 + i, prompt=p, params=SamplingParams(max_tokens=40, temperature=0.9, seed=i,
+                                                                       grammar=grammar))
+                   for i, p in enumerate(PROMPTS[:2])]
+    mixed = run(engine, free + constrained)
+    for r in constrained:
+        ids, text, end = mixed[r.id]
+        assert end.finish_reason == "stop", text
+        jsonschema.validate(json.loads(text), schema)
+    for r in free:
+        assert mixed[r.id][0] == run(engine, [r])[r.id][0]
