@@ -36,6 +36,10 @@ from proxy.serving.gate import Gate
 from proxy.serving.plan import Planner
 from proxy.serving.responses_api import ResponseStore
 
+# How long a passed public socket waits for ready workers before accepting anyway (connections
+# queue in the socket meanwhile; a cold 70B model may take minutes to load).
+PASSED_SOCKET_WAIT_S = 600.0
+
 log = logging.getLogger("fullpower")
 # The systemd unit's TimeoutStopSec (systemd/fullpower.service): a stop must end well inside it.
 SYSTEMD_STOP_BUDGET_S = 90.0
@@ -88,6 +92,8 @@ class Appliance:
             metrics.add_collector(jobs_collector(self.jobs))
         self._reload_lock = asyncio.Lock()
         self._drain_deadline = 0.0
+        self._passed_sites: list[web.BaseSite] = []  # listeners on sockets passed by socket activation
+        self._accept_task: asyncio.Task | None = None  # starts the passed public socket once workers are ready
 
     # --- applications ---------------------------------------------------------------------------
     def public_app(self) -> web.Application:
@@ -122,25 +128,66 @@ class Appliance:
         except (OSError, ValueError) as exc:
             raise StartupError(f"admin token: {exc}") from None
         warn_if_exposed(self.cfg.admin_listen)
-        listeners = [(self.admin_app(), self.cfg.admin_listen)]
+        listeners = [(self.admin_app(), self.cfg.admin_listen, "admin")]
         if self.cfg.listen:
-            listeners.insert(0, (self.public_app(), self.cfg.listen))
+            listeners.insert(0, (self.public_app(), self.cfg.listen, "public"))
         else:
             log.warning("listen is empty: no public listener (jobs and the admin listener only)")
-        for app, address in listeners:
+        # Socket activation: a listening socket systemd (or a harness) holds across our restarts,
+        # so connections made while we restart wait in its queue instead of being refused.
+        passed = systemd.inherited_sockets()
+        for app, address, role in listeners:
             listener = Listener(app, self.cfg.limits)
             await listener.setup()
             stack.push_async_callback(self._close_listener, listener)
+            sock = passed.pop(role, None)
+            if sock is not None:
+                site = web.SockSite(listener, sock)
+                if role == "public":
+                    # Accept once the workers can serve: until then connections wait in the
+                    # socket's queue (held by the service manager) rather than get 503s.
+                    self._accept_task = asyncio.create_task(self._accept_when_ready(site, sock))
+                    stack.push_async_callback(self._stop_accept_task)
+                else:
+                    await self._start_passed_site(site, sock, role)
+                continue
             host, port = parse_host_port(address)
             try:
                 await web.TCPSite(listener, host, port, backlog=4096).start()
             except OSError as exc:
                 raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
             log.info("listening on http://%s", address)
+        for name, sock in passed.items():
+            log.warning("a passed socket named %r matches no listener (expected public or admin); closing it", name)
+            sock.close()
         stack.push_async_callback(self._drain)  # first to run at stop
 
+    async def _start_passed_site(self, site: web.SockSite, sock, role: str) -> None:
+        await site.start()
+        self._passed_sites.append(site)
+        host, port = sock.getsockname()[:2]
+        log.info("listening on http://%s:%s (socket passed by the service manager, for %s)", host, port, role)
+
+    async def _accept_when_ready(self, site: web.SockSite, sock) -> None:
+        hot = [p.name for p in self.cfg.pools if p.replicas.hot]
+        ready = await self.pools.wait_for(lambda: all(self.pools.ready(p) for p in hot), PASSED_SOCKET_WAIT_S)
+        if not ready:
+            log.warning("workers not ready after %.0fs: accepting on the passed socket anyway", PASSED_SOCKET_WAIT_S)
+        await self._start_passed_site(site, sock, "public")
+
+    async def _stop_accept_task(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+            await asyncio.gather(self._accept_task, return_exceptions=True)
+
     async def _drain(self) -> None:
-        """Readiness fails, new API requests are refused, in-flight ones get the drain period."""
+        """Readiness fails, new API requests are refused, in-flight ones get the drain period.
+        A socket the service manager passed stops being accepted from at once: it stays open
+        there, so new connections wait in its queue for the next process instead of a 503."""
+        await self._stop_accept_task()
+        for site in self._passed_sites:
+            await site.stop()
+        self._passed_sites.clear()
         self.inflight.draining = True
         systemd.notify("STOPPING=1")
         drain_s = self.cfg.timeouts.drain_s

@@ -2,6 +2,7 @@
 SIGTERM under load ends inside the systemd stop budget, and jobs run without the public listener."""
 
 import http.client
+import json
 import re
 import signal
 import socket
@@ -117,3 +118,68 @@ def test_jobs_run_with_no_public_listener(tmp_path):
         assert "no public listener" in server.log()
     finally:
         server.stop()
+
+
+def test_connections_made_during_a_restart_wait_for_the_next_process_with_socket_activation(tmp_path):
+    """sd_listen_fds(3) as systemd-socket-activate or a .socket unit passes it: the harness holds the
+    listening socket across a graceful restart; requests sent while no process serves wait in its
+    queue and are answered by the next process - none refused, none failed."""
+    import os
+
+    server = Server(fake_config(fake={"boot_delay_ms": 0, "token_latency_ms": 1, "output_tokens": 4}), tmp_path)
+    held = socket.socket()
+    held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held.bind(("127.0.0.1", server.port))
+    held.listen(1024)
+    log = open(tmp_path / "activated.log", "ab")
+
+    def start():
+        # the service manager's part: the socket as descriptor 3, LISTEN_PID the server's own pid
+        cmd = ["sh", "-c", 'LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=public exec "$@"', "sh",
+               *FULLPOWER, "serve", "--config", str(server.config_path)]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, close_fds=False,
+                                preexec_fn=lambda: os.dup2(held.fileno(), 3))
+        server.proc = proc
+        server.wait_ready(timeout=60)
+        return proc
+
+    results: list = []
+    stop = threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+                conn.request("POST", "/v1/chat/completions", body=json.dumps(body(max_tokens=4)), headers={
+                    "Authorization": KEYS["standard"], "Content-Type": "application/json", "Connection": "close"})
+                results.append(conn.getresponse().status)
+                conn.close()
+            except OSError as exc:
+                results.append(repr(exc))
+
+    try:
+        first = start()
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(results) >= 20, timeout=30, what="traffic before the restart")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+        during = len(results)
+        second = start()  # meanwhile connections queue in the held socket
+        wait_until(lambda: len(results) >= during + 20, timeout=60, what="traffic after the restart")
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        failed = [r for r in results if r != 200]
+        assert not failed, failed[:5]
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0
+    finally:
+        stop.set()
+        held.close()
+        if server.proc is not None and server.proc.poll() is None:
+            server.proc.kill()
+        log.close()
+    text = (tmp_path / "activated.log").read_text(errors="replace")
+    assert text.count("socket passed by the service manager, for public") == 2, text[-3000:]
