@@ -52,3 +52,19 @@ def test_unit_file():
     text = (ROOT / "systemd/fullpower.service").read_text()
     assert "\nPrivateDevices" not in text and "\nMemoryDenyWriteExecute" not in text
     assert "DeviceAllow=/dev/nvidiactl" in text
+
+
+def test_socket_unit_passes_the_public_listener():
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str
+    unit.read_string((ROOT / "systemd/fullpower.socket").read_text())
+    sock = unit["Socket"]
+    assert sock["FileDescriptorName"] == "public"  # the name proxy.systemd.inherited_sockets maps
+    assert sock["ListenStream"] == "127.0.0.1:8080"  # the shipped config's listen
+    assert unit["Unit"]["PartOf"] == "fullpower.service"
+    import shutil
+
+    if shutil.which("systemd-analyze"):  # systemd's own parser, where installed
+        verify = subprocess.run(["systemd-analyze", "verify", str(ROOT / "systemd/fullpower.socket")],
+                                capture_output=True, text=True)
+        assert verify.returncode == 0, verify.stderr
