@@ -14,7 +14,7 @@ class ManifestError(Exception):
     pass
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -28,7 +28,7 @@ def model_files(model_dir: Path) -> list[Path]:
 
 def write_manifest(model_dir: Path) -> Path:
     model_dir = Path(model_dir)
-    files = {str(p.relative_to(model_dir)): {"sha256": _sha256(p), "size": p.stat().st_size}
+    files = {str(p.relative_to(model_dir)): {"sha256": sha256_file(p), "size": p.stat().st_size}
              for p in model_files(model_dir)}
     target = model_dir / MANIFEST
     tmp = target.with_suffix(".tmp")
@@ -56,5 +56,5 @@ def verify_manifest(model_dir: Path) -> None:
         size = path.stat().st_size
         if size != want["size"]:
             raise ManifestError(f"{path}: size {size} does not match the manifest ({want['size']})")
-        if _sha256(path) != want["sha256"]:
+        if sha256_file(path) != want["sha256"]:
             raise ManifestError(f"{path}: sha256 does not match the manifest (file altered or corrupt)")

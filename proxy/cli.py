@@ -1,4 +1,5 @@
-"""`fullpower` command line: serve, check-config, model prepare|verify, status."""
+"""`fullpower` command line: serve, check-config, model prepare|verify, status, backup, restore, and
+the admin verbs."""
 
 from __future__ import annotations
 
@@ -195,6 +196,50 @@ def cmd_jobs(args) -> int:
     return 0
 
 
+def cmd_backup(args) -> int:
+    from proxy.backup import BackupError, backup
+
+    cfg = _load_or_exit(args.config)
+    try:
+        manifest = backup(cfg, Path(args.config), Path(args.dest), with_models=args.with_models)
+    except (BackupError, OSError) as exc:
+        print(f"backup failed: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.dest}: {len(manifest['files'])} files, jobs by state {manifest['jobs']}"
+          + (" (model files included)" if args.with_models else ""))
+    return 0
+
+
+def cmd_restore(args) -> int:
+    from proxy.backup import BackupError, restore
+
+    cfg = _load_or_exit(args.config)
+    if args.data_dir:
+        import msgspec
+
+        cfg = msgspec.structs.replace(cfg, data_dir=args.data_dir)
+    import socket
+
+    host, port = parse_host_port(cfg.admin_listen)
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        pass  # nothing listens on the admin address: the server is stopped, as it must be
+    else:
+        print(f"restore: a server is running (its admin listener {cfg.admin_listen} answers); stop it first",
+              file=sys.stderr)
+        return 2
+    try:
+        done = restore(Path(args.src), cfg)
+    except (BackupError, OSError) as exc:
+        print(f"restore refused, nothing changed: {exc}" if "checksum" in str(exc) or "missing" in str(exc)
+              or "not part" in str(exc) else f"restore failed: {exc}", file=sys.stderr)
+        return 2
+    for line in done:
+        print(line)
+    return 0
+
+
 def cmd_status(args) -> int:
     data = _admin(args, "/admin/pool", timeout=5)
     if args.json:
@@ -237,6 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
     mv = msub.add_parser("verify", help="check a model directory against its manifest")
     mv.add_argument("dir", type=Path)
     p.set_defaults(func=cmd_model)
+
+    p = sub.add_parser("backup", help="a consistent snapshot (job store, config, token, model manifests) while serving")
+    p.add_argument("dest", help="a new (or empty) directory")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--with-models", action="store_true", help="copy the model files too")
+    p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("restore", help="verify a backup's checksums, then restore it (the server must be stopped)")
+    p.add_argument("src")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--data-dir", help="restore into this data directory instead of the config's")
+    p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("status", help="show the worker pool (from the admin listener)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
