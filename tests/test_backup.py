@@ -95,3 +95,34 @@ def test_a_model_that_changed_since_the_backup_is_named(tmp_path, tiny_model):
         f.write(b"\xff\xff")
     refused = cli("restore", str(tmp_path / "backup"), "--config", str(server.config_path))
     assert refused.returncode == 2 and str(weights) in refused.stderr, refused.stderr
+
+
+def test_the_recovery_drill_runs_end_to_end_on_the_embedded_model(tmp_path, embedded_model):
+    import os
+    import re
+    import signal
+    import sys
+
+    config = yaml.safe_load((ROOT / "config/fullpower.yaml").read_text())
+    config["pools"][0]["model_path"] = str(embedded_model)
+    server = Server(config, _mk(tmp_path / "a")).start(timeout=300)
+    restarted = None
+    try:
+        made = cli("backup", str(tmp_path / "backup"), "--config", str(server.config_path))
+        assert made.returncode == 0, made.stderr
+        drill = subprocess.run([sys.executable, "-m", "loadtest.drill", "--config", str(server.config_path),
+                                "--backup", str(tmp_path / "backup"), "--pid", str(server.proc.pid),
+                                "--requests", "10", "--log", str(tmp_path / "drill.log")],
+                               cwd=ROOT, capture_output=True, text=True, timeout=600)
+        found = re.search(r"server running as pid (\d+)", drill.stdout)
+        restarted = int(found.group(1)) if found else None
+        assert drill.returncode == 0, drill.stdout + drill.stderr
+        assert drill.stdout.count("PASS") == 5 and "10/10 succeeded" in drill.stdout
+        assert "every file matches" in drill.stdout and "integrity ok" in drill.stdout
+    finally:
+        if server.proc.poll() is None:
+            server.stop()
+        if restarted is not None:
+            os.kill(restarted, signal.SIGTERM)
+            wait_until(lambda: not os.path.exists(f"/proc/{restarted}") or
+                       open(f"/proc/{restarted}/stat").read().split()[2] == "Z", timeout=60, what="drill server gone")
