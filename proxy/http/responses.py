@@ -18,8 +18,8 @@ from proxy.serving.auth import Authenticator
 from proxy.serving.core import Answer, ServingCore
 from proxy.serving.plan import Planner, RequestPlan, cache_directives
 from proxy.serving.record import RequestRecord
-from proxy.serving.responses_api import (ResponseBuilder, ResponseStore, StoredResponse, as_chat_request,
-                                         conversation, parse_create)
+from proxy.serving.responses_api import ResponseStore, StoredResponse, as_chat_request, conversation, parse_create
+from proxy.serving.responses_output import ResponseBuilder
 
 _json = msgspec.json.Encoder()
 
