@@ -39,6 +39,7 @@ from proxy.serving.responses_api import ResponseStore
 # How long a passed public socket waits for ready workers before accepting anyway (connections
 # queue in the socket meanwhile; a cold 70B model may take minutes to load).
 PASSED_SOCKET_WAIT_S = 600.0
+HANDOVER_GRACE_S = 0.5  # at stop, for requests on connections accepted just before the handover
 
 log = logging.getLogger("fullpower")
 # The systemd unit's TimeoutStopSec (systemd/fullpower.service): a stop must end well inside it.
@@ -183,12 +184,20 @@ class Appliance:
     async def _drain(self) -> None:
         """Readiness fails, new API requests are refused, in-flight ones get the drain period.
         A socket the service manager passed stops being accepted from at once: it stays open
-        there, so new connections wait in its queue for the next process instead of a 503."""
+        there, so new connections wait in its queue for the next process; requests on connections
+        already accepted are then served (and their connections closed) rather than refused."""
         await self._stop_accept_task()
+        handing_over = bool(self._passed_sites)
+        if handing_over:
+            self.inflight.handover = True
         for site in self._passed_sites:
             await site.stop()
         self._passed_sites.clear()
         self.inflight.draining = True
+        if handing_over:
+            # A connection accepted just before the stop may not have sent its request yet: give it
+            # a moment to arrive (it is then served) before an empty drain closes the connections.
+            await asyncio.sleep(HANDOVER_GRACE_S)
         systemd.notify("STOPPING=1")
         drain_s = self.cfg.timeouts.drain_s
         self._drain_deadline = time.monotonic() + drain_s

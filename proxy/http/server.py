@@ -72,11 +72,15 @@ class InflightRequests:
     def __init__(self) -> None:
         self.count = 0
         self.draining = False
+        # Socket activation: a successor takes the new connections, so requests on connections this
+        # process had already accepted are still served while draining (each told to close its
+        # connection) instead of refused.
+        self.handover = False
         self._idle = asyncio.Event()
         self._idle.set()
 
     def enter(self) -> None:
-        if self.draining:
+        if self.draining and not self.handover:
             raise NoWorkerReady("The server is shutting down.", retry_after=1.0)
         self.count += 1
         self._idle.clear()
@@ -122,6 +126,8 @@ class RequestContext:
             response = await handler(request)
             if not response.prepared:
                 response.headers.setdefault("X-Request-Id", rec.id)
+                if self.inflight.draining:
+                    response.force_close()  # the next request goes to a fresh connection: the successor
             return response
         except ApiError as exc:
             rec.fail(exc)
