@@ -190,8 +190,9 @@ class TransformersEngine(BatchEngine):
         slots = self._allocate_kv(config, settings, max_len)
         super().__init__(slots, max_len, sorted(eos))
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._template_knows_tools = "tools" in (self.tokenizer.chat_template or "")
         self._free = list(range(slots))  # a heap: the lowest free slot goes first
-        self.vocab = self.vocab_size = config.vocab_size
+        self.vocab_size = config.vocab_size
         d = self.device
         self._ids = torch.zeros((slots, 1), dtype=torch.long, device=d)
         self._pos = torch.zeros(slots, dtype=torch.long, device=d)
@@ -254,7 +255,7 @@ class TransformersEngine(BatchEngine):
         as they are; for one that does not (the embedded model's), tools, calls and results are
         written into the conversation in the widespread <tool_call> convention, which the proxy
         parses back out of the answer."""
-        template_knows_tools = "tools" in (self.tokenizer.chat_template or "")
+        template_knows_tools = self._template_knows_tools
         messages = []
         for m in req.messages:
             entry = {"role": m.role, "content": m.content}
@@ -398,7 +399,7 @@ class TransformersEngine(BatchEngine):
             logits = self._decode_forward(n, length)
         logits = logits[self._to_device(slots)]
         step = _DecodeStep(seqs, slots)
-        if offset == 0 and not self._device_sampling(seqs):
+        if offset == 0 and any(s.needs_host for s in seqs):
             step.ids = self._sample(logits, seqs)  # host work between steps (grammar, logprobs, ...)
             return step
         step.tokens = self._sample_on_device(logits, seqs, offset)
@@ -446,7 +447,7 @@ class TransformersEngine(BatchEngine):
         if self._lltok is None:
             import llguidance.hf
 
-            self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab,
+            self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
                                                        eos_token=sorted(self.eos_ids))
         return self._lltok
 
@@ -468,9 +469,9 @@ class TransformersEngine(BatchEngine):
 
     def check_params(self, req: Generate) -> None:
         for token_id in req.params.logit_bias:
-            if not 0 <= token_id < self.vocab:
+            if not 0 <= token_id < self.vocab_size:
                 raise RequestError(f"logit_bias names token {token_id}, outside this model's vocabulary "
-                                   f"(0..{self.vocab - 1})", param="logit_bias")
+                                   f"(0..{self.vocab_size - 1})", param="logit_bias")
 
     def _token_bytes(self, token_id: int) -> bytes:
         cached = self._bytes_of.get(token_id)
@@ -535,18 +536,9 @@ class TransformersEngine(BatchEngine):
             top = [(self._token_bytes(t), v) for t, v in zip(top_ids[j][:k], top_values[j][:k])] if k else []
             seqs[i].logprob = TokenLogprob(self._token_bytes(chosen[i]), picked[j], top)
 
-    @staticmethod
-    def _device_sampling(seqs: list[EngineSequence]) -> bool:
-        """Rows whose next token needs nothing from the host (see BatchEngine._can_pipeline)."""
-        for s in seqs:
-            p = s.params
-            if (p.grammar or p.logprobs >= 0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
-                    or len(s.generated) < p.min_tokens):
-                return False
-        return True
-
     def _sample_on_device(self, logits: torch.Tensor, seqs: list[EngineSequence], offset: int) -> torch.Tensor:
-        """Token ids as a device tensor; `offset`: tokens sampled but not yet in `generated`."""
+        """Token ids as a device tensor; `offset`: tokens sampled but not yet in `generated` (the
+        noise position is the token's index within the completion: resume-stable)."""
         params = [s.params for s in seqs]
         if not any(p.temperature > 0 for p in params):
             return logits.argmax(dim=-1)
@@ -557,23 +549,12 @@ class TransformersEngine(BatchEngine):
         return sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params))
 
     def _sample(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> list[int]:
-        params = [s.params for s in seqs]
-        want_logprobs = [i for i, p in enumerate(params) if p.logprobs >= 0]
+        """Token ids on the host, after the host-side work some rows need (logits shaping, logprobs)."""
+        want_logprobs = [i for i, s in enumerate(seqs) if s.params.logprobs >= 0]
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want_logprobs else None
-        if any(p.presence_penalty or p.frequency_penalty or p.logit_bias or p.grammar or p.min_tokens for p in params):
+        if any(s.shapes_logits for s in seqs):
             self._shape_logits(logits, seqs)
-        any_sampled = any(p.temperature > 0 for p in params)
-        if not any_sampled:
-            chosen = logits.argmax(dim=-1).tolist()
-        else:
-            d = self.device
-            temperature = torch.tensor([p.temperature for p in params], device=d)
-            top_p = torch.tensor([p.top_p for p in params], device=d)
-            seeds = torch.tensor([s.seed for s in seqs], dtype=torch.long, device=d)
-            # the noise position: index of the sampled token within the completion (resume-stable)
-            positions = torch.tensor([len(s.generated) for s in seqs], dtype=torch.long, device=d)
-            chosen = sample(logits, temperature, top_p, seeds, positions, True,
-                            any(p.top_p < 1 for p in params)).tolist()
+        chosen = self._sample_on_device(logits, seqs, 0).tolist()
         if want_logprobs:
             self._record_logprobs(raw_logprobs, chosen, seqs, want_logprobs)
         return chosen

@@ -63,6 +63,24 @@ class EngineSequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.generated
 
+    @property
+    def shapes_logits(self) -> bool:
+        """The next token's logits need this sequence's history on the host: grammar mask,
+        penalties, logit_bias, or EOS held back by min_tokens."""
+        p = self.params
+        return bool(p.grammar or p.presence_penalty or p.frequency_penalty or p.logit_bias
+                    or len(self.generated) < p.min_tokens)
+
+    @property
+    def needs_host(self) -> bool:
+        """Host work between this sequence's steps (logits shaping or logprobs): no pipelining."""
+        return self.params.logprobs >= 0 or self.shapes_logits
+
+    def ends_at(self, token: int, eos_ids) -> bool:
+        """`token` (just appended) is an EOS that ends the sequence."""
+        p = self.params
+        return token in eos_ids and not p.ignore_eos and len(self.generated) > p.min_tokens
+
 
 class _DoneStep:
     """A decode step that ran synchronously (engines that do not pipeline)."""
@@ -206,8 +224,7 @@ class BatchEngine:
             return False
         for s in seqs:
             p = s.params
-            if (p.grammar or p.logprobs >= 0 or p.presence_penalty or p.frequency_penalty or p.logit_bias
-                    or len(s.generated) < p.min_tokens):
+            if s.needs_host:
                 return False
             if len(s.generated) + 2 > p.max_tokens or len(s.prompt_ids) + len(s.generated) + 2 > self.context_length:
                 return False
@@ -331,7 +348,7 @@ class BatchEngine:
         for seq, tok in zip(seqs, next_ids):
             seq.generated.append(tok)
             self.generated_tokens += 1
-            if tok in self.eos_ids and not seq.params.ignore_eos and len(seq.generated) > seq.params.min_tokens:
+            if seq.ends_at(tok, self.eos_ids):
                 ends.append("stop")
                 continue
             matcher = seq.matcher
@@ -352,8 +369,7 @@ class BatchEngine:
         # One tokenizer call for the whole batch: per-sequence decodes dominate big batches.
         texts = iter(self.detokenize_batch(windows)) if windows else iter(())
         for seq, tok, reason in zip(seqs, next_ids, ends):
-            is_eos = tok in self.eos_ids and not seq.params.ignore_eos and len(seq.generated) > seq.params.min_tokens
-            text = "" if is_eos else seq.detok.accept(next(texts), next(texts))
+            text = "" if seq.ends_at(tok, self.eos_ids) else seq.detok.accept(next(texts), next(texts))
             if reason is not None:
                 text += seq.detok.flush()
             text, hit_stop = seq.stops.push(text)

@@ -131,7 +131,7 @@ def step_breakdown(engine: TransformersEngine, batch: int, length: int = 256, st
     end.record()
     torch.cuda.synchronize()
     gpu_ms = start.elapsed_time(end) / steps
-    logits = torch.randn(batch, engine.vocab, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(batch, engine.vocab_size, device="cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(steps):

@@ -34,7 +34,12 @@ FORMAT = 1
 
 
 class BackupError(Exception):
-    """A backup or restore that cannot go on; the message names the file at fault."""
+    """A backup or restore that cannot go on; the message names the file at fault. `changed`:
+    whether a restore had already changed something (only a copied model that fails its check)."""
+
+    def __init__(self, message: str, changed: bool = False) -> None:
+        super().__init__(message)
+        self.changed = changed
 
 
 def job_counts(db_path: Path) -> dict[str, int]:
@@ -155,7 +160,7 @@ def restore(src: Path, cfg: Config) -> list[str]:
             os.replace(staging, model_dir)
             problem = _check_model(model_dir, backed / MODEL_MANIFEST)
             if problem:
-                raise BackupError(problem)
+                raise BackupError(problem, changed=True)
             done.append(f"model of pool {name} restored to {model_dir}; every file matches its manifest")
     return done
 

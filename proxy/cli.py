@@ -231,9 +231,12 @@ def cmd_restore(args) -> int:
         return 2
     try:
         done = restore(Path(args.src), cfg)
-    except (BackupError, OSError) as exc:
-        print(f"restore refused, nothing changed: {exc}" if "checksum" in str(exc) or "missing" in str(exc)
-              or "not part" in str(exc) else f"restore failed: {exc}", file=sys.stderr)
+    except BackupError as exc:
+        print(f"restore failed after changes: {exc}" if exc.changed else f"restore refused, nothing changed: {exc}",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"restore failed: {exc}", file=sys.stderr)
         return 2
     for line in done:
         print(line)

@@ -12,7 +12,7 @@ import msgspec
 from aiohttp import web
 
 import proxy
-from backend.protocol import ChatMessage, Detokenize, Failed, Tokenize, TokenizeResult
+from backend.protocol import Detokenize, Failed, Tokenize, TokenizeResult
 from proxy.errors import InvalidRequest, NoWorkerReady, UpstreamError, UpstreamTimeout
 from proxy.fleet.pool import PoolState
 from proxy.http.server import JsonBodyReader
@@ -75,11 +75,8 @@ class CompatHandlers:
             raise InvalidRequest("Send exactly one of prompt and messages.", param="prompt")
         if not req.add_special_tokens:
             raise InvalidRequest("add_special_tokens: false is not supported.", param="add_special_tokens")
-        messages = None
-        if req.messages is not None:
-            messages = [ChatMessage(m.role, m.text(i), tool_calls=[c.as_dict() for c in m.tool_calls or ()],
-                                    tool_call_id=m.tool_call_id or "") for i, m in enumerate(req.messages)]
-        tools = [{"type": "function", "function": t.function.as_dict()} for t in req.tools or ()]
+        messages = None if req.messages is None else [m.to_protocol(i) for i, m in enumerate(req.messages)]
+        tools = [t.as_dict() for t in req.tools or ()]
         result = await self._ask(pool, lambda rid: Tokenize(id=rid, messages=messages, prompt=req.prompt, tools=tools,
                                                             add_generation_prompt=req.add_generation_prompt))
         return web.Response(body=_json.encode({"count": len(result.token_ids), "max_model_len":

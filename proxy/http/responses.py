@@ -67,7 +67,7 @@ class ResponsesHandlers:
                 return await self._stream_response(request, rec, plan, answer, builder, store)
             collected = await answer.collect()
             finished_at = time.monotonic()
-        body, _, turn = builder.outcome(collected)
+        body, turn = builder.outcome(collected)
         store(body, turn)
         rec.overhead_s = overhead_s(rec, answer, time.monotonic(), finished_at)
         return web.Response(body=_json.encode(body), content_type="application/json",

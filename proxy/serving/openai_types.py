@@ -6,6 +6,7 @@ from typing import Annotated, Literal, Union
 
 import msgspec
 
+from backend.protocol import ChatMessage
 from proxy.errors import InvalidRequest
 
 Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
@@ -42,6 +43,11 @@ class ChatMessageIn(msgspec.Struct):
     name: Union[str, None] = None
     tool_calls: Union[list[ToolCallIn], None] = None  # an assistant turn that called tools
     tool_call_id: Union[str, None] = None  # a tool turn: which call this is the result of
+
+    def to_protocol(self, index: int) -> ChatMessage:
+        """The message as the worker takes it (text content, tool calls and call id as they are)."""
+        return ChatMessage(self.role, self.text(index), tool_calls=[c.as_dict() for c in self.tool_calls or ()],
+                           tool_call_id=self.tool_call_id or "")
 
     def text(self, index: int) -> str:
         if self.content is None:
@@ -90,6 +96,10 @@ class Tool(msgspec.Struct):
     type: Literal["function"]
     function: FunctionDef
 
+    def as_dict(self) -> dict:
+        """The tool as the worker hands it to the chat template."""
+        return {"type": "function", "function": self.function.as_dict()}
+
 
 class NamedFunction(msgspec.Struct):
     name: str
@@ -103,9 +113,10 @@ class NamedToolChoice(msgspec.Struct):
 ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice, None]
 LogitBias = Union[Annotated[dict[str, Annotated[float, msgspec.Meta(ge=-100, le=100)]],
                             msgspec.Meta(max_length=1024)], None]
-# Fields of OpenAI's request we do not serve: refused by name rather than silently dropped.
-UNSUPPORTED = ("functions", "function_call", "audio", "modalities", "prediction", "web_search_options",
-               "best_of", "service_tier")
+# Fields of OpenAI's request we do not serve: refused by name rather than silently dropped, unless
+# they hold a value that asks for nothing beyond what we do (JSON as sent, without spaces).
+UNSUPPORTED = {"functions": (), "function_call": (), "audio": (), "modalities": (b'["text"]',), "prediction": (),
+               "web_search_options": (), "best_of": (b"1",), "service_tier": (b'"auto"', b'"default"')}
 
 
 class _Common(msgspec.Struct, kw_only=True):
@@ -152,9 +163,9 @@ class _Common(msgspec.Struct, kw_only=True):
         return out
 
     def check_common(self) -> None:
-        for name in UNSUPPORTED:
+        for name, harmless in UNSUPPORTED.items():
             raw = getattr(self, name)
-            if raw is not None and bytes(raw) not in (b"null", b"1", b'"auto"', b'"default"', b'["text"]'):
+            if raw is not None and bytes(raw) != b"null" and bytes(raw) not in harmless:
                 raise InvalidRequest(f"The '{name}' parameter is not supported by this server.", param=name)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is enabled.",

@@ -121,7 +121,7 @@ class Planner:
             prompt_chars = sum(len(m.content) for m in messages)
             shape = output_shape(req)
             if shape.tools:
-                tools = tuple({"type": "function", "function": t.function.as_dict()} for t in req.tools)
+                tools = tuple(t.as_dict() for t in req.tools)
                 prompt_chars += sum(len(str(t)) for t in tools)
             if req.top_logprobs is not None and not req.logprobs:
                 raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
@@ -188,8 +188,7 @@ class Planner:
     def _message(index: int, m) -> ChatMessage:
         if m.role == "tool" and not m.tool_call_id:
             raise InvalidRequest("A tool message needs tool_call_id.", param=f"messages[{index}].tool_call_id")
-        return ChatMessage(m.role, m.text(index), tool_calls=[c.as_dict() for c in m.tool_calls or ()],
-                           tool_call_id=m.tool_call_id or "")
+        return m.to_protocol(index)
 
     def _cache_key(self, principal: Principal, pool_cfg: Pool, chat: bool, params: SamplingParams,
                    messages, prompt, tools) -> str | None:

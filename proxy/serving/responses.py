@@ -29,10 +29,14 @@ def _token_entry(token: bytes, logprob: float) -> dict:
     return {"token": token.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(token)}
 
 
+def logprob_entries(entries: list[TokenLogprob]) -> list[dict]:
+    """OpenAI's per-token logprob objects (chat completions and the Responses API share them)."""
+    return [{**_token_entry(e.token, e.logprob), "top_logprobs": [_token_entry(t, lp) for t, lp in e.top]}
+            for e in entries]
+
+
 def chat_logprobs(entries: list[TokenLogprob]) -> dict:
-    return {"content": [{**_token_entry(e.token, e.logprob),
-                         "top_logprobs": [_token_entry(t, lp) for t, lp in e.top]} for e in entries],
-            "refusal": None}
+    return {"content": logprob_entries(entries), "refusal": None}
 
 
 def text_logprobs(entries: list[TokenLogprob], offset: int = 0) -> dict:
@@ -174,7 +178,7 @@ class ChoiceStream:
                 lp = chat_logprobs(entries)
             else:
                 lp = text_logprobs(entries, self.offset)
-                self.offset += sum(len(e.token.decode("utf-8", "replace")) for e in entries)
+                self.offset += sum(map(len, lp["tokens"]))
         if not self.fmt.chat:
             return [self._chunk(text, logprobs=lp)] if text or lp else []
         if kind in ("text", "json"):

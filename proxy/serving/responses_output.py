@@ -11,7 +11,7 @@ import msgspec
 
 from backend.protocol import Finished, Tokens
 from proxy.serving.openai_types import ChatMessageIn, FunctionCallIn, ToolCallIn
-from proxy.serving.responses import Collected
+from proxy.serving.responses import Collected, logprob_entries
 from proxy.serving.responses_api import CreateResponse
 from proxy.serving.structured import OutputShape, ToolCall, held_back, new_call_id, parse_tool_calls
 
@@ -22,12 +22,6 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": prompt_tokens + completion_tokens}
-
-
-def _logprob_entries(entries) -> list[dict]:
-    return [{"token": e.token.decode("utf-8", "replace"), "logprob": e.logprob, "bytes": list(e.token),
-             "top_logprobs": [{"token": t.decode("utf-8", "replace"), "logprob": lp, "bytes": list(t)}
-                              for t, lp in e.top]} for e in entries]
 
 
 class ResponseBuilder:
@@ -79,19 +73,19 @@ class ResponseBuilder:
         return {"id": "fc_" + secrets.token_hex(12), "type": "function_call", "call_id": call.id,
                 "name": call.name, "arguments": call.arguments, "status": status}
 
-    def outcome(self, c: Collected) -> tuple[dict, str | None, list[ChatMessageIn]]:
+    def outcome(self, c: Collected) -> tuple[dict, list[ChatMessageIn]]:
         """The finished Response object (non-streaming), and the assistant turn for the store."""
         content, calls = parse_tool_calls(self.shape, c.text) if self.shape.tools else (c.text, [])
         incomplete = "max_output_tokens" if c.finished.finish_reason == "length" else None
         item_status = "incomplete" if incomplete else "completed"
         if content:
-            self.output.append(self._message_item(content, item_status, _logprob_entries(c.logprobs)))
+            self.output.append(self._message_item(content, item_status, logprob_entries(c.logprobs)))
         for call in calls:
             self.output.append(self._call_item(call, "completed"))
         body = self.body("incomplete" if incomplete else "completed",
                          _usage(c.finished.prompt_tokens, c.finished.completion_tokens), incomplete)
         body["output_text"] = content or ""
-        return body, incomplete, [self.assistant_turn(content, calls)]
+        return body, [self.assistant_turn(content, calls)]
 
     @staticmethod
     def assistant_turn(content: str | None, calls: list[ToolCall]) -> ChatMessageIn:
@@ -143,7 +137,7 @@ class ResponseBuilder:
 
     def tokens(self, items: list[Tokens]) -> list[bytes]:
         text = "".join([t.text for t in items])
-        logprobs = _logprob_entries([e for t in items if t.logprobs for e in t.logprobs])
+        logprobs = logprob_entries([e for t in items if t.logprobs for e in t.logprobs])
         self.text += text
         kind = self.shape.kind
         if kind in ("text", "json"):
