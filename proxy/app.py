@@ -35,6 +35,10 @@ from proxy.serving.core import ServingCore
 from proxy.serving.gate import Gate
 from proxy.serving.plan import Planner
 from proxy.serving.responses_api import ResponseStore
+from proxy.shared.cache import SharedCache
+from proxy.shared.limits import RateLimiter
+from proxy.shared.link import SharedState
+from proxy.shared.registry import HostRegistry
 
 # How long a passed public socket waits for ready workers before accepting anyway (connections
 # queue in the socket meanwhile; a cold 70B model may take minutes to load).
@@ -68,14 +72,23 @@ class Appliance:
                                      cfg.resolved_data_dir(), self.gate.queue_depth, metrics)
         c = cfg.cache
         self.cache = AnswerCache(c.memory_bytes, c.disk_bytes, cfg.cache_dir(), c.ttl_s, metrics)
+        # State shared with other appliances (Redis): limits, the cache's shared tier, single
+        # flight, the host registry. None: this host is on its own.
+        self.shared = SharedState(cfg.shared, cfg.host_id(), metrics) if cfg.shared.redis_url else None
+        self.registry = None
+        if self.shared is not None:
+            self.cache.shared = SharedCache(self.shared, c.ttl_s)
+            self.registry = HostRegistry(self.shared, cfg.shared.advertise or cfg.listen or cfg.admin_listen,
+                                         cfg.shared.registry_ttl_s, self._describe)
         self.auth = Authenticator(cfg.auth)
         self.planner = Planner(cfg.tiers, cfg.pools, cfg.cache, cfg.timeouts, cfg.limits.max_tokens_default)
         self.core = ServingCore(gate=self.gate, pools=self.pools, cache=self.cache, metrics=metrics, tiers=cfg.tiers,
                                 keys=cfg.auth.keys, cache_settings=cfg.cache, timeouts=cfg.timeouts,
-                                routing=cfg.routing, on_ejection=self.supervisor.handle_ejection)
+                                routing=cfg.routing, on_ejection=self.supervisor.handle_ejection,
+                                limiter=RateLimiter(self.shared))
         own_listeners = [parse_host_port(a) for a in (cfg.listen, cfg.admin_listen) if a]
         self.jobs = (JobService(cfg.jobs, cfg.jobs_db(), cfg.jobs_tier(), cfg.auth.keys, own_listeners, self.auth,
-                                self.planner, self.core, metrics) if cfg.jobs.enabled else None)
+                                self.planner, self.core, metrics, cfg.host_id()) if cfg.jobs.enabled else None)
         self.inflight = InflightRequests()
         self.body = JsonBodyReader(cfg.limits)
         self.context = RequestContext(ClientAddress(cfg.limits.trusted_proxies), self.inflight, metrics)
@@ -86,7 +99,7 @@ class Appliance:
         self.compat = CompatHandlers(self.auth, self.planner, self.core, self.pools, self.body)
         self.job_handlers = JobHandlers(self.jobs, self.auth, self.body) if self.jobs is not None else None
         self.admin = AdminHandlers(self.pools, self.gate, self.supervisor, self.cache, metrics, self.inflight,
-                                   self.reload)
+                                   self.reload, self.registry)
         metrics.add_collector(cache_collector(self.cache))
         metrics.add_collector(pool_collector(self.pools, self.gate))
         if self.jobs is not None:
@@ -118,6 +131,9 @@ class Appliance:
     async def start(self, stack: contextlib.AsyncExitStack) -> None:
         """Start everything; each step registers its own undo on `stack` (run in reverse)."""
         stack.callback(self.cache.close)
+        if self.shared is not None:
+            stack.push_async_callback(self.shared.aclose)
+            stack.push_async_callback(self._stop_registry, asyncio.create_task(self.registry.run(), name="registry"))
         self.supervisor.start()
         stack.push_async_callback(self.supervisor.stop)
         stack.push_async_callback(self.core.aclose)
@@ -162,6 +178,21 @@ class Appliance:
             log.warning("a passed socket named %r matches no listener (expected public or admin); closing it", name)
             sock.close()
         stack.push_async_callback(self._drain)  # first to run at stop
+
+    async def _stop_registry(self, task: asyncio.Task) -> None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await self.registry.withdraw()
+
+    def _describe(self) -> dict:
+        """This host's entry in the fleet registry: its pools and load, read from their owners."""
+        pools = {}
+        for p in self.cfg.pools:
+            workers = [w for w in self.pools.workers.values() if w.pool == p.name]
+            pools[p.name] = {"model": p.model, "workers": len(workers), "ready": self.pools.ready(p.name)}
+        queued = sum(a.queued() for a in self.gate.admissions.values())
+        return {"pools": pools, "load": {"inflight": self.inflight.count, "queued": queued},
+                "draining": self.inflight.draining}
 
     async def _start_passed_site(self, site: web.SockSite, sock, role: str) -> None:
         await site.start()
@@ -217,8 +248,11 @@ class Appliance:
             return False, ["(file): this server was not started from a config file"]
         try:
             new = self._with_overrides(load_config(self.config_path))
-            problems = [f"{field}: changing it needs a restart" for field in ("listen", "admin_listen", "data_dir")
+            problems = [f"{field}: changing it needs a restart"
+                        for field in ("listen", "admin_listen", "data_dir", "shared")
                         if getattr(new, field) != getattr(self.cfg, field)]
+            problems += [f"jobs.{field}: changing it needs a restart" for field in ("enabled", "store", "dsn", "db_path")
+                         if getattr(new.jobs, field) != getattr(self.cfg.jobs, field)]
             if problems:
                 raise ConfigError(problems)
         except ConfigError as exc:

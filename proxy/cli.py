@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -243,7 +244,24 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def cmd_fleet(args) -> int:
+    data = _admin(args, "/admin/fleet", timeout=5)
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    now = time.time()
+    print(f"{'HOST':<24} {'ADDRESS':<22} {'READY':<12} {'INFLIGHT':>8} {'QUEUED':>7} {'UP':>8}  SEEN")
+    for h in data["hosts"]:
+        ready = ", ".join(f"{name} {p['ready']}/{p['workers']}" for name, p in h.get("pools", {}).items())
+        mark = " (this host)" if h["id"] == data["self"] else ""
+        print(f"{h['id']:<24} {h['address']:<22} {ready:<12} {h['load']['inflight']:>8} {h['load']['queued']:>7} "
+              f"{now - h['started_at']:>7.0f}s  {now - h['published_at']:.0f}s ago{mark}")
+    return 0
+
+
 def cmd_status(args) -> int:
+    if args.fleet:
+        return cmd_fleet(args)
     data = _admin(args, "/admin/pool", timeout=5)
     if args.json:
         print(json.dumps(data, indent=2))
@@ -300,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show the worker pool (from the admin listener)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG))
+    p.add_argument("--fleet", action="store_true", help="every appliance sharing state with this one (Redis)")
     p.add_argument("--admin", help="admin HOST:PORT (default: from the config)")
     p.add_argument("--admin-token-file", help="the admin token (default: the config's admin_token_file)")
     p.add_argument("--json", action="store_true")

@@ -106,7 +106,8 @@ class ApiKey(_Base, kw_only=True):
     key: Annotated[str, msgspec.Meta(min_length=8)]
     tier: Name
     callback_secret: str = ""  # signs this key's job callbacks (HMAC-SHA256); needed to use callback_url
-    requests_per_second: Union[PosFloat, None] = None  # token bucket; burst = max(1, rate)
+    requests_per_second: Union[PosFloat, None] = None  # token bucket
+    requests_burst: Union[PosInt, None] = None  # requests the bucket holds; unset = max(1, requests_per_second)
     tokens_per_minute: Union[PosInt, None] = None  # prompt + max_tokens, refunded down to the tokens used
     pools: list[Name] = []  # pools beyond its tier's pool whose models this key may call
 
@@ -173,10 +174,16 @@ class Cache(_Base, kw_only=True):
 
 
 class Jobs(_Base, kw_only=True):
-    """Async jobs: durable submission (SQLite), execution at a low tier, signed callbacks."""
+    """Async jobs: durable submission (SQLite on one host, PostgreSQL shared by several),
+    execution at a low tier, signed callbacks."""
 
     enabled: bool = True
-    db_path: str = ""  # "" = <data_dir>/jobs.sqlite3
+    store: Literal["sqlite", "postgresql"] = "sqlite"
+    db_path: str = ""  # sqlite: "" = <data_dir>/jobs.sqlite3
+    dsn: str = ""  # postgresql: postgresql://user@host:port/database (required with store: postgresql)
+    # postgresql: a running job is leased to its host for this long and renewed every third of it;
+    # a job whose host stopped renewing (dead, cut off) goes back to the queue for another host.
+    lease_s: Annotated[float, msgspec.Meta(ge=3)] = 30.0
     max_db_bytes: NonNegInt = 1 << 30  # refuse new jobs (503) beyond this database size; 0 = no bound
     max_queued_per_key: PosInt = 10000  # one key's jobs waiting at once; more get 429
     max_metadata_bytes: PosInt = 16384  # a job's metadata, as JSON
@@ -192,6 +199,21 @@ class Jobs(_Base, kw_only=True):
     # this is set, and even then they can only fetch or cancel a job by its id (no listing, no
     # Idempotency-Key).
     allow_anonymous: bool = False
+
+
+class Shared(_Base, kw_only=True):
+    """State shared by several appliances through Redis: per-key rate limits, the answer cache's
+    shared tier, cross-host single flight and the host registry. Empty redis_url: nothing shared."""
+
+    redis_url: str = ""  # redis://host:port/db (or rediss://, unix://)
+    key_prefix: Name = "fullpower"  # every Redis key starts with "<key_prefix>:"
+    timeout_s: PosFloat = 0.25  # one Redis call; slower counts as unreachable (local fallback)
+    retry_s: PosFloat = 2.0  # after a failure, local limits and cache for this long, then try again
+    cache_max_entry_bytes: PosInt = 1 << 20  # larger answers stay in this host's cache only
+    single_flight_s: PosFloat = 30.0  # a leader's lock expires after this; followers wait at most this long
+    host_id: str = ""  # this appliance in the registry; "" = <hostname>:<listen port>
+    advertise: str = ""  # the address other hosts and operators reach it at; "" = listen
+    registry_ttl_s: Annotated[float, msgspec.Meta(ge=2)] = 15.0  # a host missing this long leaves the registry
 
 
 class Routing(_Base, kw_only=True):
@@ -219,6 +241,7 @@ class Config(_Base, kw_only=True):
     outlier: Outlier = msgspec.field(default_factory=Outlier)
     cache: Cache = msgspec.field(default_factory=Cache)
     jobs: Jobs = msgspec.field(default_factory=Jobs)
+    shared: Shared = msgspec.field(default_factory=Shared)
 
     def pool(self, name: str) -> Pool:
         return next(p for p in self.pools if p.name == name)
@@ -237,6 +260,15 @@ class Config(_Base, kw_only=True):
 
     def jobs_db(self) -> Path:
         return Path(self.jobs.db_path) if self.jobs.db_path else self.resolved_data_dir() / "jobs.sqlite3"
+
+    def host_id(self) -> str:
+        """This appliance's name among several (the registry, job leases): stable across restarts."""
+        if self.shared.host_id:
+            return self.shared.host_id
+        import socket
+
+        port = self.listen.rpartition(":")[2] if self.listen else self.admin_listen.rpartition(":")[2]
+        return f"{socket.gethostname()}:{port}"
 
     def cache_dir(self) -> Path:
         return Path(self.cache.disk_dir) if self.cache.disk_dir else self.resolved_data_dir() / "cache"

@@ -150,6 +150,21 @@ def cross_field_problems(cfg: Config) -> list[str]:
     for i, entry in enumerate(cfg.jobs.callback_allow):
         if not entry or " " in entry:
             problems.append(f"jobs.callback_allow[{i}]: expected a host name or a CIDR, got {entry!r}")
+    j = cfg.jobs
+    if j.store == "postgresql" and not j.dsn.startswith(("postgresql://", "postgres://")):
+        problems.append("jobs.dsn: store postgresql needs a DSN of the form postgresql://user@host:port/database")
+    if j.store == "sqlite" and j.dsn:
+        problems.append("jobs.dsn: only used with store: postgresql (this config stores jobs in SQLite)")
+    if j.store == "postgresql" and j.db_path:
+        problems.append("jobs.db_path: only used with store: sqlite (this config stores jobs in PostgreSQL)")
+    sh = cfg.shared
+    if sh.redis_url and not sh.redis_url.startswith(("redis://", "rediss://", "unix://")):
+        problems.append(f"shared.redis_url: expected redis://host:port/db, rediss:// or unix://, got {sh.redis_url!r}")
+    if sh.advertise:
+        try:
+            parse_host_port(sh.advertise)
+        except ValueError as exc:
+            problems.append(f"shared.advertise: {exc}")
     w = cfg.workers
     if w.restart_backoff_initial_s > w.restart_backoff_max_s:
         problems.append("workers.restart_backoff_max_s: must be >= restart_backoff_initial_s")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 # 1 ms .. 60 s, dense around the 1.5 s P99 alert.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -59,6 +59,14 @@ class Metrics:
                                      registry=r)
         self.rate_limited = Counter("fullpower_rate_limited", "Requests refused by a key's rate limit",
                                     ["tier", "limit"], registry=r)
+
+        # Shared state (Redis) across appliances; `op` is one of a fixed set of operation names.
+        self.shared_seconds = Histogram("fullpower_shared_state_seconds", "Time of one shared-state (Redis) call",
+                                        ["op"], buckets=FINE_BUCKETS, registry=r)
+        self.shared_fallbacks = Counter("fullpower_shared_state_fallbacks", "Shared-state operations that used "
+                                        "this host's local path because Redis was unreachable", ["op"], registry=r)
+        self.shared_up = Gauge("fullpower_shared_state_up", "1 while shared state (Redis) is configured and reachable; 0 while "
+                               "this host falls back to local limits and cache", registry=r)
 
     def child(self, metric, *labels):
         """metric.labels(*labels), memoised: prometheus-client's labels() costs microseconds on the

@@ -247,4 +247,5 @@ def wait_until(predicate, timeout: float = 15.0, interval: float = 0.1, what: st
         if last:
             return last
         time.sleep(interval)
+    what = what() if callable(what) else what  # a description may report the state it ended in
     raise AssertionError(f"{what} not reached within {timeout}s (last: {last!r})")

@@ -16,8 +16,16 @@ from proxy.http.server import InflightRequests
 from proxy.metrics import Metrics
 from proxy.serving.cache import AnswerCache
 from proxy.serving.gate import Gate
+from proxy.shared.link import SharedUnavailable
+from proxy.shared.registry import HostRegistry
 
 _json = msgspec.json.Encoder()
+
+
+class SharedStateDown(ApiError):
+    status = 503
+    type = "server_error"
+    code = "shared_state_unavailable"
 
 
 class Probes:
@@ -42,7 +50,9 @@ class Probes:
 
 class AdminHandlers:
     def __init__(self, pools: PoolState, gate: Gate, supervisor: Supervisor, cache: AnswerCache, metrics: Metrics,
-                 inflight: InflightRequests, reload: Callable[[], Awaitable[tuple[bool, list[str]]]]) -> None:
+                 inflight: InflightRequests, reload: Callable[[], Awaitable[tuple[bool, list[str]]]],
+                 registry: HostRegistry | None = None) -> None:
+        self.registry = registry  # other appliances sharing state with this one (None: on its own)
         self.pools = pools
         self.gate = gate
         self.supervisor = supervisor
@@ -53,6 +63,7 @@ class AdminHandlers:
 
     def routes(self) -> list[web.RouteDef]:
         return [web.get("/admin/pool", self.pool), web.get("/metrics", self.metrics_endpoint),
+                web.get("/admin/fleet", self.fleet),
                 web.post("/admin/reload", self.admin_reload),
                 web.post("/admin/cache/clear", self.cache_clear), web.get("/admin/cache", self.cache_stats),
                 web.post("/admin/workers/{id}/{action:drain|undrain|restart|kill}", self.worker_action),
@@ -65,6 +76,18 @@ class AdminHandlers:
                   for pool, a in self.gate.admissions.items()}
         return web.Response(body=_json.encode({"workers": workers, "queues": queues,
                                                "draining": self.inflight.draining}),
+                            content_type="application/json")
+
+    async def fleet(self, request: web.Request) -> web.Response:
+        """Every appliance in the host registry (shared state), this one included."""
+        if self.registry is None:
+            raise NotFound("This appliance shares no state with others (shared.redis_url is not set): no fleet.",
+                           code="no_fleet")
+        try:
+            hosts = await self.registry.hosts()
+        except SharedUnavailable as exc:
+            raise SharedStateDown(f"Shared state (Redis) unreachable: {exc}", retry_after=5) from None
+        return web.Response(body=_json.encode({"self": self.registry.shared.host_id, "hosts": hosts}),
                             content_type="application/json")
 
     async def worker_action(self, request: web.Request) -> web.Response:

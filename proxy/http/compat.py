@@ -62,15 +62,15 @@ class CompatHandlers:
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise_invalid(exc)
 
-    def _pool(self, request: web.Request, model: str) -> str:
+    async def _pool(self, request: web.Request, model: str) -> str:
         principal = self.auth.authenticate(request.headers.get("Authorization"))
         pool = self.planner.pool_for(model, principal, principal.tier)
-        self.core.rate_limit(principal.key_name, principal.tier)  # cheap, but not free: the key's request rate
+        await self.core.rate_limit(principal.key_name, principal.tier)  # cheap, but not free: the key's request rate
         return pool
 
     async def tokenize(self, request: web.Request) -> web.Response:
         req: TokenizeRequest = await self._decode(request, TokenizeRequest)
-        pool = self._pool(request, req.model)
+        pool = await self._pool(request, req.model)
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequest("Send exactly one of prompt and messages.", param="prompt")
         if not req.add_special_tokens:
@@ -85,7 +85,7 @@ class CompatHandlers:
 
     async def detokenize(self, request: web.Request) -> web.Response:
         req: DetokenizeRequest = await self._decode(request, DetokenizeRequest)
-        pool = self._pool(request, req.model)
+        pool = await self._pool(request, req.model)
         result = await self._ask(pool, lambda rid: Detokenize(id=rid, token_ids=req.tokens))
         return web.Response(body=_json.encode({"prompt": result.text}), content_type="application/json")
 

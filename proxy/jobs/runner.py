@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 
 import msgspec
 
@@ -51,6 +52,33 @@ class JobRunner:
         if task is not None:
             task.cancel()
 
+    async def keep_leases(self, lease_s: float) -> None:
+        """A shared store leases each running job to this host: renew the leases every third of
+        their length. A job whose lease is lost (another host took it over after this one was cut
+        off, or it was cancelled) stops here at once; when renewing has failed for a whole lease,
+        every attempt stops, since other hosts may already be running those jobs."""
+        last_renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(lease_s / 3)
+            try:
+                lost = await self.store.renew(dict(self._attempts))
+                last_renewed = time.monotonic()
+            except StoreUnavailable as exc:
+                if time.monotonic() - last_renewed < lease_s or not self.running:
+                    log.warning("could not renew job leases (%s); trying again", exc)
+                    continue
+                lost = list(self.running)
+                log.error("job leases not renewed for %.0fs (%s): stopping %d running jobs, other hosts take them "
+                          "over", lease_s, exc, len(lost))
+            for job_id in lost:
+                log.warning("job %s: lease lost, stopping its attempt here", job_id)
+                self._abandon(job_id)
+
+    def _abandon(self, job_id: str) -> None:
+        """Stop an attempt without touching the job's row: it belongs to another host now."""
+        self._attempts.pop(job_id, None)
+        self.cancel(job_id)
+
     async def run(self) -> None:
         while True:
             room = self.concurrency - len(self.running)
@@ -79,7 +107,7 @@ class JobRunner:
     async def stop(self) -> None:
         """Cancel running attempts; their jobs go back to the queue, the attempt not counted (a
         shutdown is not the job's fault)."""
-        running, attempts = dict(self.running), dict(self._attempts)
+        running, attempts = dict(self.running), dict(self._attempts)  # abandoned attempts are not requeued
         for task in running.values():
             task.cancel()
         await asyncio.gather(*running.values(), return_exceptions=True)

@@ -1,6 +1,7 @@
 """Async jobs: the operations the HTTP surface offers (submit, read, list, cancel, retry) and the
-lifecycle of the three background loops - the runner, the callback sender and housekeeping. Job
-state lives in JobStore (SQLite); this module owns the loops' tasks and nothing else."""
+lifecycle of the background loops - the runner, the callback sender, housekeeping and (with a
+shared store) lease renewal. Job state lives in the store (JobStore on SQLite, PgJobStore on
+PostgreSQL); this module owns the loops' tasks and nothing else."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from proxy.config import ApiKey
 from proxy.config import Jobs as JobsSettings
 from proxy.errors import ApiError, Forbidden, InvalidRequest, NotFound, Overloaded
 from proxy.jobs.callbacks import CallbackSender
+from proxy.jobs.pg import PgJobStore
 from proxy.jobs.runner import ENDPOINTS, JobRunner
 from proxy.jobs.store import FINAL, JobStore, StoreUnavailable
 from proxy.metrics import Metrics
@@ -67,13 +69,16 @@ def public(job: dict) -> dict:
 class JobService:
     def __init__(self, settings: JobsSettings, db_path: Path, jobs_tier: str, keys: list[ApiKey],
                  own_listeners: list[tuple[str, int]], auth: Authenticator, planner: Planner, core: ServingCore,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, host_id: str = "") -> None:
         self.own_listeners = own_listeners  # (host, port) of our listeners: never a callback target
-        self.db_path = db_path
         self.rate_limit = core.rate_limit  # a submission is a request: the key's requests_per_second
         self.metrics = metrics
-        self.store = JobStore(db_path, settings.max_db_bytes)
+        if settings.store == "postgresql":
+            self.store = PgJobStore(settings.dsn, host_id, settings.lease_s)
+        else:
+            self.store = JobStore(db_path, settings.max_db_bytes)
         self.runner = JobRunner(self.store, auth, planner, core, metrics)
+        self.store.on_job_queued = self.runner.wake.set  # another host queued a job
         self.callbacks = CallbackSender(self.store, metrics, public)
         self.counts: dict[str, int] = {}
         self.oldest_queued_s = 0.0
@@ -83,6 +88,7 @@ class JobService:
     def reconfigure(self, settings: JobsSettings, jobs_tier: str, keys: list[ApiKey]) -> None:
         self.settings = settings
         self.runner.reconfigure(jobs_tier, settings.concurrency, settings.max_attempts, settings.callback_retry_s)
+        self.store.callback_hold_s = settings.callback_timeout_s + 5.0  # a shared store's claim on a callback
         self.callbacks.reconfigure(settings.callback_allow, self.own_listeners,
                                    {k.name: k.callback_secret for k in keys if k.callback_secret},
                                    settings.callback_timeout_s)
@@ -93,6 +99,8 @@ class JobService:
         self._tasks = [asyncio.create_task(self.runner.run(), name="jobs runner"),
                        asyncio.create_task(self.callbacks.run(), name="jobs callbacks"),
                        asyncio.create_task(self._housekeeping(), name="jobs housekeeping")]
+        if self.store.leased:
+            self._tasks.append(asyncio.create_task(self.runner.keep_leases(self.settings.lease_s), name="job leases"))
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -110,7 +118,7 @@ class JobService:
             await self.store.open()
             requeued, failed = await self.store.recover(self.settings.max_attempts)
         except (StoreUnavailable, OSError, sqlite3.Error) as exc:
-            log.error("job database %s unusable (%s); new jobs get 503 until it works", self.db_path, exc)
+            log.error("job store %s unusable (%s); new jobs get 503 until it works", self.store.describe(), exc)
             self.store.forget()
             return False
         if requeued or failed:
@@ -163,7 +171,7 @@ class JobService:
         if idempotency_key is not None and len(idempotency_key) > 255:
             raise InvalidRequest("Idempotency-Key is longer than 255 characters.", param="Idempotency-Key")
         s = self.settings
-        self.rate_limit(principal.key_name, principal.tier)
+        await self.rate_limit(principal.key_name, principal.tier)
         queued = await self._read(self.store.queued_for, principal.key_name)
         if queued >= s.max_queued_per_key:
             raise Overloaded(f"This API key already has {queued} jobs waiting (jobs.max_queued_per_key); "
@@ -226,6 +234,11 @@ class JobService:
                 await asyncio.sleep(5.0)
                 continue
             try:
+                requeued, failed = await self.store.reclaim_expired(self.settings.max_attempts)
+                if requeued or failed:
+                    log.warning("jobs whose host stopped renewing their lease: %d back in the queue, %d failed "
+                                "(attempts used up)", requeued, failed)
+                    self.runner.wake.set()
                 expired = await self.store.expire()
                 if expired:
                     log.warning("%d queued jobs expired before they could run", expired)

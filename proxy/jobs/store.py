@@ -16,6 +16,9 @@ __all__ = ["FINAL", "JobStore", "StoreUnavailable"]
 class JobStore:
     """The asyncio face of the database: every call runs on the store's single thread."""
 
+    leased = False  # one host: a running job is this host's until it restarts (recover)
+    on_job_queued = None  # only a shared store announces other hosts' jobs
+
     def __init__(self, path: Path, max_bytes: int = 0) -> None:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstore")
         self._path, self._max_bytes = path, max_bytes
@@ -28,6 +31,9 @@ class JobStore:
             await self._call(_open)
         except sqlite3.Error as exc:
             raise StoreUnavailable(str(exc)) from exc
+
+    def describe(self) -> str:
+        return f"SQLite {self._path}"
 
     @property
     def is_open(self) -> bool:
@@ -98,6 +104,12 @@ class JobStore:
 
     async def callback_attempts(self, *args):
         return await self._db_call(JobDb.callback_attempts, *args)
+
+    async def reclaim_expired(self, max_attempts):
+        return 0, 0  # no leases on one host
+
+    async def renew(self, attempts: dict[str, int]) -> list[str]:
+        return []
 
     async def aclose(self) -> None:
         if self._db is not None:

@@ -1,5 +1,6 @@
-"""The answer cache: L1 in memory (cachetools, bounded by bytes, TTL) and L2 on disk (diskcache,
-bounded by bytes, TTL, survives restarts). Every disk call runs in one worker thread, never on the
+"""The answer cache: L1 in memory (cachetools, bounded by bytes, TTL), the shared tier in Redis
+when several appliances share state (shared/cache.py), and L2 on disk (diskcache, bounded by
+bytes, TTL, survives restarts). Every disk call runs in one worker thread, never on the
 event loop. A failing or full disk degrades to memory only - with a log line and a metric - and is
 tried again a minute later; a corrupt disk tier is deleted and started anew. The client never
 sees an error from the cache."""
@@ -16,6 +17,9 @@ from pathlib import Path
 
 import cachetools
 import msgspec
+
+from proxy.shared.cache import SharedCache
+from proxy.shared.link import SharedUnavailable
 
 log = logging.getLogger("fullpower.cache")
 DISK_RETRY_S = 60.0
@@ -63,6 +67,7 @@ class AnswerCache:
         self._disk = None
         self._disk_down_until = 0.0
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
+        self.shared: SharedCache | None = None  # the tier shared by several hosts (Redis), when configured
 
     def _evicted(self) -> None:
         if self.metrics is not None:
@@ -128,11 +133,22 @@ class AnswerCache:
 
     # --- API ------------------------------------------------------------------------------------
     async def get(self, key: str) -> CachedAnswer | None:
+        """Memory, then the shared tier (another host's answers), then this host's disk."""
         raw = self.memory.get(key) if self.memory is not None else None
+        if raw is None and self.shared is not None:
+            try:
+                raw = await self.shared.get(key)
+            except SharedUnavailable:
+                pass
+            if raw is not None and self.memory is not None:
+                self.memory[key] = raw
         if raw is None:
             raw = await self._on_disk(self._disk_get, key)
             if raw is not None and self.memory is not None:
                 self.memory[key] = raw  # promote
+        return self.decode(key, raw)
+
+    def decode(self, key: str, raw: bytes | None) -> CachedAnswer | None:
         if raw is None:
             return None
         try:
@@ -148,6 +164,11 @@ class AnswerCache:
         raw = _encode(answer)
         if self.memory is not None and len(raw) <= self.memory.maxsize:
             self.memory[key] = raw
+        if self.shared is not None:
+            try:
+                await self.shared.put(key, raw)
+            except SharedUnavailable:
+                pass
         await self._on_disk(self._disk_set, key, raw)
 
     async def clear(self) -> int:

@@ -29,6 +29,8 @@ from proxy.serving.gate import Gate
 from proxy.serving.generation import Generation, RetryBudget
 from proxy.serving.plan import RequestPlan
 from proxy.serving.ratelimit import KeyLimits
+from proxy.shared.limits import RateLimiter
+from proxy.shared.link import SharedUnavailable
 from proxy.serving.record import RequestRecord
 from proxy.serving.responses import Collected
 
@@ -109,8 +111,9 @@ class Answer:
 class ServingCore:
     def __init__(self, *, gate: Gate, pools: PoolState, cache: AnswerCache, metrics: Metrics,
                  tiers: list[Tier], keys: list[ApiKey], cache_settings: Cache, timeouts: Timeouts,
-                 routing: Routing, on_ejection: Callable[[Ejection], None]) -> None:
+                 routing: Routing, on_ejection: Callable[[Ejection], None], limiter: RateLimiter) -> None:
         self.gate = gate
+        self.limiter = limiter
         self.on_ejection = on_ejection
         self.pools = pools
         self.cache = cache
@@ -143,9 +146,9 @@ class ServingCore:
         for k in keys:
             if k.requests_per_second or k.tokens_per_minute:
                 kept = old_limits.get(k.name)
-                same = kept is not None and kept.settings == (k.requests_per_second, k.tokens_per_minute)
-                self.key_limits[k.name] = kept if same else KeyLimits(k.requests_per_second, k.tokens_per_minute,
-                                                                      time.monotonic)
+                settings = (k.requests_per_second, k.tokens_per_minute, k.requests_burst)
+                same = kept is not None and kept.settings == settings
+                self.key_limits[k.name] = kept if same else KeyLimits(*settings[:2], time.monotonic, settings[2])
 
     # --- degradation (a Planner callback: it reads live load) -----------------------------------
     def choose_pool(self, tier: str, pool: str) -> str:
@@ -165,24 +168,26 @@ class ServingCore:
         """A Planner callback: the context length the pool's ready workers report."""
         return self.pools.context_length(pool)
 
-    def rate_limit(self, key_name: str, tier: str, cost: int = 0) -> KeyLimits | None:
-        """Charge the key's buckets (one request, `cost` tokens) or refuse with 429; returns the
-        key's limits (to refund unused tokens), None when it has none."""
+    async def rate_limit(self, key_name: str, tier: str, cost: int = 0) -> Callable[[int], None] | None:
+        """Charge the key's buckets (one request, `cost` tokens; shared by every host when Redis
+        is configured) or refuse with 429; returns the refund for unused tokens, None when the key
+        has no limits."""
         limits = self.key_limits.get(key_name)
-        if limits is not None:
-            wait = limits.admit(cost)
-            if wait:
-                self.metrics.rate_limited.labels(tier, "key").inc()
-                raise Overloaded("Rate limit reached for this API key; retry after the indicated time.",
-                                 code="rate_limit_exceeded", retry_after=wait)
-        return limits
+        if limits is None:
+            return None
+        wait, refund = await self.limiter.admit(key_name, limits, cost)
+        if wait:
+            self.metrics.rate_limited.labels(tier, "key").inc()
+            raise Overloaded("Rate limit reached for this API key; retry after the indicated time.",
+                             code="rate_limit_exceeded", retry_after=wait)
+        return refund
 
     # --- one request ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def answer(self, plan: RequestPlan, rec: RequestRecord):
         """Admit (or serve from the cache, or join a flight) and yield the Answer; leaving the
         block releases everything the request holds and cancels its generation if unfinished."""
-        limits = self.rate_limit(plan.key, plan.tier, plan.cost)
+        refund = await self.rate_limit(plan.key, plan.tier, plan.cost)
         gen = Generation(self.pools, plan.pool, plan.generate, plan.cost, first_token_s=plan.first_token_s,
                          idle_s=plan.idle_s, keepalive_s=self.keepalive_s, budget=self.budget,
                          max_attempts=self.max_attempts, metrics=self.metrics, on_ejection=self.on_ejection)
@@ -204,8 +209,8 @@ class ServingCore:
         finally:
             self.active -= 1
             rec.failovers = gen.failovers
-            if limits is not None:
-                limits.refund(plan.cost - (rec.prompt_tokens + rec.completion_tokens))
+            if refund is not None:
+                refund(plan.cost - (rec.prompt_tokens + rec.completion_tokens))
 
     async def _direct(self, plan: RequestPlan, gen: Generation, rec: RequestRecord):
         ticket = await self.gate.acquire(plan.pool, plan.tier, plan.key, plan.cost)
@@ -215,21 +220,31 @@ class ServingCore:
 
     async def _shared(self, plan: RequestPlan, gen: Generation, rec: RequestRecord):
         key = plan.cache_key
+        leading = False  # this host holds the cross-host single-flight lock for `key`
         if plan.cache_read:
             cached = await self.cache.get(key)
+            if cached is None:
+                joined = self._join_flight(key, plan, rec)
+                if joined is not None:
+                    return joined
+                if plan.cache_write and self.cache.shared is not None:
+                    leading, cached = await self._lead_or_follow(key)
+                    joined = None if leading or cached is not None else self._join_flight(key, plan, rec)
+                    if joined is not None:  # a local request started it while this one waited
+                        return joined
             if cached is not None:
                 return Answer("hit", _replay(cached), lambda: ((cached.worker, cached.model), None),
                               lambda: None, rec, same_owner=cached.owner == plan.key), lambda: None
-            flight = self.coalescer.get(key) if self.coalesce else None
-            if flight is not None:
-                self.coalescer.join(flight)
-                self._raise_tier(flight, plan.tier)
-                return (Answer("coalesced", flight.follow(self.keepalive_s),
-                               lambda: (_worker(flight.worker), flight.dispatched_at), lambda: flight.queued_s, rec,
-                               same_owner=flight.owner == plan.key),
-                        lambda: self.coalescer.leave(flight))
 
         async def run(flight: Flight) -> None:
+            try:
+                await generate(flight)
+            finally:
+                if leading and not released:  # failed or cancelled: waiting hosts generate themselves
+                    self._store(key, None, release_flight=True)
+
+        async def generate(flight: Flight) -> None:
+            nonlocal released
             ticket = await self._admit_flight(flight, plan)
             flight.queued_s = ticket.queued_s
             text: list[str] = []
@@ -242,20 +257,48 @@ class ServingCore:
                         for item in batch:
                             if isinstance(item, Finished):
                                 if plan.cache_write:
-                                    self._store(key, CachedAnswer(
-                                        text, item.finish_reason, item.prompt_tokens, item.completion_tokens,
-                                        gen.worker.model, gen.worker.id, owner=plan.key))
+                                    answer = CachedAnswer(text, item.finish_reason, item.prompt_tokens,
+                                                          item.completion_tokens, gen.worker.model, gen.worker.id,
+                                                          owner=plan.key)
+                                    self._store(key, answer, release_flight=leading)
+                                    released = True
                             elif item.text:
                                 text.append(item.text)
                         flight.publish(batch)
             finally:
                 self.gate.release(ticket)
 
+        released = False  # the single-flight lock's release is scheduled (with the answer's write)
+
         flight = self.coalescer.start(key, run, tier=plan.tier, owner=plan.key)
         self.coalescer.join(flight)
         return (Answer("miss", flight.follow(self.keepalive_s), lambda: (_worker(flight.worker), flight.dispatched_at),
                        lambda: flight.queued_s, rec),
                 lambda: self.coalescer.leave(flight))
+
+    def _join_flight(self, key: str, plan: RequestPlan, rec: RequestRecord):
+        """Join this host's identical request in flight, if there is one (and coalescing is on)."""
+        flight = self.coalescer.get(key) if self.coalesce else None
+        if flight is None:
+            return None
+        self.coalescer.join(flight)
+        self._raise_tier(flight, plan.tier)
+        return (Answer("coalesced", flight.follow(self.keepalive_s),
+                       lambda: (_worker(flight.worker), flight.dispatched_at), lambda: flight.queued_s, rec,
+                       same_owner=flight.owner == plan.key),
+                lambda: self.coalescer.leave(flight))
+
+    async def _lead_or_follow(self, key: str) -> tuple[bool, CachedAnswer | None]:
+        """Cross-host single flight: (True, None) when this host generates `key` for all hosts;
+        (False, answer) when another host generated it meanwhile; (False, None) when generating
+        here anyway (the leader gave up, or shared state is down)."""
+        shared = self.cache.shared
+        try:
+            if await shared.lead(key):
+                return True, None
+            return False, self.cache.decode(key, await shared.wait_for_leader(key))
+        except SharedUnavailable:
+            return False, None
 
     def _raise_tier(self, flight: Flight, tier: str) -> None:
         """A shared generation waits at the highest tier among those waiting for it."""
@@ -287,8 +330,19 @@ class ServingCore:
             ticket.queued_s = time.monotonic() - started
             return ticket
 
-    def _store(self, key: str, answer: CachedAnswer) -> None:
-        task = asyncio.create_task(self.cache.put(key, answer))
+    def _store(self, key: str, answer: CachedAnswer | None, release_flight: bool = False) -> None:
+        """Write the answer to the cache in the background; then release the cross-host flight
+        lock, so that hosts waiting on it find the answer when the lock is gone."""
+        async def write() -> None:
+            if answer is not None:
+                await self.cache.put(key, answer)
+            if release_flight:
+                try:
+                    await self.cache.shared.release(key)
+                except SharedUnavailable:
+                    pass  # it expires on its own
+
+        task = asyncio.create_task(write())
         self._cache_writes.add(task)
         task.add_done_callback(self._cache_writes.discard)
 

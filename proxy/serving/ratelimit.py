@@ -36,9 +36,10 @@ class TokenBucket:
 class KeyLimits:
     """The buckets of one API key; either may be absent (unlimited)."""
 
-    def __init__(self, rps: float | None, tpm: int | None, clock: Callable[[], float]) -> None:
-        self.settings = (rps, tpm)
-        self.requests = TokenBucket(rps, max(1.0, rps), clock) if rps else None
+    def __init__(self, rps: float | None, tpm: int | None, clock: Callable[[], float],
+                 burst: int | None = None) -> None:
+        self.settings = (rps, tpm, burst)
+        self.requests = TokenBucket(rps, float(burst or max(1.0, rps)), clock) if rps else None
         self.tokens = TokenBucket(tpm / 60.0, float(tpm), clock) if tpm else None
 
     def admit(self, cost: int) -> float:

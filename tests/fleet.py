@@ -1,0 +1,275 @@
+"""Helpers for tests of several appliances sharing state: a database of their own on the shared
+PostgreSQL, a key prefix of their own on the shared Redis, private Redis and PostgreSQL servers to
+stop and start, a TCP relay that can cut one host off, nginx in front of N appliances, and a
+receiver for signed job callbacks."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import http.server
+import json
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import redis
+
+from tests.conftest import ROOT, fake_config, free_port, wait_until
+
+PG = "postgresql://postgres@127.0.0.1:5432"
+REDIS = "redis://127.0.0.1:6379/0"
+CALLBACK_SECRET = "fleet-callback-secret"
+
+
+def psql(dsn: str, sql: str) -> str:
+    return subprocess.run(["psql", dsn, "-v", "ON_ERROR_STOP=1", "-qAtc", sql], check=True, capture_output=True,
+                          text=True).stdout
+
+
+class Database:
+    """A database of its own on the shared PostgreSQL, dropped at the end."""
+
+    def __init__(self) -> None:
+        self.name = "fp_test_" + uuid.uuid4().hex[:12]
+        psql(f"{PG}/postgres", f"CREATE DATABASE {self.name}")
+        self.dsn = f"{PG}/{self.name}"
+
+    def query(self, sql: str) -> str:
+        return psql(self.dsn, sql)
+
+    def drop(self) -> None:
+        psql(f"{PG}/postgres", f"DROP DATABASE IF EXISTS {self.name} WITH (FORCE)")
+
+
+def redis_cleanup(url: str, prefix: str) -> None:
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=500))
+        if keys:
+            client.delete(*keys)
+        client.close()
+    except redis.RedisError:
+        pass
+
+
+class PrivateRedis:
+    """A redis-server of its own on a free port (nothing persisted), to stop and start again."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        self.tmp = tmp
+        self.proc = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "PrivateRedis":
+        self.proc = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.tmp)], stdout=subprocess.DEVNULL)
+        wait_until(lambda: _answers(self.port), what="redis-server up")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of its own (initdb, pg_ctl) on a free port, run as the postgres user
+    (the server refuses root), to stop and start again."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="fp-pg-"))
+        user = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
+        if user is not None:
+            os.chown(self.dir, user.pw_uid, user.pw_gid)
+        self._as = ["runuser", "-u", "postgres", "--"] if user is not None else []
+        subprocess.run(self._as + ["initdb", "-D", str(self.dir / "data"), "-U", "postgres", "--auth=trust"],
+                       check=True, capture_output=True)
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> "PrivatePostgres":
+        subprocess.run(self._as + ["pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o",
+                                   f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start"],
+                       check=True, capture_output=True)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(self._as + ["pg_ctl", "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop"],
+                       capture_output=True)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+class Relay:
+    """A TCP relay to a server (one host's only way to PostgreSQL): `cut()` drops every
+    connection and refuses new ones - the host is cut off - and `restore()` lets them through."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.open = True
+        self.conns: list[socket.socket] = []
+        self.lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self.open:
+                client.close()
+                continue
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        self.open = False
+        with self.lock:
+            for s in self.conns:
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                    s.close()
+                except OSError:
+                    pass
+            self.conns.clear()
+
+    def restore(self) -> None:
+        self.open = True
+
+    def close(self) -> None:
+        self.cut()
+        self.listener.close()
+
+
+def fleet_config(tmp: Path, index: int, dsn: str | None, redis_url: str | None, prefix: str,
+                 fake: dict | None = None, **jobs) -> dict:
+    """One appliance of a fleet: one fake worker, its own data directory, shared jobs and state."""
+    config = fake_config(fake=fake or {"token_latency_ms": 1, "output_tokens": 8}, devices=["cpu"],
+                         replicas={"hot": 1})
+    config["data_dir"] = str(tmp / f"host-{index}")
+    config["limits"] = {"trusted_proxies": ["127.0.0.1"]}
+    for key in config["auth"]["keys"]:
+        key["callback_secret"] = CALLBACK_SECRET
+    if dsn is not None:
+        config["jobs"] = {"store": "postgresql", "dsn": dsn, "lease_s": 3, "concurrency": 8,
+                          "callback_allow": ["127.0.0.1/32"], **jobs}
+    if redis_url is not None:
+        config["shared"] = {"redis_url": redis_url, "key_prefix": prefix, "retry_s": 0.5, "registry_ttl_s": 3}
+    return config
+
+
+NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+
+
+def start_fleet_nginx(tmp: Path, ports: list[int]) -> tuple[subprocess.Popen, str, Path]:
+    """nginx with deploy/nginx/fullpower-fleet.conf, its upstream lines pointed at `ports`."""
+    port = free_port()
+    site = (ROOT / "deploy/nginx/fullpower-fleet.conf").read_text()
+    lines = [line for line in site.splitlines() if "server 10.0.0." not in line]
+    at = next(i for i, line in enumerate(lines) if "hash $fullpower_affinity" in line) + 1
+    lines[at:at] = [f"    server 127.0.0.1:{p} max_fails=2 fail_timeout=5s;" for p in ports]
+    site = "\n".join(lines).replace("listen 80;", f"listen 127.0.0.1:{port};")
+    root = tmp / "nginx"
+    for d in ("logs", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    (root / "fullpower-fleet.conf").write_text(site)
+    conf = root / "nginx.conf"
+    user = "user root;" if os.geteuid() == 0 else ""
+    conf.write_text(f"""
+{user}
+worker_processes 1;
+error_log {root}/logs/error.log warn;
+pid {root}/nginx.pid;
+events {{ worker_connections 1024; }}
+http {{
+    access_log {root}/logs/access.log;
+    client_body_temp_path {root}/tmp/body;
+    proxy_temp_path {root}/tmp/proxy;
+    fastcgi_temp_path {root}/tmp/fastcgi;
+    uwsgi_temp_path {root}/tmp/uwsgi;
+    scgi_temp_path {root}/tmp/scgi;
+    include {root}/fullpower-fleet.conf;
+}}
+""")
+    subprocess.run([NGINX, "-t", "-p", str(root), "-c", str(conf)], check=True, capture_output=True)
+    proc = subprocess.Popen([NGINX, "-p", str(root), "-c", str(conf), "-g", "daemon off;"])
+    wait_until(lambda: _answers(port), what="nginx listening")
+    return proc, f"http://127.0.0.1:{port}", root
+
+
+class CallbackReceiver:
+    """Records every signed job callback: job id -> list of (body, signature valid)."""
+
+    def __init__(self) -> None:
+        received: dict[str, list] = {}
+        self.received = received
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server's naming
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                parts = dict(p.split("=", 1) for p in self.headers["X-Fullpower-Signature"].split(","))
+                expected = hmac.new(CALLBACK_SECRET.encode(), parts["t"].encode() + b"." + body,
+                                    hashlib.sha256).hexdigest()
+                job = json.loads(body)
+                with lock:
+                    received.setdefault(job["id"], []).append((job, hmac.compare_digest(expected, parts["v1"])))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def elapsed(since: float) -> float:
+    return time.monotonic() - since

@@ -1,0 +1,271 @@
+"""Several appliances as one service: jobs on a real PostgreSQL, limits, cache, single flight and
+the registry on a real Redis, real nginx in front, fake workers. Private Redis and PostgreSQL
+servers are started where a test stops them; a TCP relay cuts one host off from the database."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from tests.conftest import ADMIN_TOKEN, FULLPOWER, http_json, metric_value, wait_until
+from tests.fleet import (NGINX, REDIS, CallbackReceiver, Database, PrivatePostgres, PrivateRedis, Relay,
+                         fleet_config, redis_cleanup, start_fleet_nginx)
+from tests.test_request_path import KEYS, body
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def database():
+    db = Database()
+    yield db
+    db.drop()
+
+
+@pytest.fixture
+def prefix():
+    name = "fptest" + uuid.uuid4().hex[:10]
+    yield name
+    redis_cleanup(REDIS, name)
+
+
+def chat(url: str, tier: str = "standard", timeout: float = 30, headers=None, **extra):
+    return http_json(url + "/v1/chat/completions", body(**{"max_tokens": 4, **extra}),
+                     {"Authorization": KEYS[tier], **(headers or {})}, timeout=timeout)
+
+
+def submit(url: str, callback_url: str | None = None, idempotency_key: str | None = None, prompt: str = "job"):
+    headers = {"Authorization": KEYS["batch"]}
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    payload = {"request": body(prompt, max_tokens=8)}
+    if callback_url:
+        payload["callback_url"] = callback_url
+    return http_json(url + "/v1/jobs", payload, headers, timeout=30)
+
+
+def job(url: str, job_id: str):
+    return http_json(f"{url}/v1/jobs/{job_id}", headers={"Authorization": KEYS["batch"]}, timeout=10)
+
+
+def metrics(server) -> str:
+    with urllib.request.urlopen(urllib.request.Request(server.admin + "/metrics", headers=ADMIN), timeout=5) as r:
+        return r.read().decode()
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed")
+def test_thousand_jobs_through_nginx_survive_a_host_killed_mid_run(start_server, tmp_path, database, prefix):
+    receiver = CallbackReceiver()
+    hosts = [start_server(fleet_config(tmp_path, i, database.dsn, REDIS, prefix,
+                                       fake={"token_latency_ms": 10, "output_tokens": 8}))
+             for i in range(3)]
+    nginx, url, _ = start_fleet_nginx(tmp_path, [h.port for h in hosts])
+    try:
+        ids: list[str] = []
+        refused = []
+
+        def one(i: int):
+            status, _, payload = submit(url, receiver.url, prompt=f"job {i}")
+            if status != 202:
+                refused.append((status, payload))
+            return payload.get("id")
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            ids += [i for i in pool.map(one, range(500)) if i]
+            # Kill one appliance (and so its workers) while it is running jobs.
+            wait_until(lambda: int(database.query("SELECT count(*) FROM jobs WHERE status='running' AND owner "
+                                                  f"LIKE '%:{hosts[2].port}'") or 0) > 0,
+                       timeout=30, interval=0.02, what="host 3 running jobs")
+            hosts[2].proc.send_signal(signal.SIGKILL)
+            hosts[2].proc.wait(10)
+            ids += [i for i in pool.map(one, range(500, 1000)) if i]  # nginx skips the dead host
+        assert not refused and len(set(ids)) == 1000
+
+        def finished():
+            return database.query("SELECT count(*) FROM jobs WHERE status IN "
+                                  "('succeeded','failed','cancelled','expired')").strip() == "1000"
+        wait_until(finished, timeout=180, interval=0.5, what="every job final")
+        assert database.query("SELECT status, count(*) FROM jobs GROUP BY status").strip() == "succeeded|1000"
+        # The dead host's running jobs were taken over after their lease: a second attempt.
+        assert int(database.query("SELECT count(*) FROM jobs WHERE attempts > 1")) >= 1
+        survivors = hosts[:2]
+        for job_id in ids[::50]:
+            seen = [job(h.url, job_id)[2] for h in survivors]
+            assert all(s["status"] == "succeeded" and s["result"]["choices"][0]["message"]["content"] for s in seen)
+            assert seen[0]["result"] == seen[1]["result"]
+        # Every callback arrives, signed; no job is ever delivered with two different results.
+        wait_until(lambda: len(receiver.received) == 1000, timeout=120, interval=0.5,
+                   what=lambda: f"every callback ({len(receiver.received)} received; by state: "
+                                f"{database.query('SELECT callback_state, count(*) FROM jobs GROUP BY 1')})")
+        for job_id, deliveries in receiver.received.items():
+            assert all(valid for _, valid in deliveries)
+            assert len({json.dumps(j["result"], sort_keys=True) for j, _ in deliveries}) == 1
+            assert all(j["status"] == "succeeded" for j, _ in deliveries)
+        # An Idempotency-Key used on one host names the same job on another.
+        first = submit(hosts[0].url, idempotency_key="order-42")
+        again = submit(hosts[1].url, idempotency_key="order-42")
+        assert first[0] == 202 and again[0] == 200 and again[2]["id"] == first[2]["id"]
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
+        receiver.close()
+
+
+def test_a_key_rate_limit_holds_across_three_hosts(start_server, tmp_path, prefix):
+    configs = [fleet_config(tmp_path, i, None, REDIS, prefix) for i in range(3)]
+    for config in configs:
+        for key in config["auth"]["keys"]:
+            if key["name"] == "test-standard":
+                key.update(requests_per_second=50, requests_burst=10)
+    hosts = [start_server(c) for c in configs]
+    counts = {"admitted": 0, "limited": 0, "other": 0}
+    lock = threading.Lock()
+    stop_at = time.monotonic() + 10
+
+    def drive(n: int):
+        i = n
+        while time.monotonic() < stop_at:
+            status, _, _ = chat(hosts[i % 3].url, max_tokens=1)
+            i += 1
+            with lock:
+                counts["admitted" if status == 200 else "limited" if status == 429 else "other"] += 1
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        list(pool.map(drive, range(12)))
+    # 10 s at 50/s plus the burst of 10: 510; the buckets live in Redis, so three hosts admit
+    # that many in total, not three times as many.
+    assert counts["other"] == 0, counts
+    assert counts["limited"] > counts["admitted"], counts
+    assert 450 <= counts["admitted"] <= 565, counts
+
+
+def test_an_answer_made_on_one_host_is_a_hit_on_another_and_generated_once(start_server, tmp_path, prefix):
+    hosts = [start_server(fleet_config(tmp_path, i, None, REDIS, prefix,
+                                       fake={"token_latency_ms": 20, "output_tokens": 16})) for i in range(2)]
+    status, headers, first = chat(hosts[0].url, temperature=0)
+    assert status == 200 and headers["X-Fullpower-Cache"] == "miss"
+    status, headers, again = chat(hosts[1].url, temperature=0)
+    assert status == 200 and headers["X-Fullpower-Cache"] == "hit"
+    assert again["choices"][0]["message"]["content"] == first["choices"][0]["message"]["content"]
+    # Identical requests at the same moment on two hosts: one generates, the other waits for it.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda h: http_json(h.url + "/v1/chat/completions",
+                                                    body("at the same moment", max_tokens=16, temperature=0),
+                                                    {"Authorization": KEYS["standard"]}, timeout=30), hosts))
+    assert sorted(r[1]["X-Fullpower-Cache"] for r in results) == ["hit", "miss"]
+    assert results[0][2]["choices"][0]["message"]["content"] == results[1][2]["choices"][0]["message"]["content"]
+    generated = sum(metric_value(metrics(h), "fullpower_cache_requests_total", result="miss") for h in hosts)
+    assert generated == 2  # the first question and the simultaneous one, each once
+    # The registry lists both hosts, from either.
+    status, _, fleet = http_json(hosts[1].admin + "/admin/fleet", headers=ADMIN, timeout=5)
+    assert status == 200 and {h["address"] for h in fleet["hosts"]} == {f"127.0.0.1:{h.port}" for h in hosts}
+    out = subprocess.run([*FULLPOWER, "status", "--fleet",
+                          "--config", str(hosts[0].config_path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "(this host)" in out.stdout and str(hosts[1].port) in out.stdout, out
+
+
+def test_redis_down_mid_run_falls_back_and_sharing_resumes(start_server, tmp_path):
+    private = PrivateRedis(tmp_path).start()
+    with contextlib.ExitStack() as stack:
+        stack.callback(private.stop)
+        configs = [fleet_config(tmp_path, i, None, private.url, "fp") for i in range(2)]
+        for config in configs:
+            for key in config["auth"]["keys"]:
+                if key["name"] == "test-batch":
+                    key.update(requests_per_second=0.2, requests_burst=4)
+                if key["name"] == "test-standard":  # a limit far above the traffic: every request asks Redis
+                    key.update(requests_per_second=10000)
+        hosts = [start_server(c) for c in configs]
+        failures, served = [], [0]
+        stop = threading.Event()
+
+        def traffic():
+            i = 0
+            while not stop.is_set():
+                # distinct greedy prompts: each asks the shared cache tier, the limit and single flight
+                status, _, payload = http_json(hosts[i % 2].url + "/v1/chat/completions",
+                                               body(f"question {i}", max_tokens=4, temperature=0),
+                                               {"Authorization": KEYS["standard"]}, timeout=30)
+                i += 1
+                if status != 200:
+                    failures.append((status, payload))
+                served[0] += 1
+
+        thread = threading.Thread(target=traffic)
+        thread.start()
+        stack.callback(thread.join, 30)
+        stack.callback(stop.set)
+        wait_until(lambda: served[0] >= 20, what="traffic flowing")
+        private.stop()
+        wait_until(lambda: all(metric_value(metrics(h), "fullpower_shared_state_fallbacks_total") > 0 for h in hosts),
+                   timeout=20, what="fallback counted on both hosts")
+        before = served[0]
+        wait_until(lambda: served[0] >= before + 20, what="traffic served while Redis is down")
+        private.start()
+        wait_until(lambda: all(metric_value(metrics(h), "fullpower_shared_state_up") == 1 for h in hosts),
+                   timeout=20, what="shared state back on both hosts")
+        stop.set()
+        thread.join(30)
+        assert not failures, failures[:3]
+        assert "shared state (Redis) unreachable" in hosts[0].log()
+        assert "reachable again" in hosts[0].log()
+        # Shared limits again: a burst of 4 for the key across both hosts, not 4 per host.
+        admitted = sum(chat(hosts[i % 2].url, "batch")[0] == 200 for i in range(12))
+        assert admitted <= 5, admitted
+
+
+def test_postgres_down_refuses_new_jobs_and_loses_none(start_server, tmp_path, prefix):
+    pg = PrivatePostgres().start()
+    try:
+        server = start_server(fleet_config(tmp_path, 0, pg.dsn, None, prefix, concurrency=1,
+                                           fake={"token_latency_ms": 20, "output_tokens": 8}))
+        accepted = [submit(server.url)[2]["id"] for _ in range(6)]
+        pg.stop()
+        status, headers, payload = wait_until(lambda: (r := submit(server.url))[0] == 503 and r, timeout=30,
+                                              what="503 for new jobs")
+        assert int(headers["Retry-After"]) >= 1 and payload["error"]["code"] == "job_store_unavailable"
+        for _ in range(5):  # interactive traffic is untouched
+            assert chat(server.url, "premium")[0] == 200
+        pg.start()
+        wait_until(lambda: all(job(server.url, j)[0] == 200 and job(server.url, j)[2]["status"] == "succeeded"
+                               for j in accepted), timeout=90, interval=0.5, what="every accepted job succeeded")
+    finally:
+        pg.remove()
+
+
+def test_a_host_cut_off_from_the_database_stops_and_its_jobs_are_taken_over(start_server, tmp_path, database,
+                                                                             prefix):
+    relay = Relay(5432)
+    slow = {"token_latency_ms": 250, "output_tokens": 40}  # a 10 s job: it outlives the 3 s lease
+    try:
+        cut_off = start_server(fleet_config(tmp_path, 0, database.dsn.replace(":5432/", f":{relay.port}/"), None,
+                                            prefix, fake=slow))
+        status, _, created = submit(cut_off.url)
+        assert status == 202
+        wait_until(lambda: database.query(f"SELECT owner FROM jobs WHERE id='{created['id']}' AND "
+                                          "status='running'").strip().endswith(f":{cut_off.port}"),
+                   what="the job running on the host about to be cut off")
+        relay.cut()
+        other = start_server(fleet_config(tmp_path, 1, database.dsn, None, prefix, fake=slow))
+        wait_until(lambda: database.query(f"SELECT owner FROM jobs WHERE id='{created['id']}'").strip()
+                   .endswith(f":{other.port}"), timeout=30, what="the job taken over after its lease")
+        wait_until(lambda: "stopping 1 running jobs" in cut_off.log() or "lease lost" in cut_off.log(),
+                   timeout=30, what="the cut-off host stopping its attempt")
+        wait_until(lambda: job(other.url, created["id"])[2]["status"] == "succeeded", timeout=60,
+                   what="the job finished by the other host")
+        finished = job(other.url, created["id"])[2]
+        assert finished["attempts"] == 2
+        relay.restore()  # back on the network: its old attempt changes nothing
+        wait_until(lambda: job(cut_off.url, created["id"])[0] == 200, timeout=30, what="the cut-off host back")
+        assert job(cut_off.url, created["id"])[2] == finished
+    finally:
+        relay.close()
