@@ -78,7 +78,7 @@ class Appliance:
         self.registry = None
         if self.shared is not None:
             self.cache.shared = SharedCache(self.shared, c.ttl_s)
-            self.registry = HostRegistry(self.shared, cfg.shared.advertise or cfg.listen or cfg.admin_listen,
+            self.registry = HostRegistry(self.shared, cfg.advertised_address(),
                                          cfg.shared.registry_ttl_s, self._describe)
         self.auth = Authenticator(cfg.auth)
         self.planner = Planner(cfg.tiers, cfg.pools, cfg.cache, cfg.timeouts, cfg.limits.max_tokens_default)

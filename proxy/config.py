@@ -270,6 +270,19 @@ class Config(_Base, kw_only=True):
         port = self.listen.rpartition(":")[2] if self.listen else self.admin_listen.rpartition(":")[2]
         return f"{socket.gethostname()}:{port}"
 
+    def advertised_address(self) -> str:
+        """Where other hosts and operators reach this appliance: shared.advertise, else listen
+        (with this host's name in place of an unspecified address such as 0.0.0.0)."""
+        if self.shared.advertise:
+            return self.shared.advertise
+        address = self.listen or self.admin_listen
+        host, port = parse_host_port(address)
+        if host in ("0.0.0.0", "::", ""):
+            import socket
+
+            return f"{socket.gethostname()}:{port}"
+        return address
+
     def cache_dir(self) -> Path:
         return Path(self.cache.disk_dir) if self.cache.disk_dir else self.resolved_data_dir() / "cache"
 

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import ROOT, fake_config, free_port, wait_until
+from loadtest.bench_fleet import render_fleet_nginx
+from tests.conftest import fake_config, free_port, wait_until
 
 PG = "postgresql://postgres@127.0.0.1:5432"
 REDIS = "redis://127.0.0.1:6379/0"
@@ -206,37 +207,10 @@ NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin
 def start_fleet_nginx(tmp: Path, ports: list[int]) -> tuple[subprocess.Popen, str, Path]:
     """nginx with deploy/nginx/fullpower-fleet.conf, its upstream lines pointed at `ports`."""
     port = free_port()
-    site = (ROOT / "deploy/nginx/fullpower-fleet.conf").read_text()
-    lines = [line for line in site.splitlines() if "server 10.0.0." not in line]
-    at = next(i for i, line in enumerate(lines) if "hash $fullpower_affinity" in line) + 1
-    lines[at:at] = [f"    server 127.0.0.1:{p} max_fails=2 fail_timeout=5s;" for p in ports]
-    site = "\n".join(lines).replace("listen 80;", f"listen 127.0.0.1:{port};")
-    root = tmp / "nginx"
-    for d in ("logs", "tmp"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    (root / "fullpower-fleet.conf").write_text(site)
-    conf = root / "nginx.conf"
-    user = "user root;" if os.geteuid() == 0 else ""
-    conf.write_text(f"""
-{user}
-worker_processes 1;
-error_log {root}/logs/error.log warn;
-pid {root}/nginx.pid;
-events {{ worker_connections 1024; }}
-http {{
-    access_log {root}/logs/access.log;
-    client_body_temp_path {root}/tmp/body;
-    proxy_temp_path {root}/tmp/proxy;
-    fastcgi_temp_path {root}/tmp/fastcgi;
-    uwsgi_temp_path {root}/tmp/uwsgi;
-    scgi_temp_path {root}/tmp/scgi;
-    include {root}/fullpower-fleet.conf;
-}}
-""")
-    subprocess.run([NGINX, "-t", "-p", str(root), "-c", str(conf)], check=True, capture_output=True)
-    proc = subprocess.Popen([NGINX, "-p", str(root), "-c", str(conf), "-g", "daemon off;"])
+    conf = render_fleet_nginx(tmp / "nginx", ports, port)
+    proc = subprocess.Popen([NGINX, "-p", str(conf.parent), "-c", str(conf), "-g", "daemon off;"])
     wait_until(lambda: _answers(port), what="nginx listening")
-    return proc, f"http://127.0.0.1:{port}", root
+    return proc, f"http://127.0.0.1:{port}", conf.parent
 
 
 class CallbackReceiver:

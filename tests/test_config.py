@@ -50,6 +50,18 @@ BAD = {
     "duplicate pool": (lambda c: c["pools"].append(copy.deepcopy(c["pools"][0])), "pools[1].name: duplicate name"),
     "anonymous tier missing": (_set(["auth", "allow_anonymous"], True), "auth.anonymous_tier: no tier named ''"),
     "missing pools": (lambda c: c.pop("pools"), "pools: required field is missing"),
+    "postgresql store without a dsn": (_set(["jobs"], {"store": "postgresql"}), "jobs.dsn: store postgresql needs"),
+    "dsn of another kind": (_set(["jobs"], {"store": "postgresql", "dsn": "mysql://x/y"}), "jobs.dsn: store postgresql"),
+    "dsn with the sqlite store": (_set(["jobs"], {"dsn": "postgresql://x/y"}), "jobs.dsn: only used with store: "
+                                                                               "postgresql"),
+    "unknown job store": (_set(["jobs"], {"store": "mongodb"}), "jobs.store: Invalid enum value 'mongodb'"),
+    "lease too short": (_set(["jobs"], {"store": "postgresql", "dsn": "postgresql://x/y", "lease_s": 1}),
+                        "jobs.lease_s:"),
+    "redis url of another kind": (_set(["shared"], {"redis_url": "http://cache:6379"}), "shared.redis_url: expected"),
+    "bad advertise address": (_set(["shared"], {"redis_url": "redis://r:6379/0", "advertise": "nohostport"}),
+                              "shared.advertise: expected HOST:PORT"),
+    "burst below one": (lambda c: c["auth"]["keys"][0].update(requests_per_second=5, requests_burst=0),
+                        "auth.keys[0].requests_burst:"),
 }
 
 

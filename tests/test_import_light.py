@@ -19,6 +19,8 @@ def test_backend_does_not_import_aiohttp_or_proxy():
 LAYER_RULES = {
     # package: modules it must never import (prefix match)
     "proxy/serving": ("aiohttp", "proxy.http", "proxy.jobs", "proxy.app", "proxy.cli", "proxy.collectors"),
+    "proxy/shared": ("aiohttp", "proxy.serving", "proxy.fleet", "proxy.http", "proxy.jobs", "proxy.app", "proxy.cli",
+                     "proxy.collectors"),
     "proxy/fleet": ("aiohttp", "proxy.serving", "proxy.http", "proxy.jobs", "proxy.app", "proxy.cli",
                     "proxy.collectors"),
     "proxy/jobs": ("aiohttp.web", "proxy.http", "proxy.app", "proxy.cli", "proxy.collectors"),
