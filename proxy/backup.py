@@ -3,7 +3,9 @@ rebuild, taken while it serves, and a restore that checks everything before it c
 
 A backup directory holds:
 - `jobs.sqlite3`: the job store, copied with SQLite's online backup API (a consistent snapshot
-  while the server writes), with its job counts by state;
+  while the server writes), with its job counts by state; or, with `jobs.store: postgresql`,
+  `jobs.pgdump`: pg_dump's logical export of fullpower's tables (custom format), taken in an
+  exported snapshot whose job counts are recorded from the same snapshot;
 - `config/<name>`: the config file, and `secrets/admin.token` (owner-only) when it exists;
 - `models/<pool>/`: each transformers pool's model manifest (`fullpower-manifest.json`), and the
   model files themselves with `--with-models`;
@@ -18,19 +20,23 @@ into the target data directory. The answer cache is not backed up: it refills it
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
 from backend.manifest import MANIFEST as MODEL_MANIFEST
 from backend.manifest import ManifestError, sha256_file, verify_manifest
 from proxy.config import Config
+from proxy.jobs.pg import redacted
 
 BACKUP_MANIFEST = "BACKUP.json"
 FORMAT = 1
+PG_TABLES = ("jobs", "callback_attempts", "fullpower_schema")  # fullpower's tables in a PostgreSQL job store
 
 
 class BackupError(Exception):
@@ -55,7 +61,10 @@ def backup(cfg: Config, config_path: Path, dest: Path, with_models: bool = False
     sources: dict[str, str] = {}
     counts: dict[str, int] = {}
     db = cfg.jobs_db()
-    if db.is_file():
+    if cfg.jobs.enabled and cfg.jobs.store == "postgresql":
+        counts = _pg_dump(cfg.jobs.dsn, dest / "jobs.pgdump")
+        sources["jobs.pgdump"] = redacted(cfg.jobs.dsn)
+    elif db.is_file():
         target = dest / "jobs.sqlite3"
         with sqlite3.connect(str(db)) as src, sqlite3.connect(str(target)) as dst:
             src.backup(dst)  # consistent while the server writes (SQLite's online backup)
@@ -129,6 +138,11 @@ def restore(src: Path, cfg: Config) -> list[str]:
             raise BackupError(f"{src / 'jobs.sqlite3'}: job counts {counts} differ from the backup's {manifest['jobs']}")
     models = [(pool.name, cfg.model_dir(pool), src / "models" / pool.name) for pool in cfg.pools
               if pool.engine == "transformers" and (src / "models" / pool.name).is_dir()]
+    pg_dump = "jobs.pgdump" in manifest["files"]
+    if pg_dump != (cfg.jobs.store == "postgresql") and (pg_dump or counts is not None):
+        kinds = {True: "PostgreSQL", False: "SQLite"}
+        raise BackupError(f"{src}: the backup's job store is {kinds[pg_dump]} but this config stores jobs in "
+                          f"{kinds[cfg.jobs.store == 'postgresql']} (jobs.store)")
     if not manifest.get("with_models"):
         for name, model_dir, backed in models:  # the models stay where they are: they must match
             problem = _check_model(model_dir, backed / MODEL_MANIFEST)
@@ -145,6 +159,12 @@ def restore(src: Path, cfg: Config) -> list[str]:
             Path(str(target) + suffix).unlink(missing_ok=True)
         os.replace(staging, target)
         done.append(f"job store restored to {target}: integrity ok, jobs by state {counts}")
+    if pg_dump:
+        restored = _pg_restore(cfg.jobs.dsn, src / "jobs.pgdump")
+        if restored != manifest["jobs"]:
+            raise BackupError(f"{redacted(cfg.jobs.dsn)}: job counts {restored} after the restore differ from the "
+                              f"backup's {manifest['jobs']}", changed=True)
+        done.append(f"job store restored into {redacted(cfg.jobs.dsn)}: jobs by state {restored} as in the backup")
     if "secrets/admin.token" in manifest["files"]:
         token = cfg.admin_token_path()
         token.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +183,58 @@ def restore(src: Path, cfg: Config) -> list[str]:
                 raise BackupError(problem, changed=True)
             done.append(f"model of pool {name} restored to {model_dir}; every file matches its manifest")
     return done
+
+
+async def _pg_counts(conn) -> dict[str, int]:
+    return {r["status"]: r["n"] for r in await conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")}
+
+
+def _pg_dump(dsn: str, target: Path) -> dict[str, int]:
+    """pg_dump of fullpower's tables inside one exported snapshot, and the job counts read in
+    that same snapshot (so the manifest's counts are the dump's, however busy the fleet is)."""
+    import asyncpg
+
+    async def run() -> dict[str, int]:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
+                counts = await _pg_counts(conn)
+                proc = await asyncio.create_subprocess_exec(
+                    "pg_dump", "--format=custom", "--no-owner", "--no-privileges", f"--snapshot={snapshot}",
+                    *(f"--table={t}" for t in PG_TABLES), "--file", str(target), dsn,
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+                _, err = await proc.communicate()
+                if proc.returncode:
+                    raise BackupError(f"pg_dump of {redacted(dsn)} failed: {err.decode(errors='replace').strip()}")
+            return counts
+        finally:
+            await conn.close()
+
+    try:
+        return asyncio.run(run())
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise BackupError(f"{redacted(dsn)}: {exc}") from None
+
+
+def _pg_restore(dsn: str, dump: Path) -> dict[str, int]:
+    """Replace fullpower's tables with the dump's in one transaction; the job counts after it."""
+    import asyncpg
+
+    out = subprocess.run(["pg_restore", "--clean", "--if-exists", "--no-owner", "--no-privileges",
+                          "--single-transaction", "--dbname", dsn, str(dump)], capture_output=True, text=True)
+    if out.returncode:
+        raise BackupError(f"pg_restore into {redacted(dsn)} failed (nothing changed: one transaction): "
+                          f"{out.stderr.strip()}")
+
+    async def count() -> dict[str, int]:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        try:
+            return await _pg_counts(conn)
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())
 
 
 def _check_model(model_dir: Path, backed_manifest: Path) -> str | None:

@@ -126,3 +126,49 @@ def test_the_recovery_drill_runs_end_to_end_on_the_embedded_model(tmp_path, embe
             os.kill(restarted, signal.SIGTERM)
             wait_until(lambda: not os.path.exists(f"/proc/{restarted}") or
                        open(f"/proc/{restarted}/stat").read().split()[2] == "Z", timeout=60, what="drill server gone")
+
+
+def test_postgresql_job_store_backup_while_serving_and_restore_into_a_fresh_database(tmp_path):
+    from tests.fleet import Database
+
+    source, target = Database(), Database()
+    try:
+        config = jobs_config(_mk(tmp_path / "a"))
+        config["jobs"] = {**config.get("jobs", {}), "store": "postgresql", "dsn": source.dsn}
+        config["jobs"].pop("db_path", None)
+        server = Server(config, tmp_path / "a").start()
+        try:
+            ids = [submit(server, prompt=f"pg {i}")[2]["id"] for i in range(10)]
+            wait_until(lambda: all(get(server, j)[2]["status"] == "succeeded" for j in ids), timeout=60,
+                       what="jobs done")
+            writing = threading.Thread(target=lambda: [submit(server, prompt=f"during {i}") for i in range(10)])
+            writing.start()
+            made = cli("backup", str(tmp_path / "backup"), "--config", str(server.config_path))
+            writing.join()
+            assert made.returncode == 0, made.stderr
+        finally:
+            server.stop()
+        backed = json.loads((tmp_path / "backup" / "BACKUP.json").read_text())
+        assert "jobs.pgdump" in backed["files"] and sum(backed["jobs"].values()) >= 10
+        # Restore into another (empty) database, then serve from it.
+        fresh = dict(server.config, jobs={**config["jobs"], "dsn": target.dsn}, data_dir=str(tmp_path / "fresh"),
+                     admin_token_file=str(tmp_path / "fresh.token"))
+        (tmp_path / "fresh.yaml").write_text(yaml.safe_dump(fresh))
+        restored = cli("restore", str(tmp_path / "backup"), "--config", str(tmp_path / "fresh.yaml"))
+        assert restored.returncode == 0, restored.stderr
+        assert "as in the backup" in restored.stdout
+        second = Server(fresh, _mk(tmp_path / "b")).start()
+        try:
+            for job_id in ids:
+                status, _, job = get(second, job_id)
+                assert status == 200 and job["status"] == "succeeded" and job["result"]["choices"]
+        finally:
+            second.stop()
+        # A PostgreSQL backup is refused by a host that stores jobs in SQLite, naming why.
+        sqlite_host = dict(fresh, jobs={k: v for k, v in config["jobs"].items() if k not in ("store", "dsn")})
+        (tmp_path / "sqlite.yaml").write_text(yaml.safe_dump(sqlite_host))
+        refused = cli("restore", str(tmp_path / "backup"), "--config", str(tmp_path / "sqlite.yaml"))
+        assert refused.returncode != 0 and "job store is PostgreSQL" in refused.stderr
+    finally:
+        source.drop()
+        target.drop()

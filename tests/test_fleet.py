@@ -165,6 +165,12 @@ def test_an_answer_made_on_one_host_is_a_hit_on_another_and_generated_once(start
     assert results[0][2]["choices"][0]["message"]["content"] == results[1][2]["choices"][0]["message"]["content"]
     generated = sum(metric_value(metrics(h), "fullpower_cache_requests_total", result="miss") for h in hosts)
     assert generated == 2  # the first question and the simultaneous one, each once
+    # Clearing the cache on one host clears the shared tier for all.
+    status, _, cleared = http_json(hosts[0].admin + "/admin/cache/clear", {}, ADMIN, timeout=10)
+    assert status == 200
+    assert chat(hosts[1].url, temperature=0)[1]["X-Fullpower-Cache"] == "hit"  # its own memory tier still has it
+    assert http_json(hosts[1].admin + "/admin/cache/clear", {}, ADMIN, timeout=10)[0] == 200
+    assert chat(hosts[0].url, temperature=0)[1]["X-Fullpower-Cache"] == "miss"
     # The registry lists both hosts, from either.
     status, _, fleet = http_json(hosts[1].admin + "/admin/fleet", headers=ADMIN, timeout=5)
     assert status == 200 and {h["address"] for h in fleet["hosts"]} == {f"127.0.0.1:{h.port}" for h in hosts}
@@ -224,10 +230,18 @@ def test_redis_down_mid_run_falls_back_and_sharing_resumes(start_server, tmp_pat
 
 
 def test_postgres_down_refuses_new_jobs_and_loses_none(start_server, tmp_path, prefix):
-    pg = PrivatePostgres().start()
+    pg = PrivatePostgres()
     try:
+        # Unreachable at start: the appliance serves, says why jobs are refused, and connects later.
         server = start_server(fleet_config(tmp_path, 0, pg.dsn, None, prefix, concurrency=1,
                                            fake={"token_latency_ms": 20, "output_tokens": 8}))
+        wait_until(lambda: "job store PostgreSQL postgresql://postgres@127.0.0.1" in server.log(),
+                   what="an error naming the job store")
+        assert "new jobs get 503 until it works" in server.log()
+        assert submit(server.url)[0] == 503 and chat(server.url, "premium")[0] == 200
+        pg.start()
+        wait_until(lambda: submit(server.url, idempotency_key="first")[0] == 202, timeout=30, interval=0.5,
+                   what="jobs accepted once the database is up")
         accepted = [submit(server.url)[2]["id"] for _ in range(6)]
         pg.stop()
         status, headers, payload = wait_until(lambda: (r := submit(server.url))[0] == 503 and r, timeout=30,

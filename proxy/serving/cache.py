@@ -175,6 +175,11 @@ class AnswerCache:
         n = len(self.memory) if self.memory is not None else 0
         if self.memory is not None:
             self.memory.clear()
+        if self.shared is not None:
+            try:
+                n += await self.shared.clear()
+            except SharedUnavailable:
+                log.warning("cache clear: the shared tier (Redis) is unreachable; its entries expire by their TTL")
         removed = await self._on_disk(self._disk_clear)
         return n + (removed or 0)
 

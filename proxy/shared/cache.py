@@ -46,6 +46,21 @@ class SharedCache:
         await self.shared.call("cache_put", lambda redis: redis.set(self.shared.key("cache", key), raw,
                                                                      px=int(self.ttl_s * 1000)))
 
+    async def clear(self) -> int:
+        """Delete every shared entry (an operator's `cache clear` on any host clears it for all)."""
+        async def delete_all(redis) -> int:
+            removed, batch = 0, []
+            async for key in redis.scan_iter(match=self.shared.key("cache", "*"), count=500):
+                batch.append(key)
+                if len(batch) >= 500:
+                    removed += await redis.delete(*batch)
+                    batch.clear()
+            if batch:
+                removed += await redis.delete(*batch)
+            return removed
+
+        return await self.shared.call("cache_clear", delete_all)
+
     async def lead(self, key: str) -> bool:
         """True when this host now generates `key` for every host (it holds the lock)."""
         return bool(await self.shared.call("flight_lock", lambda redis: redis.set(
