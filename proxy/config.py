@@ -181,7 +181,7 @@ class Jobs(_Base, kw_only=True):
     store: Literal["sqlite", "postgresql"] = "sqlite"
     db_path: str = ""  # sqlite: "" = <data_dir>/jobs.sqlite3
     dsn: str = ""  # postgresql: postgresql://user@host:port/database (required with store: postgresql)
-    # postgresql: a running job is leased to its host for this long and renewed every third of it;
+    # postgresql: a running job is leased to its host for this long and renewed every quarter of it;
     # a job whose host stopped renewing (dead, cut off) goes back to the queue for another host.
     lease_s: Annotated[float, msgspec.Meta(ge=3)] = 30.0
     max_db_bytes: NonNegInt = 1 << 30  # refuse new jobs (503) beyond this database size; 0 = no bound

@@ -66,9 +66,11 @@ def process_alive(pid: int) -> bool:
 class Server:
     """A `fullpower serve` process with its own config, ports and log file."""
 
-    def __init__(self, config: dict, tmp: Path) -> None:
+    def __init__(self, config: dict, tmp: Path, host: str = "127.0.0.1", command_prefix: tuple = ()) -> None:
+        self.host = host  # another address: a host in a network namespace (command_prefix: ip netns exec)
+        self.command_prefix = list(command_prefix)
         self.port, self.admin_port = free_port(), free_port()
-        config = {**config, "listen": f"127.0.0.1:{self.port}", "admin_listen": f"127.0.0.1:{self.admin_port}"}
+        config = {**config, "listen": f"{host}:{self.port}", "admin_listen": f"{host}:{self.admin_port}"}
         config.setdefault("data_dir", str(tmp / "data"))
         token_file = tmp / "admin.token"
         token_file.write_text(ADMIN_TOKEN + "\n")
@@ -81,15 +83,16 @@ class Server:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def admin(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
+        return f"http://{self.host}:{self.admin_port}"
 
     def start(self, wait_ready: bool = True, timeout: float = 120) -> "Server":
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(FULLPOWER + ["serve", "--config", str(self.config_path)], cwd=ROOT,
+        self.proc = subprocess.Popen(self.command_prefix + FULLPOWER + ["serve", "--config", str(self.config_path)],
+                                     cwd=ROOT,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         if wait_ready:
             self.wait_ready(timeout)

@@ -86,8 +86,9 @@ class PrivatePostgres:
     """A PostgreSQL server of its own (initdb, pg_ctl) on a free port, run as the postgres user
     (the server refuses root), to stop and start again."""
 
-    def __init__(self) -> None:
+    def __init__(self, also_listen: str | None = None) -> None:
         self.port = free_port()
+        self.addresses = "127.0.0.1" + (f",{also_listen}" if also_listen else "")
         self.dir = Path(tempfile.mkdtemp(prefix="fp-pg-"))
         user = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
         if user is not None:
@@ -95,11 +96,14 @@ class PrivatePostgres:
         self._as = ["runuser", "-u", "postgres", "--"] if user is not None else []
         subprocess.run(self._as + ["initdb", "-D", str(self.dir / "data"), "-U", "postgres", "--auth=trust"],
                        check=True, capture_output=True)
+        if also_listen:  # a host in a network namespace connects from the other end of its link
+            with open(self.dir / "data" / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {also_listen}/24 trust\n")
         self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def start(self) -> "PrivatePostgres":
         subprocess.run(self._as + ["pg_ctl", "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w", "-o",
-                                   f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1", "start"],
+                                   f"-p {self.port} -k {self.dir} -c listen_addresses={self.addresses}", "start"],
                        check=True, capture_output=True)
         return self
 
@@ -120,68 +124,40 @@ def _answers(port: int) -> bool:
         return False
 
 
-class Relay:
-    """A TCP relay to a server (one host's only way to PostgreSQL): `cut()` drops every
-    connection and refuses new ones - the host is cut off - and `restore()` lets them through."""
+class NetworkNamespace:
+    """A host of its own on this machine: a network namespace joined to this one by a veth pair
+    (`here` on this side, `there` inside). `cut()` takes this side's interface down - nothing
+    crosses any more, and nothing is refused either: connections just hang, as on a real network
+    partition - and `restore()` brings it back up."""
 
-    def __init__(self, target_port: int) -> None:
-        self.target = ("127.0.0.1", target_port)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.open = True
-        self.conns: list[socket.socket] = []
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
+    def __init__(self) -> None:
+        tag = uuid.uuid4().hex[:6]
+        self.name, self.outside, inside = f"fp{tag}", f"fpo{tag}", f"fpi{tag}"
+        net = int(tag[:2], 16) % 250 + 1
+        self.here, self.there = f"10.213.{net}.1", f"10.213.{net}.2"
+        for cmd in (["netns", "add", self.name],
+                    ["link", "add", self.outside, "type", "veth", "peer", "name", inside],
+                    ["link", "set", inside, "netns", self.name],
+                    ["addr", "add", f"{self.here}/24", "dev", self.outside],
+                    ["link", "set", self.outside, "up"],
+                    ["-n", self.name, "addr", "add", f"{self.there}/24", "dev", inside],
+                    ["-n", self.name, "link", "set", inside, "up"],
+                    ["-n", self.name, "link", "set", "lo", "up"]):
+            subprocess.run(["ip", *cmd], check=True, capture_output=True)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self.open:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            with self.lock:
-                self.conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    @property
+    def command_prefix(self) -> tuple:
+        return ("ip", "netns", "exec", self.name)
 
     def cut(self) -> None:
-        self.open = False
-        with self.lock:
-            for s in self.conns:
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                    s.close()
-                except OSError:
-                    pass
-            self.conns.clear()
+        subprocess.run(["ip", "link", "set", self.outside, "down"], check=True)
 
     def restore(self) -> None:
-        self.open = True
+        subprocess.run(["ip", "link", "set", self.outside, "up"], check=True)
 
-    def close(self) -> None:
-        self.cut()
-        self.listener.close()
+    def remove(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)  # takes the veth pair with it
+        subprocess.run(["ip", "link", "del", self.outside], capture_output=True)
 
 
 def fleet_config(tmp: Path, index: int, dsn: str | None, redis_url: str | None, prefix: str,

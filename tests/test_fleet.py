@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import datetime
 import json
 import signal
 import subprocess
@@ -16,9 +17,9 @@ import uuid
 
 import pytest
 
-from tests.conftest import ADMIN_TOKEN, FULLPOWER, http_json, metric_value, wait_until
-from tests.fleet import (NGINX, REDIS, CallbackReceiver, Database, PrivatePostgres, PrivateRedis, Relay,
-                         fleet_config, redis_cleanup, start_fleet_nginx)
+from tests.conftest import ADMIN_TOKEN, FULLPOWER, Server, http_json, metric_value, wait_until
+from tests.fleet import (NGINX, REDIS, CallbackReceiver, Database, NetworkNamespace, PrivatePostgres, PrivateRedis,
+                         fleet_config, psql, redis_cleanup, start_fleet_nginx)
 from tests.test_request_path import KEYS, body
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -43,11 +44,12 @@ def chat(url: str, tier: str = "standard", timeout: float = 30, headers=None, **
                      {"Authorization": KEYS[tier], **(headers or {})}, timeout=timeout)
 
 
-def submit(url: str, callback_url: str | None = None, idempotency_key: str | None = None, prompt: str = "job"):
+def submit(url: str, callback_url: str | None = None, idempotency_key: str | None = None, prompt: str = "job",
+           max_tokens: int = 8):
     headers = {"Authorization": KEYS["batch"]}
     if idempotency_key:
         headers["Idempotency-Key"] = idempotency_key
-    payload = {"request": body(prompt, max_tokens=8)}
+    payload = {"request": body(prompt, max_tokens=max_tokens)}
     if callback_url:
         payload["callback_url"] = callback_url
     return http_json(url + "/v1/jobs", payload, headers, timeout=30)
@@ -222,8 +224,8 @@ def test_redis_down_mid_run_falls_back_and_sharing_resumes(start_server, tmp_pat
         stop.set()
         thread.join(30)
         assert not failures, failures[:3]
-        assert "shared state (Redis) unreachable" in hosts[0].log()
-        assert "reachable again" in hosts[0].log()
+        whole_log = hosts[0].log_path.read_text()
+        assert "shared state (Redis) unreachable" in whole_log and "reachable again" in whole_log
         # Shared limits again: a burst of 4 for the key across both hosts, not 4 per host.
         admitted = sum(chat(hosts[i % 2].url, "batch")[0] == 200 for i in range(12))
         assert admitted <= 5, admitted
@@ -256,30 +258,43 @@ def test_postgres_down_refuses_new_jobs_and_loses_none(start_server, tmp_path, p
         pg.remove()
 
 
-def test_a_host_cut_off_from_the_database_stops_and_its_jobs_are_taken_over(start_server, tmp_path, database,
-                                                                             prefix):
-    relay = Relay(5432)
+def test_a_host_cut_off_from_the_network_stops_before_its_jobs_are_taken_over(start_server, tmp_path, prefix):
+    try:
+        ns = NetworkNamespace()
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"cannot make a network namespace here: {exc.stderr!r}")
+    pg = PrivatePostgres(also_listen=ns.here)
     slow = {"token_latency_ms": 250, "output_tokens": 40}  # a 10 s job: it outlives the 3 s lease
     try:
-        cut_off = start_server(fleet_config(tmp_path, 0, database.dsn.replace(":5432/", f":{relay.port}/"), None,
-                                            prefix, fake=slow))
-        status, _, created = submit(cut_off.url)
+        pg.start()
+        # One appliance in its own network namespace, reaching the database over its link.
+        config = fleet_config(tmp_path, 0, pg.dsn.replace("127.0.0.1", ns.here), None, prefix, fake=slow)
+        cut_off = Server(config, tmp_path, host=ns.there, command_prefix=ns.command_prefix).start()
+        status, _, created = submit(cut_off.url, max_tokens=40)
         assert status == 202
-        wait_until(lambda: database.query(f"SELECT owner FROM jobs WHERE id='{created['id']}' AND "
-                                          "status='running'").strip().endswith(f":{cut_off.port}"),
-                   what="the job running on the host about to be cut off")
-        relay.cut()
-        other = start_server(fleet_config(tmp_path, 1, database.dsn, None, prefix, fake=slow))
-        wait_until(lambda: database.query(f"SELECT owner FROM jobs WHERE id='{created['id']}'").strip()
-                   .endswith(f":{other.port}"), timeout=30, what="the job taken over after its lease")
-        wait_until(lambda: "stopping 1 running jobs" in cut_off.log() or "lease lost" in cut_off.log(),
-                   timeout=30, what="the cut-off host stopping its attempt")
-        wait_until(lambda: job(other.url, created["id"])[2]["status"] == "succeeded", timeout=60,
+        job_id = created["id"]
+
+        def owner() -> str:
+            return psql(pg.dsn, f"SELECT coalesce(owner, '') || '|' || attempts FROM jobs WHERE id='{job_id}'").strip()
+        wait_until(lambda: owner().split("|")[0].endswith(f":{cut_off.port}"), what="the job running on the host")
+        ns.cut()  # its interface down: its connections hang, nothing is refused
+        other = start_server(fleet_config(tmp_path, 1, pg.dsn, None, prefix, fake=slow))
+        wait_until(lambda: owner().split("|")[0].endswith(f":{other.port}"), timeout=30,
+                   what="the job taken over after its lease")
+        taken_over_at = float(psql(pg.dsn, f"SELECT started_at FROM jobs WHERE id='{job_id}'"))
+        whole_log = cut_off.log_path.read_text
+        wait_until(lambda: "stopping 1 running jobs" in whole_log(), timeout=30,
+                   what="the cut-off host stopping its attempt")
+        line = next(line for line in whole_log().splitlines() if "stopping 1 running jobs" in line)
+        stopped_at = datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        assert stopped_at < taken_over_at, (line, taken_over_at)  # stopped before the other host began
+        wait_until(lambda: job(other.url, job_id)[2]["status"] == "succeeded", timeout=60,
                    what="the job finished by the other host")
-        finished = job(other.url, created["id"])[2]
+        finished = job(other.url, job_id)[2]
         assert finished["attempts"] == 2
-        relay.restore()  # back on the network: its old attempt changes nothing
-        wait_until(lambda: job(cut_off.url, created["id"])[0] == 200, timeout=30, what="the cut-off host back")
-        assert job(cut_off.url, created["id"])[2] == finished
+        ns.restore()  # back on the network: its old attempt stored nothing and changes nothing
+        wait_until(lambda: job(cut_off.url, job_id)[0] == 200, timeout=60, what="the cut-off host answering")
+        assert job(cut_off.url, job_id)[2] == finished
     finally:
-        relay.close()
+        ns.remove()
+        pg.remove()

@@ -38,6 +38,7 @@ class JobRunner:
         self.running: dict[str, asyncio.Task] = {}  # job id -> its attempt's task
         self._attempts: dict[str, int] = {}  # running job id -> its attempt number
         self.wake = asyncio.Event()  # set when a job was queued
+        self._abandoned_calls: set[asyncio.Task] = set()  # renewals given up on, still cancelling
         self.tier = ""
         self.concurrency = 16
         self.max_attempts = 3
@@ -53,26 +54,46 @@ class JobRunner:
             task.cancel()
 
     async def keep_leases(self, lease_s: float) -> None:
-        """A shared store leases each running job to this host: renew the leases every third of
-        their length. A job whose lease is lost (another host took it over after this one was cut
-        off, or it was cancelled) stops here at once; when renewing has failed for a whole lease,
-        every attempt stops, since other hosts may already be running those jobs."""
-        last_renewed = time.monotonic()
+        """A shared store leases each running job to this host: renew the leases every quarter of
+        their length. A job whose lease is lost (another host took it over, or it was cancelled)
+        stops here at once. A renewal that fails or hangs (the database unreachable, this host cut
+        off) is given up after an eighth of the lease; and when the next renewal could not be
+        known to succeed before the leases run out (counted from when the last successful renewal
+        was sent: never later than the database's own count), every attempt stops, so that no job
+        runs here after another host may have taken it over."""
+        interval, call_timeout = lease_s / 4, lease_s / 8
+        renewed_at = time.monotonic()  # when the last successful renewal was sent
         while True:
-            await asyncio.sleep(lease_s / 3)
+            await asyncio.sleep(interval)
+            sent_at = time.monotonic()
             try:
-                lost = await self.store.renew(dict(self._attempts))
-                last_renewed = time.monotonic()
-            except StoreUnavailable as exc:
-                if time.monotonic() - last_renewed < lease_s or not self.running:
-                    log.warning("could not renew job leases (%s); trying again", exc)
+                lost = await self._renew_within(call_timeout)
+                renewed_at = sent_at
+            except (StoreUnavailable, asyncio.TimeoutError) as exc:
+                reason = str(exc) or "no answer"
+                # the next decision point is one interval and one call away
+                if time.monotonic() + interval + call_timeout < renewed_at + lease_s or not self.running:
+                    log.warning("could not renew job leases (%s); trying again", reason)
                     continue
                 lost = list(self.running)
-                log.error("job leases not renewed for %.0fs (%s): stopping %d running jobs, other hosts take them "
-                          "over", lease_s, exc, len(lost))
+                log.error("job leases not renewed for %.1fs (%s): stopping %d running jobs before their leases "
+                          "run out; other hosts take them over", time.monotonic() - renewed_at, reason, len(lost))
             for job_id in lost:
                 log.warning("job %s: lease lost, stopping its attempt here", job_id)
                 self._abandon(job_id)
+
+    async def _renew_within(self, timeout: float) -> list[str]:
+        """One renewal, given up after `timeout`. Not asyncio.wait_for: it would wait for the
+        cancelled call to finish cancelling, and on a dead network the driver's cancellation hangs
+        too; the call is left to end in the background instead."""
+        task = asyncio.ensure_future(self.store.renew(dict(self._attempts)))
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            task.cancel()
+            self._abandoned_calls.add(task)
+            task.add_done_callback(self._abandoned_calls.discard)
+            raise asyncio.TimeoutError
+        return task.result()
 
     def _abandon(self, job_id: str) -> None:
         """Stop an attempt without touching the job's row: it belongs to another host now."""
