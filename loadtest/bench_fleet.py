@@ -26,13 +26,15 @@ import aiohttp
 from loadtest.bench_proxy import ROOT, fake_bench_config, free_port, start_server, wait_port
 
 
-def render_fleet_nginx(root: Path, ports: list[int], listen_port: int) -> Path:
-    """deploy/nginx/fullpower-fleet.conf with its upstream lines on `ports`, in a private nginx
-    prefix under `root`; returns the main config file (checked with `nginx -t`)."""
+def render_fleet_nginx(root: Path, upstreams: list[str | int], listen_port: int) -> Path:
+    """deploy/nginx/fullpower-fleet.conf with its upstream lines on `upstreams` (HOST:PORT, or a
+    port on 127.0.0.1), in a private nginx prefix under `root`; returns the main config file
+    (checked with `nginx -t`)."""
     site = (ROOT / "deploy/nginx/fullpower-fleet.conf").read_text()
     lines = [line for line in site.splitlines() if "server 10.0.0." not in line]
     at = next(i for i, line in enumerate(lines) if "hash $fullpower_affinity" in line) + 1
-    lines[at:at] = [f"    server 127.0.0.1:{p} max_fails=2 fail_timeout=5s;" for p in ports]
+    addresses = [u if isinstance(u, str) else f"127.0.0.1:{u}" for u in upstreams]
+    lines[at:at] = [f"    server {a} max_fails=2 fail_timeout=5s;" for a in addresses]
     site = "\n".join(lines).replace("listen 80;", f"listen 127.0.0.1:{listen_port};")
     for d in ("logs", "tmp"):
         (root / d).mkdir(parents=True, exist_ok=True)

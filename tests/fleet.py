@@ -160,30 +160,39 @@ class NetworkNamespace:
         subprocess.run(["ip", "link", "del", self.outside], capture_output=True)
 
 
+def host_address(index: int) -> str:
+    """Appliance `index` of a fleet gets an address of its own on the loopback network."""
+    return f"127.0.0.{11 + index}"
+
+
 def fleet_config(tmp: Path, index: int, dsn: str | None, redis_url: str | None, prefix: str,
                  fake: dict | None = None, **jobs) -> dict:
     """One appliance of a fleet: one fake worker, its own data directory, shared jobs and state."""
     config = fake_config(fake=fake or {"token_latency_ms": 1, "output_tokens": 8}, devices=["cpu"],
                          replicas={"hot": 1})
     config["data_dir"] = str(tmp / f"host-{index}")
-    config["limits"] = {"trusted_proxies": ["127.0.0.1"]}
+    config["limits"] = {"trusted_proxies": ["127.0.0.0/8"]}
     for key in config["auth"]["keys"]:
         key["callback_secret"] = CALLBACK_SECRET
     if dsn is not None:
         config["jobs"] = {"store": "postgresql", "dsn": dsn, "lease_s": 3, "concurrency": 8,
                           "callback_allow": ["127.0.0.1/32"], **jobs}
     if redis_url is not None:
-        config["shared"] = {"redis_url": redis_url, "key_prefix": prefix, "retry_s": 0.5, "registry_ttl_s": 3}
+        # A generous timeout: on a busy 2-core test machine a call can stall for a while, and a
+        # fallback to local state would make the cross-host assertions meaningless.
+        config["shared"] = {"redis_url": redis_url, "key_prefix": prefix, "retry_s": 0.5, "registry_ttl_s": 3,
+                            "timeout_s": 2.0}
     return config
 
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 
 
-def start_fleet_nginx(tmp: Path, ports: list[int]) -> tuple[subprocess.Popen, str, Path]:
-    """nginx with deploy/nginx/fullpower-fleet.conf, its upstream lines pointed at `ports`."""
+def start_fleet_nginx(tmp: Path, upstreams: list) -> tuple[subprocess.Popen, str, Path]:
+    """nginx with deploy/nginx/fullpower-fleet.conf, its upstream lines pointed at `upstreams`
+    (HOST:PORT, or ports on 127.0.0.1)."""
     port = free_port()
-    conf = render_fleet_nginx(tmp / "nginx", ports, port)
+    conf = render_fleet_nginx(tmp / "nginx", upstreams, port)
     proc = subprocess.Popen([NGINX, "-p", str(conf.parent), "-c", str(conf), "-g", "daemon off;"])
     wait_until(lambda: _answers(port), what="nginx listening")
     return proc, f"http://127.0.0.1:{port}", conf.parent

@@ -76,7 +76,7 @@ def test_alert_rules_pass_promtool():
     result = subprocess.run([PROMTOOL or "promtool", "check", "rules", str(ROOT / "config/prometheus/fullpower-alerts.yml")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 9 rules found" in result.stdout
 
 
 def test_alert_rules_name_metrics_that_exist():

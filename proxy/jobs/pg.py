@@ -135,6 +135,9 @@ class PgJobStore:
                 await migrate(conn)
             self._listener = await asyncpg.connect(self.dsn, timeout=self.connect_timeout_s)
             await self._listener.add_listener(CHANNEL, self._notified)
+        except StoreUnavailable:
+            self.forget()
+            raise
         except (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             self.forget()
             raise StoreUnavailable(f"{self.describe()}: {type(exc).__name__}: {exc}") from None
