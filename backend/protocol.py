@@ -92,6 +92,16 @@ class Detokenize(_Msg, tag="detokenize"):
 # worker -> proxy
 
 
+class Hello(_Msg, tag="hello"):
+    """The first frame on every connection to a worker: which process it is and what it was
+    started with. A proxy adopts a running worker only when the digest is the one it would start
+    the slot with (settings, device, model manifest)."""
+
+    pid: int
+    digest: str
+    started_at: float  # time.time() when the process started
+
+
 class Ready(_Msg, tag="ready"):
     pid: int
     model: str
@@ -159,7 +169,7 @@ class Fatal(_Msg, tag="fatal"):
 
 
 ToWorker = Union[Generate, Cancel, Tokenize, Detokenize]
-FromWorker = Union[Ready, Heartbeat, Tokens, Finished, Failed, Fatal, TokenizeResult]
+FromWorker = Union[Hello, Ready, Heartbeat, Tokens, Finished, Failed, Fatal, TokenizeResult]
 
 
 class FrameError(Exception):

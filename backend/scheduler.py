@@ -169,6 +169,12 @@ class BatchEngine:
     def cancel(self, request_id: int) -> None:
         self._inbox.put(("cancel", request_id))
 
+    def cancel_all(self, then=None) -> None:
+        """Cancel every request sent so far (the proxy that sent them is gone: nobody can read
+        their frames); `then()` is called on the engine thread once that is done, so that frames
+        of old requests never reach the next proxy's connection."""
+        self._inbox.put(("cancel_all", then))
+
     def submit_tokenizer_call(self, msg) -> None:
         """A Tokenize or Detokenize request: answered on the engine thread (the tokenizer's owner)."""
         self._inbox.put(("tokenizer", msg))
@@ -270,6 +276,11 @@ class BatchEngine:
                 self._waiting.append(value)
             elif kind == "cancel":
                 self._cancel(value)
+            elif kind == "cancel_all":
+                for request_id in {r.id for r in self._waiting} | {s.id for s in self._running}:
+                    self._cancel(request_id)
+                if value is not None:
+                    value()
             elif kind == "tokenizer":
                 self.emit([self._tokenizer_call(value)])
             try:

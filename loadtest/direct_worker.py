@@ -4,9 +4,11 @@ streaming benchmark. Spawns `python -m backend` like the supervisor does."""
 from __future__ import annotations
 
 import asyncio
-import socket
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import msgspec
@@ -16,11 +18,18 @@ from backend.protocol import ChatMessage, Finished, Generate, Ready, SamplingPar
 
 
 async def stream_tokens_per_s(settings: WorkerSettings, max_tokens: int, rounds: int = 3) -> float:
-    parent, child = socket.socketpair()
-    proc = subprocess.Popen([sys.executable, "-m", "backend", "--fd", str(child.fileno()), "--settings",
-                             msgspec.json.encode(settings).decode()], pass_fds=[child.fileno()])
-    child.close()
-    reader, writer = await asyncio.open_unix_connection(sock=parent)
+    tmp = tempfile.mkdtemp(prefix="fp-worker-")
+    path = os.path.join(tmp, "worker.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "backend", "--listen", path, "--settings",
+                             msgspec.json.encode(settings).decode()])
+    while True:  # the worker binds its socket at once, before loading anything
+        try:
+            reader, writer = await asyncio.open_unix_connection(path)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode}")
+            await asyncio.sleep(0.02)
     decoder = protocol.proxy_decoder()
 
     async def next_messages():
@@ -51,3 +60,4 @@ async def stream_tokens_per_s(settings: WorkerSettings, max_tokens: int, rounds:
         proc.terminate()
         proc.wait(10)
         writer.close()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -310,6 +310,18 @@ async def serve(cfg: Config, config_path: str | None = None, listen_override: st
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: spawn(appliance.reload()))
+
+    def hand_over() -> None:
+        """SIGUSR2: drain and exit like SIGTERM, but leave the workers running (models loaded) for
+        the next proxy to adopt: a restart or an upgrade of the proxy that reloads no model."""
+        if appliance.cfg.workers.orphan_timeout_s <= 0:
+            log.warning("SIGUSR2 (hand over): workers.orphan_timeout_s is 0, so workers die with the proxy; "
+                        "stopping normally")
+        else:
+            log.info("SIGUSR2: handing over - draining, then exiting with the workers left for the next proxy")
+            appliance.supervisor.hand_over = True
+        stop.set()
+    loop.add_signal_handler(signal.SIGUSR2, hand_over)
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(_cancel_and_wait, background)
         try:

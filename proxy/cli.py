@@ -266,9 +266,11 @@ def cmd_status(args) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    cols = ("id", "pid", "device", "model", "state", "inflight", "weights", "restarts", "last_error")
+    cols = ("id", "pid", "device", "model", "state", "age", "inflight", "weights", "restarts", "last_error")
     for w in data["workers"]:
         w["weights"] = f"{w['weight_bytes'] / 2**20:.0f} MiB" if w.get("weight_bytes") else None
+        # age of the process; "adopted" when it was running before this proxy started (model kept)
+        w["age"] = (f"{w['age_s']:.0f}s" + (" adopted" if w.get("adopted") else "")) if w.get("age_s") else None
     rows = [[("" if w.get(c) is None else str(w.get(c))) for c in cols] for w in data["workers"]]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
     print("  ".join(c.upper().ljust(widths[i]) for i, c in enumerate(cols)).rstrip())

@@ -126,6 +126,9 @@ class Workers(_Base, kw_only=True):
     stop_grace_s: NonNegFloat = 10.0
     restart_backoff_initial_s: PosFloat = 1.0
     restart_backoff_max_s: PosFloat = 60.0
+    # Workers outlive a proxy that dies (crash, SIGKILL) with their models loaded, and the next proxy
+    # adopts them; one with no proxy for this long exits. 0 = workers die with the proxy.
+    orphan_timeout_s: NonNegFloat = 300.0
 
 
 class Limits(_Base, kw_only=True):

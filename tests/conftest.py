@@ -90,7 +90,8 @@ class Server:
         return f"http://{self.host}:{self.admin_port}"
 
     def start(self, wait_ready: bool = True, timeout: float = 120) -> "Server":
-        self._log = open(self.log_path, "wb")
+        # Append: workers adopted from a killed proxy keep writing to the file they inherited.
+        self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command_prefix + FULLPOWER + ["serve", "--config", str(self.config_path)],
                                      cwd=ROOT,
                                      stdout=self._log, stderr=subprocess.STDOUT)
@@ -146,7 +147,9 @@ def fake_config(**pool_overrides) -> dict:
     fake = {**pool.get("fake", {}), **pool_overrides.pop("fake", {})}
     pool.update(pool_overrides)
     pool["fake"] = fake
-    config["workers"] = {"heartbeat_interval_s": 0.5, "restart_backoff_initial_s": 0.2, "stop_grace_s": 3}
+    # Workers left by a killed proxy wait 15 s for adoption (not 5 minutes) in tests.
+    config["workers"] = {"heartbeat_interval_s": 0.5, "restart_backoff_initial_s": 0.2, "stop_grace_s": 3,
+                         "orphan_timeout_s": 15}
     return config
 
 

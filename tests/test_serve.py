@@ -102,8 +102,10 @@ def test_sigterm_leaves_no_worker_process(start_server):
     assert not any(process_alive(p) for p in pids)
 
 
-def test_sigkilled_proxy_takes_its_workers_along(start_server):
-    server = start_server(fake_config())
+def test_sigkilled_proxy_takes_its_workers_along_with_no_orphan_timeout(start_server):
+    config = fake_config()
+    config["workers"]["orphan_timeout_s"] = 0  # workers die with the proxy (PR_SET_PDEATHSIG)
+    server = start_server(config)
     pids = server.worker_pids()
     server.proc.kill()
     server.proc.wait()

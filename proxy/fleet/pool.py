@@ -78,6 +78,8 @@ class Replica:
         self.ready_since: float | None = None
         self.weight = 1.0
         self.info: Ready | None = None
+        self.adopted = False  # the process was running before this proxy started (kept its model)
+        self.process_started_at: float | None = None  # time.time() the process started (its Hello)
 
     def snapshot(self, now: float) -> dict:
         return {
@@ -91,7 +93,8 @@ class Replica:
             "boot_failures": self.boot_failures, "backoff_s": round(self.backoff_s, 3),
             "heartbeat_age_s": round(now - self.last_heartbeat, 3) if self.last_heartbeat else None,
             "ready_for_s": round(now - self.ready_since, 1) if self.ready_since else None,
-            "last_error": self.last_error or None,
+            "last_error": self.last_error or None, "adopted": self.adopted,
+            "age_s": round(time.time() - self.process_started_at, 1) if self.process_started_at else None,
         }
 
 
@@ -169,7 +172,10 @@ class PoolState:
         return min(1.0, 0.1 + 0.9 * (now - worker.ready_since) / self.slow_start_s)
 
     # --- transitions reported by the supervisor -------------------------------------------------
-    def starting(self, worker: Replica, pid: int, conn: WorkerConnection) -> None:
+    def starting(self, worker: Replica, pid: int, conn: WorkerConnection | None, adopted: bool = False,
+                 started_at: float | None = None) -> None:
+        """A process fills the slot: spawned (its connection follows, `connected`) or adopted."""
+        worker.adopted, worker.process_started_at = adopted, started_at
         worker.state = WorkerState.STARTING
         worker.process_epoch += 1
         worker.pid = pid
@@ -179,6 +185,11 @@ class PoolState:
         worker.ready_since = None
         worker.info = None
         worker.breaker.reset()
+
+    def connected(self, worker: Replica, conn: WorkerConnection, started_at: float) -> None:
+        """The spawned process now serves on its socket."""
+        worker.conn = conn
+        worker.process_started_at = started_at
 
     def became_ready(self, worker: Replica, info: Ready) -> None:
         worker.state = WorkerState.READY

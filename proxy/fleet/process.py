@@ -1,27 +1,99 @@
-"""One worker process from spawn to exit: its settings and environment, the watch for signs of
-trouble (exit, missed heartbeats, a Fatal frame, a stalled engine, a restart request), a stack dump
-when it hung, and a stop that always ends the process (SIGTERM, then SIGKILL)."""
+"""One worker process from spawn (or adoption) to exit: its settings and environment, the watch
+for signs of trouble (exit, missed heartbeats, a Fatal frame, a stalled engine, a restart
+request), a stack dump when it hung, and a stop that always ends the process (SIGTERM, then
+SIGKILL).
+
+Adoption: a worker serves on a Unix socket in the data directory and outlives a proxy that died.
+Before spawning, the slot's socket is tried: a worker answering there whose Hello carries the
+digest this slot would start it with (settings, device, the model's manifest) is adopted with its
+model loaded; one with another digest is stopped and replaced."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import signal
-import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import msgspec
 
-from backend.protocol import STACK_DUMP_SIGNAL, Fatal, Heartbeat, Ready, WorkerSettings
+from backend.manifest import MANIFEST
+from backend.protocol import STACK_DUMP_SIGNAL, Fatal, Heartbeat, Hello, Ready, WorkerSettings
 from proxy.config import Pool, Workers, model_dir
 from proxy.fleet.pool import PoolState, Replica
 from proxy.fleet.worker_client import WorkerConnection
 
 log = logging.getLogger("fullpower.supervisor")
 STACK_DUMP_WAIT_S = 1.0  # time a hung worker gets to write its stack before SIGTERM
+HELLO_WAIT_S = 5.0  # a worker answers a new connection with Hello at once
+SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; longer data directories use a short private path
+
+
+def worker_socket_path(data_dir: Path, worker_id: str) -> Path:
+    """Where the worker of this slot serves: <data_dir>/run/<id>.sock, or, when that path is too
+    long for a Unix socket, a private (0700) directory under the temporary directory, named after
+    the data directory so two appliances never share one."""
+    path = data_dir / "run" / f"{worker_id}.sock"
+    if len(str(path)) <= SOCKET_PATH_MAX:
+        return path
+    tag = hashlib.sha256(str(data_dir.resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"fullpower-{os.getuid()}" / f"{tag}-{worker_id}.sock"
+
+
+def settings_digest(settings_json: str, device: str, model_path: Path) -> str:
+    """What a worker must have been started with to be adopted by this slot: its settings, its
+    device, and its model's manifest (a model replaced on disk means a new worker)."""
+    h = hashlib.sha256(settings_json.encode())
+    h.update(b"\0" + device.encode() + b"\0")
+    try:
+        h.update((model_path / MANIFEST).read_bytes())
+    except OSError:
+        pass
+    return h.hexdigest()
+
+
+class AdoptedProcess:
+    """A worker process this proxy did not start: waited on through a pidfd (it is not our child,
+    so there is no exit code to read); the same face as asyncio's Process for the watch and stop."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self._loop = asyncio.get_running_loop()
+        self._exited = self._loop.create_future()
+        try:
+            self._fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._fd = None
+            self._gone()
+            return
+        self._loop.add_reader(self._fd, self._gone)
+
+    def _gone(self) -> None:
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+        if not self._exited.done():
+            self.returncode = -1  # exited; its status went to its own parent
+            self._exited.set_result(self.returncode)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exited)
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is not None:
+            raise ProcessLookupError(self.pid)
+        signal.pidfd_send_signal(self._fd, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def worker_settings(pool: Pool, workers: Workers, data_dir: Path, device: str) -> WorkerSettings:
@@ -51,36 +123,116 @@ class Hung(str):
 
 
 async def run_process(state: PoolState, worker: Replica, pool: Pool, workers: Workers, data_dir: Path,
-                      restart: asyncio.Event) -> tuple[str, bool, bool]:
-    """Run one process in this slot until it dies or must be stopped.
-    Returns (why, failed at boot, restart requested)."""
+                      restart: asyncio.Event, handing_over: Callable[[], bool] = lambda: False) -> tuple[str, bool, bool]:
+    """Adopt the worker serving on this slot's socket, or spawn one, and run it until it dies or
+    must be stopped. Returns (why, failed at boot, restart requested). Cancelled while
+    `handing_over()`, the process is left running for the next proxy."""
     control: asyncio.Queue = asyncio.Queue()
-    parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     settings = msgspec.json.encode(worker_settings(pool, workers, data_dir, worker.device)).decode()
+    path = worker_socket_path(data_dir, worker.id)
+    digest = settings_digest(settings, worker.device, model_dir(pool, data_dir))
+    proc, conn, hung, cancelled = None, None, False, False
     try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "backend", "--fd", str(child_sock.fileno()), "--settings", settings,
-            "--worker-id", worker.id, pass_fds=[child_sock.fileno()], env=worker_env(worker.device),
-            stdin=asyncio.subprocess.DEVNULL)
-    except OSError as exc:
-        parent_sock.close()
-        return f"spawn failed: {exc}", True, False
-    finally:
-        child_sock.close()
-    hung = False
-    try:
-        conn = await WorkerConnection.attach(parent_sock, control.put_nowait)
-        state.starting(worker, proc.pid, conn)
-        log.info("worker %s spawned (pid %d, %s)", worker.id, proc.pid, worker.device)
+        adopted = await _adopt(worker, path, digest, control, workers.stop_grace_s)
+        if adopted is not None:
+            proc, conn, hello = adopted
+            log.info("worker %s adopted (pid %d, running for %.0fs, model kept loaded)", worker.id, proc.pid,
+                     time.time() - hello.started_at)
+        else:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "backend", "--listen", str(path), "--digest", digest,
+                    "--orphan-timeout", str(workers.orphan_timeout_s), "--settings", settings,
+                    "--worker-id", worker.id, env=worker_env(worker.device), stdin=asyncio.subprocess.DEVNULL,
+                    # its own session: it outlives this proxy unless told otherwise (orphan timeout 0)
+                    start_new_session=workers.orphan_timeout_s > 0)
+            except OSError as exc:
+                return f"spawn failed: {exc}", True, False
+            state.starting(worker, proc.pid, None)
+            log.info("worker %s spawned (pid %d, %s)", worker.id, proc.pid, worker.device)
+            found = await _connect(proc, path, digest, control)
+            if isinstance(found, str):
+                return found, True, False
+            conn, hello = found
+            state.connected(worker, conn, hello.started_at)
+        if adopted is not None:
+            state.starting(worker, proc.pid, conn, adopted=True, started_at=hello.started_at)
         why, at_boot, requested = await _watch(state, worker, workers, proc, conn, control, restart)
         hung = isinstance(why, Hung)
         return str(why), at_boot, requested
+    except asyncio.CancelledError:
+        cancelled = True
+        raise
     finally:
-        # Cancellation (shutdown) lands here too: the process must not outlive us.
-        if hung:
-            await _dump_stack(worker, proc)
-        await _terminate(worker, proc, workers.stop_grace_s)
-        parent_sock.close()
+        # Cancellation (shutdown) lands here too: the process must not outlive a stop, unless it
+        # is handed over to the next proxy.
+        if conn is not None:
+            conn.close()
+        if proc is not None and cancelled and handing_over() and proc.returncode is None:
+            log.info("worker %s (pid %d) left running for the next proxy to adopt", worker.id, proc.pid)
+        elif proc is not None:
+            if hung:
+                await _dump_stack(worker, proc)
+            await _terminate(worker, proc, workers.stop_grace_s)
+
+
+async def _adopt(worker: Replica, path: Path, digest: str, control: asyncio.Queue, grace: float):
+    """(process, connection, hello) of a worker already serving on `path` with this digest; None
+    when there is none - a worker there with another digest is stopped first."""
+    if not path.exists():
+        return None
+    try:
+        conn = await WorkerConnection.connect(str(path), control.put_nowait)
+    except OSError:
+        return None  # a stale socket file: the new worker replaces it
+    hello = await _hello(control)
+    peer = conn.peer_pid()
+    if hello is None or peer != hello.pid:
+        conn.close()
+        log.warning("something at %s that is not a fullpower worker (peer pid %s); not adopting it", path, peer)
+        return None
+    proc = AdoptedProcess(hello.pid)
+    if hello.digest != digest:
+        conn.close()
+        log.warning("worker %s (pid %d) runs with other settings, device or model than the config's: replacing it",
+                    worker.id, hello.pid)
+        await _terminate(worker, proc, grace)
+        _drain(control)
+        return None
+    return proc, conn, hello
+
+
+async def _connect(proc, path: Path, digest: str, control: asyncio.Queue):
+    """Connect to a spawned worker once it serves (connection, hello), or the reason it did not."""
+    deadline = time.monotonic() + 60.0
+    while True:
+        if proc.returncode is not None:
+            return f"exited with code {proc.returncode} before serving on {path}"
+        try:
+            conn = await WorkerConnection.connect(str(path), control.put_nowait)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                return f"not serving on {path} after 60s"
+            await asyncio.sleep(0.02)
+    hello = await _hello(control)
+    if hello is None or hello.digest != digest or hello.pid != proc.pid:
+        conn.close()
+        return f"the process at {path} is not the worker just spawned"
+    return conn, hello
+
+
+async def _hello(control: asyncio.Queue) -> Hello | None:
+    try:
+        msg = await asyncio.wait_for(control.get(), HELLO_WAIT_S)
+    except asyncio.TimeoutError:
+        return None
+    return msg if isinstance(msg, Hello) else None
+
+
+def _drain(control: asyncio.Queue) -> None:
+    while not control.empty():
+        control.get_nowait()
 
 
 async def _watch(state: PoolState, worker: Replica, w: Workers, proc, conn: WorkerConnection,
@@ -128,7 +280,7 @@ async def _watch(state: PoolState, worker: Replica, w: Workers, proc, conn: Work
         exited.cancel()
         restart_wait.cancel()
         # Closing the connection fails the worker's open requests at once, so they fail over
-        # now rather than after the process is gone.
+        # now rather than after the process is gone (the worker cancels them on its side).
         conn.close()
 
 

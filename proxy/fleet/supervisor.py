@@ -62,6 +62,9 @@ class Supervisor:
         self.pool_settings, self.workers, self.outlier, self.drain_s = pool_settings, workers, outlier, drain_s
         self.slots: dict[str, Slot] = {}
         self._stopping = False
+        # Set before stop() to leave the worker processes running for the next proxy to adopt
+        # (a hand-over restart, SIGUSR2) instead of stopping them.
+        self.hand_over = False
         self._scaler: asyncio.Task | None = None
         self._scale_downs: set[asyncio.Task] = set()
         self._deep_since: dict[str, float] = {}
@@ -73,7 +76,8 @@ class Supervisor:
         self._scaler = asyncio.create_task(self._autoscale(), name="autoscale")
 
     async def stop(self) -> None:
-        """Stop every worker: SIGTERM, then SIGKILL after the grace period. Leaves no process."""
+        """Stop every worker: SIGTERM, then SIGKILL after the grace period. Leaves no process -
+        unless handing over, when the processes stay up (models loaded) for the next proxy."""
         self._stopping = True
         background = [t for t in (self._scaler, *self._scale_downs) if t is not None]
         for task in background:
@@ -300,7 +304,7 @@ class Supervisor:
         while not self._stopping:
             started = time.monotonic()
             error, at_boot, requested = await run_process(self.pools, worker, slot.pool, self.workers, self.data_dir,
-                                                          slot.restart)
+                                                          slot.restart, lambda: self.hand_over)
             w = self.workers  # a reload may have changed the backoff settings meanwhile
             if self._stopping:
                 return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 import time
 from typing import Callable, Union
 
@@ -120,10 +121,18 @@ class WorkerConnection(asyncio.Protocol):
         self.last_data = time.monotonic()
 
     @classmethod
-    async def attach(cls, sock: socket.socket, on_control) -> "WorkerConnection":
+    async def connect(cls, path: str, on_control) -> "WorkerConnection":
+        """Connect to a worker's socket (OSError when nothing serves there)."""
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_unix_connection(lambda: cls(on_control), sock=sock)
+        _, conn = await loop.create_unix_connection(lambda: cls(on_control), path=path)
         return conn
+
+    def peer_pid(self) -> int | None:
+        """The pid of the process at the other end (the kernel's word, SO_PEERCRED)."""
+        sock = self._transport.get_extra_info("socket") if self._transport else None
+        if sock is None:
+            return None
+        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
 
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
