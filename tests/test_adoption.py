@@ -129,3 +129,22 @@ def test_the_operator_paths_restart_reload_hand_over_and_crash(start_server):
     wait_until(lambda: not any(process_alive(p) for p in first), what="workers stopped with the proxy")
     restart_with(server)  # ... and start: new workers
     assert not set(server.worker_pids()) & first
+
+
+def test_the_adoption_digest_changes_with_settings_device_and_model_files(tmp_path):
+    from proxy.fleet.process import settings_digest, worker_socket_path
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "fullpower-manifest.json").write_text('{"files": {"a": "1"}}')
+    base = settings_digest('{"model_name": "m"}', "cuda:0", model)
+    assert settings_digest('{"model_name": "m"}', "cuda:0", model) == base
+    assert settings_digest('{"model_name": "m"}', "cuda:1", model) != base  # another device
+    assert settings_digest('{"model_name": "n"}', "cuda:0", model) != base  # another model or setting
+    (model / "fullpower-manifest.json").write_text('{"files": {"a": "2"}}')
+    assert settings_digest('{"model_name": "m"}', "cuda:0", model) != base  # the model replaced on disk
+    # A data directory too deep for a Unix socket path gets a short private one, never a shared one.
+    deep = tmp_path / ("d" * 120)
+    short = worker_socket_path(deep, "main-0")
+    assert len(str(short)) <= 100 and short != worker_socket_path(tmp_path / ("e" * 120), "main-0")
+    assert worker_socket_path(tmp_path, "main-0") == tmp_path / "run" / "main-0.sock"

@@ -280,11 +280,14 @@ def test_a_host_cut_off_from_the_network_stops_before_its_jobs_are_taken_over(st
         pytest.skip(f"cannot make a network namespace here: {exc.stderr!r}")
     pg = PrivatePostgres(also_listen=ns.here)
     slow = {"token_latency_ms": 250, "output_tokens": 40}  # a 10 s job: it outlives the 3 s lease
+    stack = contextlib.ExitStack()
     try:
         pg.start()
         # One appliance in its own network namespace, reaching the database over its link.
         config = fleet_config(tmp_path, 0, pg.dsn.replace("127.0.0.1", ns.here), None, prefix, fake=slow)
-        cut_off = Server(config, tmp_path, host=ns.there, command_prefix=ns.command_prefix).start()
+        cut_off = Server(config, tmp_path, host=ns.there, command_prefix=ns.command_prefix)
+        stack.callback(cut_off.stop)
+        cut_off.start()
         status, _, created = submit(cut_off.url, max_tokens=40)
         assert status == 202
         job_id = created["id"]
@@ -311,5 +314,6 @@ def test_a_host_cut_off_from_the_network_stops_before_its_jobs_are_taken_over(st
         wait_until(lambda: job(cut_off.url, job_id)[0] == 200, timeout=60, what="the cut-off host answering")
         assert job(cut_off.url, job_id)[2] == finished
     finally:
+        stack.close()
         ns.remove()
         pg.remove()
