@@ -145,3 +145,18 @@ def test_an_unreachable_database_is_named_without_its_password():
 
     message = asyncio.run(run())
     assert "postgresql://fp:***@127.0.0.1:1/none" in message and "secret" not in message
+
+
+def test_new_jobs_are_refused_beyond_max_db_bytes(database):
+    async def run():
+        [a] = await stores(database.dsn, 1)
+        await new_job(a)
+        a.max_bytes = 1  # any table is larger
+        assert await a.measure() > 1
+        with pytest.raises(StoreUnavailable, match="jobs.max_db_bytes"):
+            await new_job(a)
+        a.max_bytes = 0
+        await new_job(a)
+        await a.aclose()
+
+    asyncio.run(run())

@@ -100,8 +100,11 @@ class PgJobStore:
 
     leased = True  # running jobs hold leases that the runner must renew
 
-    def __init__(self, dsn: str, host_id: str, lease_s: float, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, dsn: str, host_id: str, lease_s: float, connect_timeout_s: float = 5.0,
+                 max_bytes: int = 0) -> None:
         self.dsn, self.host_id, self.lease_s = dsn, host_id, lease_s
+        self.max_bytes = max_bytes  # jobs.max_db_bytes: new jobs are refused while the tables are larger
+        self.size_bytes = 0  # fullpower's tables on disk, as housekeeping last measured them
         self.connect_timeout_s = connect_timeout_s
         self.on_job_queued = None  # called when any host queues a job (LISTEN)
         # A claimed callback is not due again for this long: its sender reports sooner (the
@@ -169,8 +172,18 @@ class PgJobStore:
         return await self._run(in_tx)
 
     # --- the JobStore operations ----------------------------------------------------------------
+    async def measure(self) -> int:
+        """The size of fullpower's tables (with indexes and TOAST), for jobs.max_db_bytes."""
+        self.size_bytes = await self._run(lambda conn: conn.fetchval(
+            "SELECT pg_total_relation_size('jobs') + pg_total_relation_size('callback_attempts')"))
+        return self.size_bytes
+
     async def create(self, key_name, idempotency_key, endpoint, request, callback_url, metadata, expires_in_s,
                      callback_retry_s):
+        if self.max_bytes and self.size_bytes > self.max_bytes:
+            raise StoreUnavailable(f"the job tables take {self.size_bytes} bytes, more than jobs.max_db_bytes "
+                                   f"({self.max_bytes})")
+
         async def fn(conn):
             now = time.time()
             record = await conn.fetchrow(

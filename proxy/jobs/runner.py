@@ -101,14 +101,20 @@ class JobRunner:
         self.cancel(job_id)
 
     async def run(self) -> None:
+        store_down = False
         while True:
             room = self.concurrency - len(self.running)
             claimed = []
             if room > 0:
                 try:
                     claimed = await self.store.claim(room)
+                    if store_down:
+                        store_down = False
+                        log.warning("job store available again: running queued jobs")
                 except StoreUnavailable as exc:
-                    log.error("job store unavailable: %s", exc)
+                    if not store_down:  # once per outage, not twice a second
+                        store_down = True
+                        log.error("job store unavailable (%s): no jobs start until it is back", exc)
             for job in claimed:
                 task = asyncio.create_task(self._execute_guarded(job), name=f"job {job['id']}")
                 self.running[job["id"]] = task

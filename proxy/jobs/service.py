@@ -74,7 +74,7 @@ class JobService:
         self.rate_limit = core.rate_limit  # a submission is a request: the key's requests_per_second
         self.metrics = metrics
         if settings.store == "postgresql":
-            self.store = PgJobStore(settings.dsn, host_id, settings.lease_s)
+            self.store = PgJobStore(settings.dsn, host_id, settings.lease_s, max_bytes=settings.max_db_bytes)
         else:
             self.store = JobStore(db_path, settings.max_db_bytes)
         self.runner = JobRunner(self.store, auth, planner, core, metrics)
@@ -89,6 +89,8 @@ class JobService:
         self.settings = settings
         self.runner.reconfigure(jobs_tier, settings.concurrency, settings.max_attempts, settings.callback_retry_s)
         self.store.callback_hold_s = settings.callback_timeout_s + 5.0  # a shared store's claim on a callback
+        if isinstance(self.store, PgJobStore):
+            self.store.max_bytes = settings.max_db_bytes
         self.callbacks.reconfigure(settings.callback_allow, self.own_listeners,
                                    {k.name: k.callback_secret for k in keys if k.callback_secret},
                                    settings.callback_timeout_s)
@@ -244,6 +246,7 @@ class JobService:
                     log.warning("%d queued jobs expired before they could run", expired)
                     self.metrics.jobs_finished.labels("expired").inc(expired)
                 await self.store.prune(self.settings.retention_s)
+                await self.store.measure()
                 self.counts = await self.store.counts()
                 oldest = await self.store.list(None, "queued", 1, None)
                 self.oldest_queued_s = time.time() - oldest[0]["created_at"] if oldest else 0.0

@@ -108,6 +108,9 @@ class JobStore:
     async def reclaim_expired(self, max_attempts):
         return 0, 0  # no leases on one host
 
+    async def measure(self) -> int:
+        return 0  # SQLite bounds itself (max_page_count)
+
     async def renew(self, attempts: dict[str, int]) -> list[str]:
         return []
 
