@@ -48,11 +48,12 @@ class BootError(Exception):
 class _Step:
     """What slot_attention needs for one forward pass; handed down through the model's kwargs."""
 
-    __slots__ = ("k", "v", "decode", "rows", "positions", "length")
+    __slots__ = ("k", "v", "decode", "rows", "positions", "length", "start")
 
     def __init__(self, k, v, decode: bool, rows: torch.Tensor, positions: torch.Tensor | None = None,
-                 length: int = 0) -> None:
+                 length: int = 0, start: int = 0) -> None:
         self.k, self.v, self.decode, self.rows, self.positions, self.length = k, v, decode, rows, positions, length
+        self.start = start  # prefill: the position of the first new token (a later chunk of a long prompt)
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, fp_step: _Step = None,
@@ -69,11 +70,20 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         n, length = query.shape[0], fp_step.length
         out = F.scaled_dot_product_attention(query, k_cache[:n, :, :length], v_cache[:n, :, :length],
                                              attn_mask=attention_mask, scale=scaling, enable_gqa=True)
-    else:  # prefill from position 0: the prompt attends to itself, causally
+    elif fp_step.start == 0:  # prefill from position 0: the prompt attends to itself, causally
         t = query.shape[2]
         k_cache[fp_step.rows, :, :t] = key
         v_cache[fp_step.rows, :, :t] = value
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+    else:  # a later chunk of a prompt: it attends to the prefix in the cache, and causally to itself
+        t, start = query.shape[2], fp_step.start
+        end = start + t
+        k_cache[fp_step.rows, :, start:end] = key
+        v_cache[fp_step.rows, :, start:end] = value
+        cols = torch.arange(end, device=query.device)
+        mask = cols[None, :] <= (start + torch.arange(t, device=query.device))[:, None]
+        out = F.scaled_dot_product_attention(query, k_cache[fp_step.rows, :, :end], v_cache[fp_step.rows, :, :end],
+                                             attn_mask=mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -152,6 +162,7 @@ class _DecodeStep:
 
 class TransformersEngine(BatchEngine):
     name = "transformers"
+    chunked_prefill = True
 
     def __init__(self, settings: WorkerSettings) -> None:
         path = Path(settings.model_path)
@@ -189,6 +200,7 @@ class TransformersEngine(BatchEngine):
         max_len = min(settings.max_context or model_len, model_len)
         slots = self._allocate_kv(config, settings, max_len)
         super().__init__(slots, max_len, sorted(eos))
+        self.prefill_budget = settings.prefill_budget_tokens
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._template_knows_tools = "tools" in (self.tokenizer.chat_template or "")
         self._free = list(range(slots))  # a heap: the lowest free slot goes first
@@ -293,9 +305,13 @@ class TransformersEngine(BatchEngine):
         return self.tokenizer.batch_decode(windows, skip_special_tokens=True)
 
     # --- model ----------------------------------------------------------------------------------
+    def reserve(self, seq: EngineSequence) -> None:
+        seq.slot = heapq.heappop(self._free)
+
     def prefill(self, seqs: list[EngineSequence]) -> list[int]:
         for s in seqs:
-            s.slot = heapq.heappop(self._free)
+            if s.slot is None:
+                self.reserve(s)
         first: dict[int, int] = {}
         group: list[EngineSequence] = []
         for s in sorted(seqs, key=lambda s: len(s.all_ids)):
@@ -324,6 +340,22 @@ class TransformersEngine(BatchEngine):
         logits = self.lm_head(hidden[torch.arange(len(group), device=self.device), last])
         tokens = self._sample(logits, group)
         return {id(s): t for s, t in zip(group, tokens)}
+
+    def prefill_chunk(self, seq: EngineSequence, start: int, end: int) -> int | None:
+        """Prefill positions [start, end) of a long prompt (its slot reserved); the first token when
+        this chunk ends the prompt, else None. A decode step for the running rows may run in
+        between; it also writes a (discarded) key and value into this row, at the row's decode
+        position - kept at `end`, where the next chunk writes, so the prefix is never touched."""
+        ids = self._to_device(seq.all_ids[start:end])[None]
+        rows = self._to_device([seq.slot])
+        step = _Step(self.k, self.v, False, rows, start=start)
+        mask = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=self.device)  # unused: built in-kernel
+        hidden = self.body(input_ids=ids, position_ids=self._cols[start:end][None], attention_mask=mask,
+                           use_cache=False, fp_step=step).last_hidden_state
+        self._pos[seq.slot] = end
+        if end < len(seq.all_ids):
+            return None
+        return self._sample(self.lm_head(hidden[:, -1]), [seq])[0]
 
     def _decode_forward(self, n: int, length: int) -> torch.Tensor:
         positions = self._pos[:n]
@@ -362,6 +394,9 @@ class TransformersEngine(BatchEngine):
         for s in seqs:
             ids[s.slot] = s.generated[-1]
             pos[s.slot] = len(s.prompt_ids) + len(s.generated) - 1
+        for s in self._prefilling:  # rows half prefilled: the step's discarded write goes past their prefix
+            if s.slot < n:
+                pos[s.slot] = s.prefilled
         self._ids[:n, 0].copy_(torch.tensor(ids, pin_memory=self._pinned), non_blocking=True)
         self._pos[:n].copy_(torch.tensor(pos, pin_memory=self._pinned), non_blocking=True)
         return self._run_step(seqs, slots, n, max(pos) + 1, offset=0)

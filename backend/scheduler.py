@@ -39,7 +39,7 @@ class EngineSequence:
     """One request's generation state inside the engine."""
 
     __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "seed", "matcher",
-                 "logprob", "done")
+                 "logprob", "done", "prefilled")
 
     def __init__(self, req: Generate, prompt_ids: list[int], detok: IncrementalDetokenizer) -> None:
         self.req = req
@@ -54,6 +54,7 @@ class EngineSequence:
         self.matcher = None  # the grammar's matcher (engine-made) when the output is constrained
         self.logprob = None  # the TokenLogprob of the token just sampled, when the request asked
         self.done = False  # finished or cancelled (a step in flight may still hold its row)
+        self.prefilled = 0  # tokens of all_ids in the KV cache while its prompt is prefilled in chunks
 
     @property
     def id(self) -> int:
@@ -96,6 +97,7 @@ class BatchEngine:
     vocab_size = 2**31  # token ids the engine knows (engines set theirs)
     weight_bytes = 0  # the model's weights in memory (engines with a model set it)
     pipeline = True  # launch the next decode step before this one's tokens reach the host, when rows allow
+    chunked_prefill = False  # engines that can prefill a prompt in pieces (prefill_chunk) set it
 
     def __init__(self, max_batch_size: int, context_length: int, eos_ids: Sequence[int]) -> None:
         self.max_batch_size = max_batch_size
@@ -104,6 +106,11 @@ class BatchEngine:
         self._inbox: "queue.SimpleQueue[tuple[str, object]]" = queue.SimpleQueue()
         self._waiting: list[Generate] = []
         self._running: list[EngineSequence] = []
+        # Admitted, slot reserved, prompt not yet all in the KV cache: prefilled at most
+        # prefill_budget tokens per step, between the running rows' decode steps, so arrivals
+        # never stall them for a whole long prompt (0: every admitted prompt at once).
+        self._prefilling: list[EngineSequence] = []
+        self.prefill_budget = 0
         self._inflight = None  # a decode step launched and not yet collected (pipelining)
         self._stop = threading.Event()
         self.last_tick = time.monotonic()
@@ -123,6 +130,14 @@ class BatchEngine:
         return [self.detokenize(w) for w in windows]
 
     def prefill(self, seqs: list[EngineSequence]) -> list[int]:
+        raise NotImplementedError
+
+    def reserve(self, seq: EngineSequence) -> None:
+        """Give the sequence its KV cache row before its prompt is prefilled in chunks."""
+        raise NotImplementedError
+
+    def prefill_chunk(self, seq: EngineSequence, start: int, end: int) -> int | None:
+        """Prefill all_ids[start:end]; the first sampled token when that ends the prompt."""
         raise NotImplementedError
 
     def decode(self, seqs: list[EngineSequence]) -> list[int]:
@@ -188,7 +203,7 @@ class BatchEngine:
 
     @property
     def load(self) -> tuple[int, int]:
-        return len(self._running), len(self._waiting)
+        return len(self._running) + len(self._prefilling), len(self._waiting)
 
     # --- the loop -------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -203,15 +218,17 @@ class BatchEngine:
         into text and frames, so the host's detokenising overlaps the device's next step. A row that
         ended at this step has run one step too many; that step's token is dropped."""
         self.last_tick = time.monotonic()
-        idle = not self._running and not self._waiting and self._inflight is None
+        idle = not self._running and not self._waiting and self._inflight is None and not self._prefilling
         self._drain_inbox(block=idle)
         frames: list = []
-        if self._waiting and len(self._running) < self.max_batch_size:
+        if self._waiting and len(self._running) + len(self._prefilling) < self.max_batch_size:
             self._flush(frames)  # admission sees the batch as it really is
             self._admit(frames)
-            if frames:
-                self.emit(frames)  # first tokens go out now, not after the next decode step
-                frames = []
+        if self._prefilling:
+            self._prefill_some(frames)
+        if frames:
+            self.emit(frames)  # first tokens go out now, not after the next decode step
+            frames = []
         if self._running:
             current = self._inflight if self._inflight is not None else self.launch(self._running)
             alive = [s for s in current.seqs if not s.done]
@@ -277,7 +294,8 @@ class BatchEngine:
             elif kind == "cancel":
                 self._cancel(value)
             elif kind == "cancel_all":
-                for request_id in {r.id for r in self._waiting} | {s.id for s in self._running}:
+                live = {r.id for r in self._waiting} | {s.id for s in self._running} | {s.id for s in self._prefilling}
+                for request_id in live:
                     self._cancel(request_id)
                 if value is not None:
                     value()
@@ -304,6 +322,10 @@ class BatchEngine:
 
     def _cancel(self, request_id: int) -> None:
         self._waiting = [r for r in self._waiting if r.id != request_id]
+        halfway = [s for s in self._prefilling if s.id == request_id]
+        if halfway:
+            self._prefilling = [s for s in self._prefilling if s.id != request_id]
+            self.release(halfway)
         gone = [s for s in self._running if s.id == request_id]
         for s in gone:
             s.done = True
@@ -312,7 +334,7 @@ class BatchEngine:
             self.release(gone)
 
     def _admit(self, frames: list) -> None:
-        room = self.max_batch_size - len(self._running)
+        room = self.max_batch_size - len(self._running) - len(self._prefilling)
         if room <= 0 or not self._waiting:
             return
         batch, self._waiting = self._waiting[:room], self._waiting[room:]
@@ -326,9 +348,42 @@ class BatchEngine:
                 frames.append(Failed(id=req.id, code="internal", message=str(exc)))
         if not seqs:
             return
+        if self.prefill_budget and self.chunked_prefill:
+            for seq in seqs:
+                self.reserve(seq)
+            self._prefilling.extend(seqs)  # prefilled by _prefill_some, a budget per step
+            return
         first = self.prefill(seqs)
         self._running.extend(seqs)
         self._advance(seqs, first, frames)
+
+    def _prefill_some(self, frames: list) -> None:
+        """Up to prefill_budget prompt tokens of the admitted sequences, in order: prompts that fit
+        whole go in one batched prefill; a longer one gets a chunk of what is left of the budget
+        (one chunk per step) and joins the running rows once its last chunk is in."""
+        budget = self.prefill_budget
+        whole: list[EngineSequence] = []
+        while self._prefilling and budget > 0:
+            seq = self._prefilling[0]
+            remaining = len(seq.all_ids) - seq.prefilled
+            if seq.prefilled == 0 and remaining <= budget:
+                whole.append(self._prefilling.pop(0))
+                budget -= remaining
+                continue
+            if whole:
+                break  # the long prompt starts next step
+            end = seq.prefilled + min(remaining, budget)
+            first = self.prefill_chunk(seq, seq.prefilled, end)
+            seq.prefilled = end
+            if first is not None:
+                self._prefilling.pop(0)
+                self._running.append(seq)
+                self._advance([seq], [first], frames)
+            break
+        if whole:
+            first_ids = self.prefill(whole)
+            self._running.extend(whole)
+            self._advance(whole, first_ids, frames)
 
     def _start(self, req: Generate) -> EngineSequence:
         prompt_ids = self.encode(req)

@@ -196,3 +196,49 @@ def test_constrained_rows_batch_with_free_rows(engine):
         jsonschema.validate(json.loads(text), schema)
     for r in free:
         assert mixed[r.id][0] == run(engine, [r])[r.id][0]
+
+
+def test_chunked_prefill_matches_hf_generate_with_joins_leaves_and_resume(engine, monkeypatch):
+    """Prompts prefilled a few tokens per step (chunked prefill), between the running rows' decode
+    steps (pipelined where rows allow), with rows joining and leaving: greedy output is still HF's,
+    and a resumed generation continues token-exact."""
+    chunks = []
+    original = engine.prefill_chunk
+
+    def counting(seq, start, end):
+        chunks.append((seq.id, start, end))
+        return original(seq, start, end)
+
+    monkeypatch.setattr(engine, "prefill_chunk", counting)
+    monkeypatch.setattr(engine, "prefill_budget", 5)
+    long_prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=6 + 4 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS + [long_prompt])]
+    got = run(engine, reqs)
+    for r in reqs:
+        ids, _, end = got[r.id]
+        assert isinstance(end, Finished) and end.finish_reason == "length"
+        assert ids == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
+    long_chunks = [c for c in chunks if c[0] == len(PROMPTS)]
+    assert len(long_chunks) >= 3 and long_chunks[0][1] == 0  # split over several steps, in order
+    assert all(a[2] == b[1] for a, b in zip(long_chunks, long_chunks[1:]))
+    # a resumed generation: prompt + the tokens already sent are prefilled in chunks too
+    full = hf_greedy(engine, long_prompt, 12)
+    resumed = run(engine, [Generate(id=50, prompt=long_prompt, resume_token_ids=full[:5],
+                                    params=SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))])
+    assert full[:5] + resumed[50][0] == full
+
+
+def test_cancel_while_a_prompt_is_half_prefilled_frees_its_row(engine, monkeypatch):
+    monkeypatch.setattr(engine, "prefill_budget", 3)
+    free_before = len(engine._free)
+    frames = []
+    engine.emit = frames.extend
+    engine.submit(Generate(id=60, prompt="a b c d e f g h i j k l m n o p",
+                           params=SamplingParams(max_tokens=4, temperature=0.0)))
+    engine.step()
+    engine.step()
+    assert engine._prefilling and engine._prefilling[0].prefilled > 0
+    engine.cancel(60)
+    engine.step()
+    assert not engine._prefilling and len(engine._free) == free_before and not frames
