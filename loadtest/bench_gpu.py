@@ -97,6 +97,76 @@ def run_engine(engine: TransformersEngine, prompt: str, concurrency: int, total:
             "itl_p99_ms": pct(itl, 99)}
 
 
+def run_open_loop(engine: TransformersEngine, prompt: str, rate: float, seconds: float, new_tokens: int,
+                  long_prompt: str = "", long_every_s: float = 0.0) -> dict:
+    """Open loop: requests arrive at `rate` per second (evenly spaced) for `seconds`, whatever the
+    engine's state; TTFT and inter-token latency percentiles of everything that arrived. With
+    `long_prompt`, one request with it (8 new tokens) also arrives every `long_every_s`; the
+    figures are then those of the short requests (the streams a long prefill would stall)."""
+    lock = threading.Lock()
+    sent_at: dict[int, float] = {}
+    last_at: dict[int, float] = {}
+    ttft: list[float] = []
+    itl: list[float] = []
+    state = {"done": 0, "tokens": 0, "max_running": 0}
+    total = int(rate * seconds)
+    finished = threading.Event()
+
+    longs = int(seconds / long_every_s) if long_prompt and long_every_s else 0
+    LONG = 1_000_000  # request ids of the long prompts start here
+
+    def emit(frames):
+        now = time.perf_counter()
+        with lock:
+            for f in frames:
+                if isinstance(f, Tokens):
+                    state["tokens"] += len(f.token_ids)
+                    if f.id < LONG:
+                        if f.id in last_at:
+                            itl.append(now - last_at[f.id])
+                        else:
+                            ttft.append(now - sent_at[f.id])
+                        last_at[f.id] = now
+                elif isinstance(f, Finished):
+                    state["done"] += 1
+                    last_at.pop(f.id, None)
+                    if state["done"] == total + longs:
+                        finished.set()
+
+    def arrivals():
+        begun = time.perf_counter()
+        schedule = sorted([(rid / rate, rid) for rid in range(total)]
+                          + [((k + 0.5) * long_every_s, LONG + k) for k in range(longs)])
+        for at, rid in schedule:
+            time.sleep(max(0.0, begun + at - time.perf_counter()))
+            with lock:
+                sent_at[rid] = time.perf_counter()
+            if rid >= LONG:
+                engine.submit(Generate(id=rid, prompt=long_prompt, params=SamplingParams(max_tokens=8, temperature=0,
+                                                                                          ignore_eos=True)))
+            else:
+                engine.submit(Generate(id=rid, prompt=prompt, params=SamplingParams(max_tokens=new_tokens,
+                                                                                     temperature=0, ignore_eos=True)))
+
+    engine.emit = emit
+    started = time.perf_counter()
+    thread = threading.Thread(target=arrivals, daemon=True)
+    thread.start()
+    with torch.inference_mode():
+        while not finished.is_set():
+            engine.step()
+            state["max_running"] = max(state["max_running"], engine.load[0])
+    wall = time.perf_counter() - started
+
+    def pct(values, p):
+        values = sorted(values)
+        return round(values[min(len(values) - 1, int(len(values) * p / 100))] * 1000, 3) if values else None
+    return {"rate_rps": round(rate, 2), "requests": total, "long_prompts": longs, "prefill_budget": engine.prefill_budget,
+            "tokens_per_s": round(state["tokens"] / wall, 1), "max_running": state["max_running"],
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
+            "itl_p99_ms": pct(itl, 99), "itl_p99_over_p50": round(pct(itl, 99) / pct(itl, 50), 2)}
+
+
 def run_hf(model, prompt_ids: list[int], batch: int, new_tokens: int) -> dict:
     ids = torch.tensor([prompt_ids] * batch, device="cuda")
     with torch.inference_mode():
@@ -175,6 +245,16 @@ def main(argv=None) -> int:
     p.add_argument("--hf-batches", default="1,16,64,256")
     p.add_argument("--compare-pipeline", action="store_true",
                    help="run each concurrency with the host/GPU overlap off, then on")
+    p.add_argument("--open-loop", type=float, default=0.0,
+                   help="also: arrivals at this fraction of the closed-loop maximum (at the largest concurrency), "
+                        "with chunked prefill off and at each --prefill-budgets")
+    p.add_argument("--prefill-budgets", default="512,2048")
+    p.add_argument("--open-seconds", type=float, default=15.0)
+    p.add_argument("--skip-hf", action="store_true", help="leave out plain HF generate")
+    p.add_argument("--long-prompt-tokens", type=int, default=0,
+                   help="open loop: also one prompt of this many tokens every --long-every seconds")
+    p.add_argument("--long-every", type=float, default=1.0)
+    p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--out", default="reports/bench-gpu.json")
     args = p.parse_args(argv)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -184,7 +264,7 @@ def main(argv=None) -> int:
         model_dir = build_model(shape, args.tokenizer, tmp / shape)
         concurrency = [int(c) for c in args.concurrency.split(",")]
         settings = WorkerSettings(engine="transformers", model_name=shape, model_path=str(model_dir), device="cuda:0",
-                                  max_batch_size=max(concurrency), max_context=512, verify_manifest=False)
+                                  max_batch_size=max(concurrency), max_context=args.max_context, verify_manifest=False)
         t0 = time.perf_counter()
         engine = TransformersEngine(settings)
         engine.warm_up()
@@ -201,10 +281,25 @@ def main(argv=None) -> int:
                 result["pipelined"] = pipelined
                 entry["engine"].append(result)
                 print(shape, entry["engine"][-1], file=sys.stderr, flush=True)
+        if args.open_loop:
+            top = max((r for r in entry["engine"] if r["concurrency"] == max(concurrency)),
+                      key=lambda r: r["tokens_per_s"])
+            rate = args.open_loop * top["tokens_per_s"] / args.new_tokens
+            entry["open_loop"] = []
+            for budget in [0] + [int(b) for b in args.prefill_budgets.split(",") if b]:
+                engine.prefill_budget = budget  # chunked prefill off, then on, in the same process
+                long_prompt = " word" * args.long_prompt_tokens
+                entry["open_loop"].append(run_open_loop(engine, prompt, rate, args.open_seconds, args.new_tokens,
+                                                        long_prompt, args.long_every))
+                print(shape, "open loop", entry["open_loop"][-1], file=sys.stderr, flush=True)
+            engine.prefill_budget = 16  # greedy equality with prompts prefilled in several chunks
+            entry["greedy_vs_hf_chunked"] = greedy_check(engine, ["Hello there", " word" * 20, "1 2 3 4 5"], 32)
+            print(shape, "greedy chunked", entry["greedy_vs_hf_chunked"], file=sys.stderr, flush=True)
+            engine.prefill_budget = 0
         entry["step_breakdown"] = step_breakdown(engine, max(concurrency))
         print(shape, "breakdown", entry["step_breakdown"], file=sys.stderr, flush=True)
         prompt_ids = engine.tokenizer(prompt).input_ids
-        for b in [int(x) for x in args.hf_batches.split(",") if x]:
+        for b in [int(x) for x in args.hf_batches.split(",") if x and not args.skip_hf]:
             entry["hf_generate"].append(run_hf(engine.model, prompt_ids, b, args.new_tokens))
             print(shape, "hf", entry["hf_generate"][-1], file=sys.stderr, flush=True)
         results["shapes"][shape] = entry

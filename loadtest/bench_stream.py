@@ -29,17 +29,37 @@ import aiohttp
 url, streams, duration, tokens, model = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 body = {"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": tokens,
         "temperature": 0.7, "stream": True, "stream_options": {"include_usage": True}}
+import random
+SAMPLES = 20000  # latency samples kept per client (reservoir): bounded memory, unbiased percentiles
 async def main():
     done = {"tokens": 0, "streams": 0, "errors": 0}
+    ttft, itl, seen = [], [], [0, 0]
+    def keep(values, k, value):
+        seen[k] += 1
+        if len(values) < SAMPLES:
+            values.append(value)
+        else:
+            j = random.randrange(seen[k])
+            if j < SAMPLES:
+                values[j] = value
     stop = time.monotonic() + duration
     async def one():
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as s:
             while time.monotonic() < stop:
                 try:
+                    sent = time.monotonic()
+                    last = None
                     async with s.post(url + "/v1/chat/completions", json=body,
                                       headers={"Authorization": "Bearer sk-test-premium"}) as resp:
                         usage = None
                         async for line in resp.content:
+                            if line.startswith(b'data: {') and b'"content":' in line:
+                                now = time.monotonic()
+                                if last is None:
+                                    keep(ttft, 0, now - sent)
+                                else:
+                                    keep(itl, 1, now - last)
+                                last = now
                             if line.startswith(b'data: {') and b'"usage":{' in line:
                                 usage = json.loads(line[6:])["usage"]
                     if usage and time.monotonic() <= stop:
@@ -48,6 +68,7 @@ async def main():
                 except Exception:
                     done["errors"] += 1
     await asyncio.gather(*(one() for _ in range(streams)))
+    done["ttft"], done["itl"] = ttft, itl
     print(json.dumps(done))
 asyncio.run(main())
 """
@@ -70,12 +91,19 @@ def measure(url: str, server_pid: int, streams: int, duration: float, tokens: in
     outs = [json.loads(p.communicate(timeout=duration + 120)[0]) for p in procs]
     cpu1, t1 = cpu_seconds(server_pid), time.monotonic()
     done = {k: sum(o[k] for o in outs) for k in ("tokens", "streams", "errors")}
+    ttft = sorted(v for o in outs for v in o["ttft"])
+    itl = sorted(v for o in outs for v in o["itl"])
+
+    def pct(values, p):
+        return round(values[min(len(values) - 1, int(len(values) * p / 100))] * 1000, 2) if values else None
     window = t1 - t0
     tok_s = done["tokens"] / (duration + 2)  # tokens of the streams that ended inside the client's run
     return {"streams": streams, "clients": clients, "tokens_per_stream": tokens, "window_s": round(window, 2),
             "delivered_tok_s": round(tok_s), "streams_done": done["streams"], "errors": done["errors"],
             "proxy_cpu_s": round(cpu1 - cpu0, 2), "proxy_core_share": round((cpu1 - cpu0) / window, 3),
-            "proxy_cpu_us_per_token": round((cpu1 - cpu0) / (tok_s * window) * 1e6, 2)}
+            "proxy_cpu_us_per_token": round((cpu1 - cpu0) / (tok_s * window) * 1e6, 2),
+            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
+            "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99)}
 
 
 def run(streams: int, duration: float, token_ms: float, tokens: int) -> dict:

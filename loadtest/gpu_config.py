@@ -1,7 +1,7 @@
 """The GPU scripts' shared setup: build the 135M-shape model with random weights (once) and
 write a `fullpower serve` config with one worker per GPU for it.
 
-python -m loadtest.gpu_config --gpus N --out /tmp/gpuN.yaml [--tokenizer .gpu/tokenizer]
+python -m loadtest.gpu_config --gpus N --out /tmp/gpuN.yaml [--shape smollm2-135m] [--tokenizer .gpu/tokenizer]
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-MODEL_DIR = Path("/tmp/m135")
+MODEL_DIRS = {"smollm2-135m": (Path("/tmp/m135"), "m135"), "llama-3.2-1b": (Path("/tmp/m1b"), "m1b")}
 
 
 def main(argv=None) -> int:
@@ -18,16 +18,18 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", type=int, default=1)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--tokenizer", type=Path, default=Path(".gpu/tokenizer"))
+    p.add_argument("--shape", default="smollm2-135m", choices=sorted(MODEL_DIRS))
     args = p.parse_args(argv)
-    if not (MODEL_DIR / "config.json").is_file():
+    model_dir, model_name = MODEL_DIRS[args.shape]
+    if not (model_dir / "config.json").is_file():
         from loadtest.bench_gpu import build_model
 
-        build_model("smollm2-135m", args.tokenizer, MODEL_DIR)
+        build_model(args.shape, args.tokenizer, model_dir)
     n = args.gpus
     args.out.write_text(json.dumps({
         "listen": "127.0.0.1:18080", "admin_listen": "127.0.0.1:19091", "data_dir": "/tmp/fpdata",
         "log_level": "warning",
-        "pools": [{"name": "main", "model": "m135", "model_path": str(MODEL_DIR),
+        "pools": [{"name": "main", "model": model_name, "model_path": str(model_dir),
                    "devices": [f"cuda:{i}" for i in range(n)], "replicas": {"hot": n}, "max_batch_size": 256,
                    "max_inflight_per_worker": 512, "max_context": 512, "verify_manifest": False}],
         "tiers": [{"name": "standard", "pool": "main", "max_concurrent": 512 * n, "max_queue": 1024 * n}],

@@ -1,22 +1,39 @@
 #!/usr/bin/env bash
-# Several GPUs behind one proxy: `fullpower serve` with one worker per GPU (the 135M shape, random
-# weights), 256 streams per GPU, against the same proxy with one worker, in one lease. Reports
-# delivered tok/s and the proxy's CPU per token and core share (loadtest.bench_stream, from
-# CLIENTS client processes). GPUS defaults to every GPU nvidia-smi lists. Needs .gpu/ as
-# gpu_stream.sh does. Writes scale-*.json into ${OUT:-reports}.
+# Several GPUs behind one proxy: `fullpower serve` with one worker per GPU (random weights in the
+# 135M and 1B shapes), 256 streams per GPU, against the same proxy with one worker, in one lease.
+# Reports delivered tok/s, TTFT and inter-token percentiles, the proxy's CPU per token and core
+# share (loadtest.bench_stream, from CLIENTS_PER_GPU client processes per GPU), and each GPU's busy
+# fraction (nvidia-smi's utilization, sampled every 200 ms during the run). GPUS defaults to every
+# GPU nvidia-smi lists; SHAPES to both shapes. Needs .gpu/ as gpu_stream.sh does. Writes
+# scale-<shape>-<n>.json and util-<shape>-<n>.csv into ${OUT:-reports}.
 set -u
 source loadtest/gpu_env.sh
 GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
-for n in 1 $GPUS; do
-  python3 -m loadtest.gpu_config --gpus "$n" --out /tmp/gpu$n.yaml
-  python3 -m proxy serve --config /tmp/gpu$n.yaml > "$OUT/serve-$n.log" 2>&1 &
-  SERVER=$!
-  for i in $(seq 1 480); do
-    ready=$(curl -sf -H "Authorization: Bearer $(cat /tmp/fpdata/admin.token 2>/dev/null)" http://127.0.0.1:19091/admin/pool \
-      | python3 -c "import json,sys; print(sum(w['state']=='ready' for w in json.load(sys.stdin)['workers']))" 2>/dev/null)
-    [ "${ready:-0}" = "$n" ] && break; sleep 0.5
+for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
+  model=$([ "$shape" = smollm2-135m ] && echo m135 || echo m1b)
+  for n in 1 $GPUS; do
+    python3 -m loadtest.gpu_config --gpus "$n" --shape "$shape" --out /tmp/gpu$n.yaml
+    python3 -m proxy serve --config /tmp/gpu$n.yaml > "$OUT/serve-$shape-$n.log" 2>&1 &
+    SERVER=$!
+    for i in $(seq 1 480); do
+      ready=$(curl -sf -H "Authorization: Bearer $(cat /tmp/fpdata/admin.token 2>/dev/null)" http://127.0.0.1:19091/admin/pool \
+        | python3 -c "import json,sys; print(sum(w['state']=='ready' for w in json.load(sys.stdin)['workers']))" 2>/dev/null)
+      [ "${ready:-0}" = "$n" ] && break; sleep 0.5
+    done
+    nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader,nounits -lms 200 > "$OUT/util-$shape-$n.csv" &
+    SMI=$!
+    python3 -m loadtest.bench_stream --url http://127.0.0.1:18080 --pid $SERVER --model $model --streams $((256 * n)) \
+      --clients $((${CLIENTS_PER_GPU:-3} * n)) --duration ${DURATION:-20} --tokens 128 --out "$OUT/scale-$shape-$n.json" | tr -d '\n'; echo
+    kill $SMI
+    python3 - "$OUT/util-$shape-$n.csv" <<'PY'
+import collections, sys
+busy = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    gpu, util = (x.strip() for x in line.split(","))
+    busy[gpu].append(float(util))
+# the middle of the run (the first and last 15% of samples are warm-up and drain)
+print("gpu busy %:", {g: round(sum(v[len(v) * 15 // 100: len(v) * 85 // 100]) / max(1, len(v) * 70 // 100), 1) for g, v in sorted(busy.items())})
+PY
+    kill -TERM $SERVER; wait $SERVER
   done
-  python3 -m loadtest.bench_stream --url http://127.0.0.1:18080 --pid $SERVER --model m135 --streams $((256 * n)) \
-    --clients $((${CLIENTS_PER_GPU:-3} * n)) --duration ${DURATION:-20} --tokens 128 --out "$OUT/scale-$n.json" | tr -d '\n'; echo
-  kill -TERM $SERVER; wait $SERVER
 done

@@ -72,10 +72,12 @@ class Pool(_Base, kw_only=True):
     max_context: NonNegInt = 0  # tokens per sequence (prompt + output) in the KV cache; 0 = the model's maximum
     kv_cache_fraction: Annotated[float, msgspec.Meta(gt=0, le=0.98)] = 0.9  # of free GPU memory after loading
     cuda_graphs: bool = True  # capture the decode step in CUDA graphs (GPU only)
-    # Chunked prefill: prompt tokens prefilled per engine step, between the running requests'
-    # decode steps, so arrivals do not stall them (a long prompt is split over several steps);
-    # 0 = every admitted prompt at once. transformers engine only.
-    prefill_budget_tokens: NonNegInt = 2048
+    # Chunked prefill: at most this many prompt tokens are prefilled per engine step, in their own
+    # forward pass between the running requests' decode steps (a long prompt is split over
+    # several steps, so it cannot stall the running streams for all of its length). 0 = off:
+    # every admitted prompt at once, which measured faster for 128-token prompts on an H200
+    # (docs/benchmarks.md §12). transformers engine only.
+    prefill_budget_tokens: NonNegInt = 0
     verify_manifest: bool = True
     fake: FakeEngineSettings = msgspec.field(default_factory=FakeEngineSettings)
 

@@ -172,7 +172,7 @@ class PoolState:
         return min(1.0, 0.1 + 0.9 * (now - worker.ready_since) / self.slow_start_s)
 
     # --- transitions reported by the supervisor -------------------------------------------------
-    def starting(self, worker: Replica, pid: int, conn: WorkerConnection | None, adopted: bool = False,
+    def starting(self, worker: Replica, pid: int | None, conn: WorkerConnection | None, adopted: bool = False,
                  started_at: float | None = None) -> None:
         """A process fills the slot: spawned (its connection follows, `connected`) or adopted."""
         worker.adopted, worker.process_started_at = adopted, started_at

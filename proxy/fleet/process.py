@@ -134,6 +134,8 @@ async def run_process(state: PoolState, worker: Replica, pool: Pool, workers: Wo
     digest = settings_digest(settings, worker.device, model_dir(pool, data_dir))
     proc, conn, hung, cancelled = None, None, False, False
     try:
+        if path.exists():  # a worker may be serving there: the slot is starting, not stopped
+            state.starting(worker, None, None)
         adopted = await _adopt(worker, path, digest, control, workers.stop_grace_s)
         if adopted is not None:
             proc, conn, hello = adopted
