@@ -124,7 +124,7 @@ class Worker:
         self.writer = writer
         self.proxy_left_at = None
         self.connected.set()
-        first = [self.hello] + [m for m in (self.ready, self.fatal) if m is not None]
+        first = [self.hello] + [m for m in (self.ready, self.fatal) if m is not None] + [self._heartbeat()]
         writer.write(protocol.encode_many(first))
         await self._read(reader)
         if self.writer is writer:
@@ -192,7 +192,8 @@ class Worker:
 
     def _became_ready(self, ready: Ready) -> None:
         self.ready = ready
-        self._write(protocol.encode(ready))
+        # the engine's figures (weights, KV slots) with it, not a heartbeat interval later
+        self._write(protocol.encode_many([ready, self._heartbeat()]))
 
     def _fatal(self, message: str, at_boot: bool) -> None:
         self.exit_code = EXIT_BOOT_FAILURE if at_boot else EXIT_FATAL
@@ -241,20 +242,20 @@ class Worker:
             log.info("proxy closed the connection; exiting")
             self.done.set()
 
+    def _heartbeat(self) -> Heartbeat:
+        engine = self.engine
+        if engine is None:
+            return Heartbeat()
+        running, waiting = engine.load
+        return Heartbeat(running=running, waiting=waiting, engine_stall_s=round(time.monotonic() - engine.last_tick, 3),
+                         generated_tokens=engine.generated_tokens, kv_slots=engine.max_batch_size,
+                         memory_bytes=_rss_bytes(), gpu_memory_bytes=engine.gpu_memory_bytes(),
+                         weight_bytes=engine.weight_bytes)
+
     async def _heartbeats(self) -> None:
         interval = self.settings.heartbeat_interval_s
         while True:
-            engine = self.engine
-            if engine is None:
-                hb = Heartbeat()
-            else:
-                running, waiting = engine.load
-                hb = Heartbeat(running=running, waiting=waiting,
-                               engine_stall_s=round(time.monotonic() - engine.last_tick, 3),
-                               generated_tokens=engine.generated_tokens, kv_slots=engine.max_batch_size,
-                               memory_bytes=_rss_bytes(), gpu_memory_bytes=engine.gpu_memory_bytes(),
-                               weight_bytes=engine.weight_bytes)
-            self._write(protocol.encode(hb))
+            self._write(protocol.encode(self._heartbeat()))
             await asyncio.sleep(interval)
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from tests.conftest import ROOT, http_json
+from tests.conftest import ROOT, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,8 @@ def test_int8_embedded_model_answers_and_reports_smaller_weights(int8_server, em
     r = client.chat.completions.create(model="smollm2-135m-instruct", temperature=0,
                                        messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert "Paris" in r.choices[0].message.content
-    int8 = int8_server.pool()[0]["weight_bytes"]
-    float32 = embedded_server.pool()[0]["weight_bytes"]
+    int8 = wait_until(lambda: int8_server.pool()[0]["weight_bytes"], what="the int8 worker's weight figure")
+    float32 = wait_until(lambda: embedded_server.pool()[0]["weight_bytes"], what="the float32 worker's weight figure")
     assert 0 < int8 < 0.6 * float32  # the decoder's linear layers at a byte per weight
     assert "int8" in int8_server.log() and "model weights" in int8_server.log()
     status = subprocess.run([sys.executable, "-m", "proxy", "status", "--admin", f"127.0.0.1:{int8_server.admin_port}",
