@@ -32,7 +32,7 @@ from pathlib import Path
 from backend.manifest import MANIFEST as MODEL_MANIFEST
 from backend.manifest import ManifestError, sha256_file, verify_manifest
 from proxy.config import Config
-from proxy.jobs.pg import redacted
+from proxy.jobs.pg_schema import redacted
 
 BACKUP_MANIFEST = "BACKUP.json"
 FORMAT = 1

@@ -74,7 +74,7 @@ def test_the_keda_job_query_runs_against_the_real_schema():
 
     import asyncpg
 
-    from proxy.jobs.pg import migrate
+    from proxy.jobs.pg_schema import migrate
 
     query = next(t for d in documents() if d["kind"] == "ScaledObject" for t in d["spec"]["triggers"]
                  if t["type"] == "postgresql")["metadata"]["query"]

@@ -9,7 +9,8 @@ import asyncio
 import pytest
 
 from proxy.jobs.db import StoreUnavailable
-from proxy.jobs.pg import SCHEMA_VERSION, PgJobStore
+from proxy.jobs.pg import PgJobStore
+from proxy.jobs.pg_schema import SCHEMA_VERSION
 from tests.fleet import Database
 
 

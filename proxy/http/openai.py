@@ -16,7 +16,8 @@ from backend.protocol import Finished
 from proxy.errors import ApiError
 from proxy.metrics import Metrics
 from proxy.serving.auth import Authenticator
-from proxy.serving.core import Answer, ServingCore
+from proxy.serving.answer import Answer
+from proxy.serving.core import ServingCore
 from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest, parse
 from proxy.serving.plan import Planner, RequestPlan, cache_directives
 from proxy.serving.record import RequestRecord

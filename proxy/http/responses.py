@@ -15,7 +15,8 @@ from proxy.errors import ApiError, NotFound
 from proxy.http.server import JsonBodyReader
 from proxy.http.sse import open_event_stream, overhead_s, response_headers
 from proxy.serving.auth import Authenticator
-from proxy.serving.core import Answer, ServingCore
+from proxy.serving.answer import Answer
+from proxy.serving.core import ServingCore
 from proxy.serving.plan import Planner, RequestPlan, cache_directives
 from proxy.serving.record import RequestRecord
 from proxy.serving.responses_api import ResponseStore, StoredResponse, as_chat_request, conversation, parse_create

@@ -9,7 +9,7 @@ import time
 from aiohttp import web
 
 from proxy.errors import SlowClient
-from proxy.serving.core import Answer
+from proxy.serving.answer import Answer
 from proxy.serving.record import RequestRecord
 
 FAST_WRITE_BYTES = 16384  # below aiohttp's 64 KiB high-water mark: such a write into an empty buffer never waits

@@ -1,7 +1,8 @@
 """The serving core: what every request goes through once it is planned, whether it came over
 HTTP or from the job runner. It applies the key's rate limit, then answers from the cache, joins an
-identical request in flight (coalescing), or admits the request and runs its generation on the
-workers (with failover and stream resume: generation.py). It yields batches of frames - Tokens,
+identical request in flight (coalescing, in this host and then across hosts), or admits the request
+and runs its generation on the workers (with failover and stream resume: generation.py). The
+Answer it returns (answer.py) yields batches of frames - Tokens,
 the last batch ending with one Finished - or None for "idle, send a keepalive", and formats
 nothing: that is the caller's part. A batch is everything that arrived since the caller last
 looked, so a caller that falls behind catches up in one step.
@@ -15,13 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from typing import AsyncIterator, Callable
+from typing import Callable
 
-from backend.protocol import Finished, Tokens
+from backend.protocol import Finished
 from proxy.config import ApiKey, Cache, Routing, Tier, Timeouts
 from proxy.errors import Overloaded
 from proxy.fleet.pool import Ejection, PoolState
 from proxy.metrics import Metrics
+from proxy.serving.answer import Answer, replay_cached, served_by_worker
 from proxy.serving.cache import AnswerCache, CachedAnswer
 from proxy.serving.coalesce import Coalescer, Flight
 from proxy.serving.degrade import Degrader, Load
@@ -32,80 +34,6 @@ from proxy.serving.ratelimit import KeyLimits
 from proxy.shared.limits import RateLimiter
 from proxy.shared.link import SharedUnavailable
 from proxy.serving.record import RequestRecord
-from proxy.serving.responses import Collected
-
-Batch = list | None  # [Tokens..., Finished?] or None (keepalive)
-
-
-class Answer:
-    """Where one request's frames come from (its own generation, a shared flight, the cache) and
-    who served it. `cache` is what the X-Fullpower-Cache header says: miss, hit, coalesced, bypass."""
-
-    __slots__ = ("cache", "cache_header", "_frames", "_served_by", "_queued_s", "_rec", "_generation")
-
-    def __init__(self, cache: str, frames: AsyncIterator[Batch], served_by: Callable[[], tuple],
-                 queued_s: Callable[[], float | None], rec: RequestRecord, same_owner: bool = True,
-                 generation: Generation | None = None) -> None:
-        self._generation = generation  # its own generation (not a shared flight or the cache)
-        self.cache = cache  # the truth, for the access log and metrics
-        # What the client is told: another key's answer (shared cache scope) or generation in
-        # progress must not reveal that someone else just asked the same thing.
-        self.cache_header = cache if same_owner else "miss"
-        self._frames = frames
-        self._served_by = served_by  # () -> (worker, dispatched_at or None)
-        self._queued_s = queued_s
-        self._rec = rec
-
-    @property
-    def dispatched_at(self) -> float | None:
-        return self._served_by()[1]
-
-    async def frames(self) -> AsyncIterator[Batch]:
-        rec = self._rec
-        first = True
-        async with contextlib.aclosing(self._frames) as frames:
-            async for batch in frames:
-                if first:  # the headers go out with the first batch, a keepalive included
-                    first = False
-                    self._record_served_by()
-                if batch is not None:
-                    if rec.ttft_s is None:
-                        rec.ttft_s = time.monotonic() - rec.started
-                    last = batch[-1]
-                    if isinstance(last, Finished):
-                        rec.prompt_tokens, rec.completion_tokens = last.prompt_tokens, last.completion_tokens
-                yield batch
-
-    def deliver_directly(self, sink: Callable[[Tokens], bool] | None) -> bool:
-        """Let `sink` take Tokens frames as they arrive, without waking the consumer (True when
-        this answer can: its own generation; a shared flight or a cached answer cannot). The
-        consumer still gets every frame the sink declines, and the end of the stream."""
-        if self._generation is None:
-            return False
-        self._generation.direct_sink = sink
-        return True
-
-    async def collect(self) -> Collected:
-        """The whole answer (for non-streaming callers): its text, Finished frame and logprobs."""
-        parts: list[str] = []
-        logprobs: list = []
-        finished = None
-        async with contextlib.aclosing(self.frames()) as frames:
-            async for batch in frames:
-                for item in batch or ():
-                    if isinstance(item, Finished):
-                        finished = item
-                    else:
-                        parts.append(item.text)
-                        if item.logprobs:
-                            logprobs.extend(item.logprobs)
-        return Collected("".join(parts), finished, logprobs)
-
-    def _record_served_by(self) -> None:
-        worker, _ = self._served_by()
-        if worker is not None:
-            self._rec.worker, self._rec.served_model = worker
-        self._rec.queue_s = self._queued_s()
 
 
 class ServingCore:
@@ -214,7 +142,7 @@ class ServingCore:
 
     async def _direct(self, plan: RequestPlan, gen: Generation, rec: RequestRecord):
         ticket = await self.gate.acquire(plan.pool, plan.tier, plan.key, plan.cost)
-        answer = Answer("bypass", gen.frames(), lambda: (_worker(gen.worker), gen.dispatched_at),
+        answer = Answer("bypass", gen.frames(), lambda: (served_by_worker(gen.worker), gen.dispatched_at),
                         lambda: ticket.queued_s, rec, generation=gen)
         return answer, lambda: self.gate.release(ticket)
 
@@ -233,7 +161,7 @@ class ServingCore:
                     if joined is not None:  # a local request started it while this one waited
                         return joined
             if cached is not None:
-                return Answer("hit", _replay(cached), lambda: ((cached.worker, cached.model), None),
+                return Answer("hit", replay_cached(cached), lambda: ((cached.worker, cached.model), None),
                               lambda: None, rec, same_owner=cached.owner == plan.key), lambda: None
 
         async def run(flight: Flight) -> None:
@@ -272,8 +200,8 @@ class ServingCore:
 
         flight = self.coalescer.start(key, run, tier=plan.tier, owner=plan.key)
         self.coalescer.join(flight)
-        return (Answer("miss", flight.follow(self.keepalive_s), lambda: (_worker(flight.worker), flight.dispatched_at),
-                       lambda: flight.queued_s, rec),
+        return (Answer("miss", flight.follow(self.keepalive_s),
+                       lambda: (served_by_worker(flight.worker), flight.dispatched_at), lambda: flight.queued_s, rec),
                 lambda: self.coalescer.leave(flight))
 
     def _join_flight(self, key: str, plan: RequestPlan, rec: RequestRecord):
@@ -284,7 +212,7 @@ class ServingCore:
         self.coalescer.join(flight)
         self._raise_tier(flight, plan.tier)
         return (Answer("coalesced", flight.follow(self.keepalive_s),
-                       lambda: (_worker(flight.worker), flight.dispatched_at), lambda: flight.queued_s, rec,
+                       lambda: (served_by_worker(flight.worker), flight.dispatched_at), lambda: flight.queued_s, rec,
                        same_owner=flight.owner == plan.key),
                 lambda: self.coalescer.leave(flight))
 
@@ -351,15 +279,3 @@ class ServingCore:
         await self.coalescer.close()
         if self._cache_writes:
             await asyncio.gather(*self._cache_writes, return_exceptions=True)
-
-
-def _worker(worker) -> tuple[str, str] | None:
-    return (worker.id, worker.model) if worker is not None else None
-
-
-async def _replay(answer: CachedAnswer):
-    """A cached answer as frames, at once (no artificial delays), in the pieces it first came in."""
-    for piece in answer.pieces:
-        yield [Tokens(id=0, token_ids=[], text=piece)]
-    yield [Finished(id=0, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
-                    completion_tokens=answer.completion_tokens)]

@@ -1,0 +1,100 @@
+"""What one request gets from the serving core: an Answer - where its frames come from (its own
+generation, a shared flight, the cache) and who served it - and the replay of a cached answer as
+frames. ServingCore (core.py) makes them; HTTP handlers and the job runner consume them."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import AsyncIterator, Callable
+
+from backend.protocol import Finished, Tokens
+from proxy.serving.cache import CachedAnswer
+from proxy.serving.generation import Generation
+from proxy.serving.record import RequestRecord
+from proxy.serving.responses import Collected
+
+Batch = list | None  # [Tokens..., Finished?] or None (keepalive)
+
+
+class Answer:
+    """Where one request's frames come from (its own generation, a shared flight, the cache) and
+    who served it. `cache` is what the X-Fullpower-Cache header says: miss, hit, coalesced, bypass."""
+
+    __slots__ = ("cache", "cache_header", "_frames", "_served_by", "_queued_s", "_rec", "_generation")
+
+    def __init__(self, cache: str, frames: AsyncIterator[Batch], served_by: Callable[[], tuple],
+                 queued_s: Callable[[], float | None], rec: RequestRecord, same_owner: bool = True,
+                 generation: Generation | None = None) -> None:
+        self._generation = generation  # its own generation (not a shared flight or the cache)
+        self.cache = cache  # the truth, for the access log and metrics
+        # What the client is told: another key's answer (shared cache scope) or generation in
+        # progress must not reveal that someone else just asked the same thing.
+        self.cache_header = cache if same_owner else "miss"
+        self._frames = frames
+        self._served_by = served_by  # () -> (worker, dispatched_at or None)
+        self._queued_s = queued_s
+        self._rec = rec
+
+    @property
+    def dispatched_at(self) -> float | None:
+        return self._served_by()[1]
+
+    async def frames(self) -> AsyncIterator[Batch]:
+        rec = self._rec
+        first = True
+        async with contextlib.aclosing(self._frames) as frames:
+            async for batch in frames:
+                if first:  # the headers go out with the first batch, a keepalive included
+                    first = False
+                    self._record_served_by()
+                if batch is not None:
+                    if rec.ttft_s is None:
+                        rec.ttft_s = time.monotonic() - rec.started
+                    last = batch[-1]
+                    if isinstance(last, Finished):
+                        rec.prompt_tokens, rec.completion_tokens = last.prompt_tokens, last.completion_tokens
+                yield batch
+
+    def deliver_directly(self, sink: Callable[[Tokens], bool] | None) -> bool:
+        """Let `sink` take Tokens frames as they arrive, without waking the consumer (True when
+        this answer can: its own generation; a shared flight or a cached answer cannot). The
+        consumer still gets every frame the sink declines, and the end of the stream."""
+        if self._generation is None:
+            return False
+        self._generation.direct_sink = sink
+        return True
+
+    async def collect(self) -> Collected:
+        """The whole answer (for non-streaming callers): its text, Finished frame and logprobs."""
+        parts: list[str] = []
+        logprobs: list = []
+        finished = None
+        async with contextlib.aclosing(self.frames()) as frames:
+            async for batch in frames:
+                for item in batch or ():
+                    if isinstance(item, Finished):
+                        finished = item
+                    else:
+                        parts.append(item.text)
+                        if item.logprobs:
+                            logprobs.extend(item.logprobs)
+        return Collected("".join(parts), finished, logprobs)
+
+    def _record_served_by(self) -> None:
+        worker, _ = self._served_by()
+        if worker is not None:
+            self._rec.worker, self._rec.served_model = worker
+        self._rec.queue_s = self._queued_s()
+
+
+def served_by_worker(worker) -> tuple[str, str] | None:
+    return (worker.id, worker.model) if worker is not None else None
+
+
+async def replay_cached(answer: CachedAnswer):
+    """A cached answer as frames, at once (no artificial delays), in the pieces it first came in."""
+    for piece in answer.pieces:
+        yield [Tokens(id=0, token_ids=[], text=piece)]
+    yield [Finished(id=0, finish_reason=answer.finish_reason, prompt_tokens=answer.prompt_tokens,
+                    completion_tokens=answer.completion_tokens)]
