@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -24,6 +22,7 @@ from pathlib import Path
 import aiohttp
 
 from loadtest.bench_proxy import ROOT, fake_bench_config, free_port, start_server, wait_port
+from loadtest.nginx import nginx_binary, nginx_prefix
 
 
 def render_fleet_nginx(root: Path, upstreams: list[str | int], listen_port: int) -> Path:
@@ -36,33 +35,7 @@ def render_fleet_nginx(root: Path, upstreams: list[str | int], listen_port: int)
     addresses = [u if isinstance(u, str) else f"127.0.0.1:{u}" for u in upstreams]
     lines[at:at] = [f"    server {a} max_fails=2 fail_timeout=5s;" for a in addresses]
     site = "\n".join(lines).replace("listen 80;", f"listen 127.0.0.1:{listen_port};")
-    for d in ("logs", "tmp"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    (root / "fullpower-fleet.conf").write_text(site)
-    conf = root / "nginx.conf"
-    user = "user root;" if os.geteuid() == 0 else ""
-    conf.write_text(f"""
-{user}
-worker_processes 1;
-error_log {root}/logs/error.log warn;
-pid {root}/nginx.pid;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {root}/tmp/body;
-    proxy_temp_path {root}/tmp/proxy;
-    fastcgi_temp_path {root}/tmp/fastcgi;
-    uwsgi_temp_path {root}/tmp/uwsgi;
-    scgi_temp_path {root}/tmp/scgi;
-    include {root}/fullpower-fleet.conf;
-}}
-""")
-    subprocess.run([nginx_binary(), "-t", "-p", str(root), "-c", str(conf)], check=True, capture_output=True)
-    return conf
-
-
-def nginx_binary() -> str:
-    return shutil.which("nginx") or "/usr/sbin/nginx"
+    return nginx_prefix(root, "fullpower-fleet.conf", site, worker_connections=4096, access_log=False)
 
 
 async def closed_loop(url: str, clients: int, duration: float, max_tokens: int) -> dict:

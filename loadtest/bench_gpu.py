@@ -28,6 +28,12 @@ HERE = Path(__file__).resolve().parent
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
+def pct(values: list[float], p: float) -> float | None:
+    """The p-th percentile of seconds, in milliseconds."""
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(len(values) * p / 100))] * 1000, 3) if values else None
+
+
 def build_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
     config = AutoConfig.from_pretrained(HERE / "models" / shape)
     torch.manual_seed(0)
@@ -88,9 +94,6 @@ def run_engine(engine: TransformersEngine, prompt: str, concurrency: int, total:
             engine.step()
     wall = time.perf_counter() - started
 
-    def pct(values, p):
-        values = sorted(values)
-        return round(values[min(len(values) - 1, int(len(values) * p / 100))] * 1000, 3) if values else None
     return {"concurrency": concurrency, "requests": total, "output_tokens": state["tokens"],
             "tokens_per_s": round(state["tokens"] / wall, 1), "wall_s": round(wall, 3),
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
@@ -158,9 +161,6 @@ def run_open_loop(engine: TransformersEngine, prompt: str, rate: float, seconds:
             state["max_running"] = max(state["max_running"], engine.load[0])
     wall = time.perf_counter() - started
 
-    def pct(values, p):
-        values = sorted(values)
-        return round(values[min(len(values) - 1, int(len(values) * p / 100))] * 1000, 3) if values else None
     return {"rate_rps": round(rate, 2), "requests": total, "long_prompts": longs, "prefill_budget": engine.prefill_budget,
             "tokens_per_s": round(state["tokens"] / wall, 1), "max_running": state["max_running"],
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),

@@ -10,6 +10,7 @@ import urllib.request
 
 import pytest
 
+from loadtest.nginx import nginx_prefix
 from tests.conftest import ROOT, fake_config, free_port, http_json, wait_until
 from tests.test_request_path import KEYS, body, read_stream, stream_text
 
@@ -22,28 +23,7 @@ def start_nginx(tmp_path, upstream_port):
     site = (ROOT / "systemd/nginx-fullpower.conf").read_text()
     site = site.replace("127.0.0.1:8080", f"127.0.0.1:{upstream_port}").replace("listen 80;",
                                                                                 f"listen 127.0.0.1:{port};")
-    for d in ("logs", "tmp"):
-        (tmp_path / d).mkdir(exist_ok=True)
-    conf = tmp_path / "nginx.conf"
-    user = "user root;" if os.geteuid() == 0 else ""
-    conf.write_text(f"""
-{user}
-worker_processes 1;
-error_log {tmp_path}/logs/error.log warn;
-pid {tmp_path}/nginx.pid;
-events {{ worker_connections 256; }}
-http {{
-    access_log {tmp_path}/logs/access.log;
-    client_body_temp_path {tmp_path}/tmp/body;
-    proxy_temp_path {tmp_path}/tmp/proxy;
-    fastcgi_temp_path {tmp_path}/tmp/fastcgi;
-    uwsgi_temp_path {tmp_path}/tmp/uwsgi;
-    scgi_temp_path {tmp_path}/tmp/scgi;
-    include {tmp_path}/fullpower.conf;
-}}
-""")
-    (tmp_path / "fullpower.conf").write_text(site)
-    subprocess.run([NGINX, "-t", "-p", str(tmp_path), "-c", str(conf)], check=True, capture_output=True)
+    conf = nginx_prefix(tmp_path, "fullpower.conf", site, worker_connections=256)
     proc = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"])
     wait_until(lambda: _open(port), what="nginx listening")
     return proc, f"http://127.0.0.1:{port}"
