@@ -148,3 +148,16 @@ def test_the_adoption_digest_changes_with_settings_device_and_model_files(tmp_pa
     short = worker_socket_path(deep, "main-0")
     assert len(str(short)) <= 100 and short != worker_socket_path(tmp_path / ("e" * 120), "main-0")
     assert worker_socket_path(tmp_path, "main-0") == tmp_path / "run" / "main-0.sock"
+
+
+def test_a_hung_worker_left_by_a_dead_proxy_is_replaced_not_adopted(start_server):
+    server = start_server(fake_config())
+    before = server.worker_pids()
+    kill_proxy(server)
+    os.kill(before[0], signal.SIGSTOP)  # hung: its socket accepts, it never answers
+    restart_with(server)
+    after = {w["id"]: w for w in server.pool()}
+    assert before[0] not in {w["pid"] for w in after.values()}
+    assert before[1] in {w["pid"] for w in after.values() if w["adopted"]}
+    wait_until(lambda: not process_alive(before[0]), what="the hung worker stopped")
+    assert "does not answer: stopping it" in server.log_path.read_text()

@@ -190,6 +190,15 @@ async def _adopt(worker: Replica, path: Path, digest: str, control: asyncio.Queu
         return None  # a stale socket file: the new worker replaces it
     hello = await _hello(control)
     peer = conn.peer_pid()
+    if hello is None and peer:
+        # It accepts (the kernel does that) but says nothing: a hung worker (stopped, stuck). It
+        # holds the slot's socket, so it must go before a new one can serve there; the socket's
+        # owner-only directory means it is this user's process.
+        conn.close()
+        log.warning("worker %s at %s (pid %d) does not answer: stopping it", worker.id, path, peer)
+        await _terminate(worker, AdoptedProcess(peer), grace)
+        _drain(control)
+        return None
     if hello is None or peer != hello.pid:
         conn.close()
         log.warning("something at %s that is not a fullpower worker (peer pid %s); not adopting it", path, peer)
