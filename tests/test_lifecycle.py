@@ -41,11 +41,18 @@ def test_serve_with_a_port_taken_exits_with_one_line_and_leaves_nothing(tmp_path
     blocker.bind(("127.0.0.1", server.port if taken == "listen" else server.admin_port))
     blocker.listen()
     try:
-        proc = subprocess.run(FULLPOWER + ["serve", "--config", str(server.config_path)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.Popen(FULLPOWER + ["serve", "--config", str(server.config_path)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            # say what was still running (the proxy, or a worker holding our pipe)
+            alive = subprocess.run(["ps", "-eo", "pid,ppid,etimes,args"], capture_output=True, text=True).stdout
+            proc.kill()
+            _, err = proc.communicate(timeout=30)
+            raise AssertionError(f"serve did not finish within 60s\n{err}\n{alive}") from None
     finally:
         blocker.close()
-    err = proc.stderr
     assert proc.returncode != 0
     assert "Traceback" not in err
     errors = [line for line in err.splitlines() if " ERROR " in line]

@@ -142,13 +142,22 @@ async def run_process(state: PoolState, worker: Replica, pool: Pool, workers: Wo
             log.info("worker %s adopted (pid %d, running for %.0fs, model kept loaded)", worker.id, proc.pid,
                      time.time() - hello.started_at)
         else:
+            spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
+                sys.executable, "-m", "backend", "--listen", str(path), "--digest", digest,
+                "--orphan-timeout", str(workers.orphan_timeout_s), "--settings", settings,
+                "--worker-id", worker.id, env=worker_env(worker.device), stdin=asyncio.subprocess.DEVNULL,
+                # its own session: it outlives this proxy unless told otherwise (orphan timeout 0)
+                start_new_session=workers.orphan_timeout_s > 0))
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "backend", "--listen", str(path), "--digest", digest,
-                    "--orphan-timeout", str(workers.orphan_timeout_s), "--settings", settings,
-                    "--worker-id", worker.id, env=worker_env(worker.device), stdin=asyncio.subprocess.DEVNULL,
-                    # its own session: it outlives this proxy unless told otherwise (orphan timeout 0)
-                    start_new_session=workers.orphan_timeout_s > 0)
+                proc = await asyncio.shield(spawn)
+            except asyncio.CancelledError:
+                # A stop while the process is being started: it may exist already, and it must not
+                # be left behind (finally: below stops it).
+                try:
+                    proc = await spawn
+                except OSError:
+                    pass
+                raise
             except OSError as exc:
                 return f"spawn failed: {exc}", True, False
             state.starting(worker, proc.pid, None)
