@@ -8,6 +8,7 @@ and the standard library: both the proxy and the worker import it, and nothing e
 from __future__ import annotations
 
 import signal
+import socket
 import struct
 from typing import Union
 
@@ -170,6 +171,12 @@ class Fatal(_Msg, tag="fatal"):
 
 ToWorker = Union[Generate, Cancel, Tokenize, Detokenize]
 FromWorker = Union[Hello, Ready, Heartbeat, Tokens, Finished, Failed, Fatal, TokenizeResult]
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket (the kernel's word,
+    SO_PEERCRED): the worker checks who connects, the proxy what it adopts."""
+    return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
 
 
 class FrameError(Exception):

@@ -21,7 +21,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -109,7 +108,7 @@ class Worker:
 
     async def _serve_proxy(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         sock = writer.get_extra_info("socket")
-        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+        _, uid, _ = protocol.peer_credentials(sock)
         if uid != os.getuid():
             log.warning("refused a connection from uid %d (only this worker's own user may connect)", uid)
             writer.close()

@@ -48,56 +48,75 @@ def build_model(shape: str, tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
+class LatencyRecorder:
+    """The engine's emit for the benchmarks: output tokens, finished requests, and time to first
+    token and inter-token gaps of the requests `measured` accepts. `on_finished(rid)` runs under
+    the recorder's lock (the closed loop submits the next request there)."""
+
+    def __init__(self, measured=lambda rid: True, on_finished=lambda rid: None) -> None:
+        self.lock = threading.Lock()
+        self.measured, self.on_finished = measured, on_finished
+        self.sent_at: dict[int, float] = {}
+        self.last_at: dict[int, float] = {}
+        self.ttft: list[float] = []
+        self.itl: list[float] = []
+        self.tokens = self.done = 0
+
+    def sent(self, rid: int) -> None:
+        self.sent_at[rid] = time.perf_counter()
+
+    def emit(self, frames) -> None:
+        now = time.perf_counter()
+        with self.lock:
+            for f in frames:
+                if isinstance(f, Tokens):
+                    self.tokens += len(f.token_ids)
+                    if self.measured(f.id):
+                        if f.id in self.last_at:
+                            self.itl.append(now - self.last_at[f.id])
+                        else:
+                            self.ttft.append(now - self.sent_at[f.id])
+                        self.last_at[f.id] = now
+                elif isinstance(f, Finished):
+                    self.done += 1
+                    self.last_at.pop(f.id, None)
+                    self.on_finished(f.id)
+
+    def latencies(self) -> dict:
+        return {"ttft_p50_ms": pct(self.ttft, 50), "ttft_p99_ms": pct(self.ttft, 99),
+                "itl_p50_ms": pct(self.itl, 50), "itl_p99_ms": pct(self.itl, 99)}
+
+
 def run_engine(engine: TransformersEngine, prompt: str, concurrency: int, total: int, new_tokens: int) -> dict:
     """Closed loop: `concurrency` requests in flight until `total` are done."""
-    lock = threading.Lock()
-    state = {"next": 0, "done": 0, "tokens": 0}
-    sent_at: dict[int, float] = {}
-    last_at: dict[int, float] = {}
-    ttft: list[float] = []
-    itl: list[float] = []
     done = threading.Event()
+    submitted = [0]
 
     def submit():
-        rid = state["next"]
-        state["next"] += 1
-        sent_at[rid] = time.perf_counter()
+        rid = submitted[0]
+        submitted[0] += 1
+        rec.sent(rid)
         engine.submit(Generate(id=rid, prompt=prompt, params=SamplingParams(max_tokens=new_tokens, temperature=0,
                                                                              ignore_eos=True)))
 
-    def emit(frames):
-        now = time.perf_counter()
-        with lock:
-            for f in frames:
-                if isinstance(f, Tokens):
-                    state["tokens"] += len(f.token_ids)
-                    if f.id in last_at:
-                        itl.append(now - last_at[f.id])
-                    else:
-                        ttft.append(now - sent_at[f.id])
-                    last_at[f.id] = now
-                elif isinstance(f, Finished):
-                    state["done"] += 1
-                    last_at.pop(f.id, None)
-                    if state["next"] < total:
-                        submit()
-                    if state["done"] == total:
-                        done.set()
+    def finished(rid):
+        if submitted[0] < total:
+            submit()
+        if rec.done == total:
+            done.set()
 
-    engine.emit = emit
+    rec = LatencyRecorder(on_finished=finished)
+    engine.emit = rec.emit
     started = time.perf_counter()
-    with lock:
+    with rec.lock:
         for _ in range(min(concurrency, total)):
             submit()
     with torch.inference_mode():
         while not done.is_set():
             engine.step()
     wall = time.perf_counter() - started
-
-    return {"concurrency": concurrency, "requests": total, "output_tokens": state["tokens"],
-            "tokens_per_s": round(state["tokens"] / wall, 1), "wall_s": round(wall, 3),
-            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
-            "itl_p99_ms": pct(itl, 99)}
+    return {"concurrency": concurrency, "requests": total, "output_tokens": rec.tokens,
+            "tokens_per_s": round(rec.tokens / wall, 1), "wall_s": round(wall, 3), **rec.latencies()}
 
 
 def run_open_loop(engine: TransformersEngine, prompt: str, rate: float, seconds: float, new_tokens: int,
@@ -106,35 +125,12 @@ def run_open_loop(engine: TransformersEngine, prompt: str, rate: float, seconds:
     engine's state; TTFT and inter-token latency percentiles of everything that arrived. With
     `long_prompt`, one request with it (8 new tokens) also arrives every `long_every_s`; the
     figures are then those of the short requests (the streams a long prefill would stall)."""
-    lock = threading.Lock()
-    sent_at: dict[int, float] = {}
-    last_at: dict[int, float] = {}
-    ttft: list[float] = []
-    itl: list[float] = []
-    state = {"done": 0, "tokens": 0, "max_running": 0}
     total = int(rate * seconds)
-    finished = threading.Event()
-
     longs = int(seconds / long_every_s) if long_prompt and long_every_s else 0
     LONG = 1_000_000  # request ids of the long prompts start here
-
-    def emit(frames):
-        now = time.perf_counter()
-        with lock:
-            for f in frames:
-                if isinstance(f, Tokens):
-                    state["tokens"] += len(f.token_ids)
-                    if f.id < LONG:
-                        if f.id in last_at:
-                            itl.append(now - last_at[f.id])
-                        else:
-                            ttft.append(now - sent_at[f.id])
-                        last_at[f.id] = now
-                elif isinstance(f, Finished):
-                    state["done"] += 1
-                    last_at.pop(f.id, None)
-                    if state["done"] == total + longs:
-                        finished.set()
+    finished = threading.Event()
+    rec = LatencyRecorder(measured=lambda rid: rid < LONG,
+                          on_finished=lambda rid: rec.done == total + longs and finished.set())
 
     def arrivals():
         begun = time.perf_counter()
@@ -142,8 +138,8 @@ def run_open_loop(engine: TransformersEngine, prompt: str, rate: float, seconds:
                           + [((k + 0.5) * long_every_s, LONG + k) for k in range(longs)])
         for at, rid in schedule:
             time.sleep(max(0.0, begun + at - time.perf_counter()))
-            with lock:
-                sent_at[rid] = time.perf_counter()
+            with rec.lock:
+                rec.sent(rid)
             if rid >= LONG:
                 engine.submit(Generate(id=rid, prompt=long_prompt, params=SamplingParams(max_tokens=8, temperature=0,
                                                                                           ignore_eos=True)))
@@ -151,20 +147,19 @@ def run_open_loop(engine: TransformersEngine, prompt: str, rate: float, seconds:
                 engine.submit(Generate(id=rid, prompt=prompt, params=SamplingParams(max_tokens=new_tokens,
                                                                                      temperature=0, ignore_eos=True)))
 
-    engine.emit = emit
+    engine.emit = rec.emit
+    max_running = 0
     started = time.perf_counter()
-    thread = threading.Thread(target=arrivals, daemon=True)
-    thread.start()
+    threading.Thread(target=arrivals, daemon=True).start()
     with torch.inference_mode():
         while not finished.is_set():
             engine.step()
-            state["max_running"] = max(state["max_running"], engine.load[0])
+            max_running = max(max_running, engine.load[0])
     wall = time.perf_counter() - started
-
+    latencies = rec.latencies()
     return {"rate_rps": round(rate, 2), "requests": total, "long_prompts": longs, "prefill_budget": engine.prefill_budget,
-            "tokens_per_s": round(state["tokens"] / wall, 1), "max_running": state["max_running"],
-            "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99), "itl_p50_ms": pct(itl, 50),
-            "itl_p99_ms": pct(itl, 99), "itl_p99_over_p50": round(pct(itl, 99) / pct(itl, 50), 2)}
+            "tokens_per_s": round(rec.tokens / wall, 1), "max_running": max_running, **latencies,
+            "itl_p99_over_p50": round(latencies["itl_p99_ms"] / latencies["itl_p50_ms"], 2)}
 
 
 def run_hf(model, prompt_ids: list[int], batch: int, new_tokens: int) -> dict:

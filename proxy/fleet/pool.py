@@ -172,10 +172,9 @@ class PoolState:
         return min(1.0, 0.1 + 0.9 * (now - worker.ready_since) / self.slow_start_s)
 
     # --- transitions reported by the supervisor -------------------------------------------------
-    def starting(self, worker: Replica, pid: int | None, conn: WorkerConnection | None, adopted: bool = False,
-                 started_at: float | None = None) -> None:
-        """A process fills the slot: spawned (its connection follows, `connected`) or adopted."""
-        worker.adopted, worker.process_started_at = adopted, started_at
+    def starting(self, worker: Replica, pid: int | None, conn: WorkerConnection | None) -> None:
+        """A process is about to fill the slot (adopted or spawned: `connected` says which)."""
+        worker.adopted, worker.process_started_at = False, None
         worker.state = WorkerState.STARTING
         worker.process_epoch += 1
         worker.pid = pid
@@ -186,10 +185,12 @@ class PoolState:
         worker.info = None
         worker.breaker.reset()
 
-    def connected(self, worker: Replica, conn: WorkerConnection, started_at: float) -> None:
-        """The spawned process now serves on its socket."""
-        worker.conn = conn
-        worker.process_started_at = started_at
+    def connected(self, worker: Replica, conn: WorkerConnection, pid: int, started_at: float,
+                  adopted: bool) -> None:
+        """The slot's process answers on its socket: spawned by this proxy, or adopted (running
+        before it, model loaded)."""
+        worker.conn, worker.pid = conn, pid
+        worker.process_started_at, worker.adopted = started_at, adopted
 
     def became_ready(self, worker: Replica, info: Ready) -> None:
         worker.state = WorkerState.READY

@@ -134,8 +134,7 @@ async def run_process(state: PoolState, worker: Replica, pool: Pool, workers: Wo
     digest = settings_digest(settings, worker.device, model_dir(pool, data_dir))
     proc, conn, hung, cancelled = None, None, False, False
     try:
-        if path.exists():  # a worker may be serving there: the slot is starting, not stopped
-            state.starting(worker, None, None)
+        state.starting(worker, None, None)  # its process (adopted or spawned) is known once connected
         adopted = await _adopt(worker, path, digest, control, workers.stop_grace_s)
         if adopted is not None:
             proc, conn, hello = adopted
@@ -160,15 +159,12 @@ async def run_process(state: PoolState, worker: Replica, pool: Pool, workers: Wo
                 raise
             except OSError as exc:
                 return f"spawn failed: {exc}", True, False
-            state.starting(worker, proc.pid, None)
             log.info("worker %s spawned (pid %d, %s)", worker.id, proc.pid, worker.device)
             found = await _connect(proc, path, digest, control)
             if isinstance(found, str):
                 return found, True, False
             conn, hello = found
-            state.connected(worker, conn, hello.started_at)
-        if adopted is not None:
-            state.starting(worker, proc.pid, conn, adopted=True, started_at=hello.started_at)
+        state.connected(worker, conn, proc.pid, hello.started_at, adopted=adopted is not None)
         why, at_boot, requested = await _watch(state, worker, workers, proc, conn, control, restart)
         hung = isinstance(why, Hung)
         return str(why), at_boot, requested

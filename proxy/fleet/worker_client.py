@@ -5,8 +5,6 @@ request's frames to that request's stream. A worker that goes away fails every o
 from __future__ import annotations
 
 import asyncio
-import socket
-import struct
 import time
 from typing import Callable, Union
 
@@ -132,7 +130,7 @@ class WorkerConnection(asyncio.Protocol):
         sock = self._transport.get_extra_info("socket") if self._transport else None
         if sock is None:
             return None
-        return struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+        return protocol.peer_credentials(sock)[0]
 
     # asyncio.Protocol
     def connection_made(self, transport) -> None:

@@ -47,10 +47,9 @@ class PgJobStore:
 
     leased = True  # running jobs hold leases that the runner must renew
 
-    def __init__(self, dsn: str, host_id: str, lease_s: float, connect_timeout_s: float = 5.0,
-                 max_bytes: int = 0) -> None:
+    def __init__(self, dsn: str, host_id: str, lease_s: float, connect_timeout_s: float = 5.0) -> None:
         self.dsn, self.host_id, self.lease_s = dsn, host_id, lease_s
-        self.max_bytes = max_bytes  # jobs.max_db_bytes: new jobs are refused while the tables are larger
+        self.max_bytes = 0  # jobs.max_db_bytes: new jobs are refused while the tables are larger
         self.size_bytes = 0  # fullpower's tables on disk, as housekeeping last measured them
         self.connect_timeout_s = connect_timeout_s
         self.on_job_queued = None  # called when any host queues a job (LISTEN)
@@ -59,6 +58,10 @@ class PgJobStore:
         self.callback_hold_s = 15.0
         self._pool = None
         self._listener = None  # the connection that LISTENs
+
+    def reconfigure(self, max_bytes: int, callback_timeout_s: float) -> None:
+        self.max_bytes = max_bytes
+        self.callback_hold_s = callback_timeout_s + 5.0  # its sender reports well inside this
 
     def describe(self) -> str:
         return f"PostgreSQL {redacted(self.dsn)}"

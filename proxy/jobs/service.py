@@ -74,7 +74,7 @@ class JobService:
         self.rate_limit = core.rate_limit  # a submission is a request: the key's requests_per_second
         self.metrics = metrics
         if settings.store == "postgresql":
-            self.store = PgJobStore(settings.dsn, host_id, settings.lease_s, max_bytes=settings.max_db_bytes)
+            self.store = PgJobStore(settings.dsn, host_id, settings.lease_s)
         else:
             self.store = JobStore(db_path, settings.max_db_bytes)
         self.runner = JobRunner(self.store, auth, planner, core, metrics)
@@ -88,9 +88,8 @@ class JobService:
     def reconfigure(self, settings: JobsSettings, jobs_tier: str, keys: list[ApiKey]) -> None:
         self.settings = settings
         self.runner.reconfigure(jobs_tier, settings.concurrency, settings.max_attempts, settings.callback_retry_s)
-        self.store.callback_hold_s = settings.callback_timeout_s + 5.0  # a shared store's claim on a callback
-        if isinstance(self.store, PgJobStore):
-            self.store.max_bytes = settings.max_db_bytes
+        if isinstance(self.store, PgJobStore):  # SQLite takes its size bound once, at open
+            self.store.reconfigure(settings.max_db_bytes, settings.callback_timeout_s)
         self.callbacks.reconfigure(settings.callback_allow, self.own_listeners,
                                    {k.name: k.callback_secret for k in keys if k.callback_secret},
                                    settings.callback_timeout_s)
