@@ -196,6 +196,35 @@ def test_an_answer_made_on_one_host_is_a_hit_on_another_and_generated_once(start
     assert out.returncode == 0 and "(this host)" in out.stdout and str(hosts[1].port) in out.stdout, out
 
 
+def test_a_host_that_finds_the_flight_lock_free_also_finds_the_answer_stored_before_its_release(prefix):
+    """The leader stores its answer, then releases the lock; a host that missed the entry a moment
+    earlier must not then take the free lock and generate again (the lookup and the lock are one step)."""
+    import asyncio
+
+    from proxy.config import Shared
+    from proxy.metrics import Metrics
+    from proxy.shared.cache import SharedCache
+    from proxy.shared.link import SharedState
+
+    async def scenario():
+        hosts = [SharedState(Shared(redis_url=REDIS, key_prefix=prefix, timeout_s=2.0), f"host{i}", Metrics())
+                 for i in range(2)]
+        try:
+            leader, other = (SharedCache(h, ttl_s=60) for h in hosts)
+            assert await leader.lead("k") == (True, None)
+            assert await other.lead("k") == (False, None)  # held: the other host waits for it
+            assert await other.get("k") is None  # ... it looked before the answer was stored
+            await leader.put("k", b"answer")
+            await leader.release("k")
+            assert await other.lead("k") == (False, b"answer")  # the lock is free, the answer found
+            assert await other.wait_for_leader("k") == b"answer"
+        finally:
+            for h in hosts:
+                await h.aclose()
+
+    asyncio.run(scenario())
+
+
 def test_redis_down_mid_run_falls_back_and_sharing_resumes(start_host, tmp_path):
     private = PrivateRedis(tmp_path).start()
     with contextlib.ExitStack() as stack:

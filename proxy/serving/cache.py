@@ -140,13 +140,17 @@ class AnswerCache:
                 raw = await self.shared.get(key)
             except SharedUnavailable:
                 pass
-            if raw is not None and self.memory is not None:
-                self.memory[key] = raw
+            self.remember(key, raw)
         if raw is None:
             raw = await self._on_disk(self._disk_get, key)
             if raw is not None and self.memory is not None:
                 self.memory[key] = raw  # promote
         return self.decode(key, raw)
+
+    def remember(self, key: str, raw: bytes | None) -> None:
+        """Keep an answer another host stored in this host's memory tier too."""
+        if raw is not None and self.memory is not None and len(raw) <= self.memory.maxsize:
+            self.memory[key] = raw
 
     def decode(self, key: str, raw: bytes | None) -> CachedAnswer | None:
         if raw is None:

@@ -222,9 +222,13 @@ class ServingCore:
         here anyway (the leader gave up, or shared state is down)."""
         shared = self.cache.shared
         try:
-            if await shared.lead(key):
+            leading, stored = await shared.lead(key)
+            if leading:
                 return True, None
-            return False, self.cache.decode(key, await shared.wait_for_leader(key))
+            if stored is None:
+                stored = await shared.wait_for_leader(key)
+            self.cache.remember(key, stored)
+            return False, self.cache.decode(key, stored)
         except SharedUnavailable:
             return False, None
 

@@ -10,7 +10,10 @@ Single flight: the first host to generate a cacheable answer takes a short lock
 (`<prefix>:flight:<cache key>`, SET NX with an expiry, its value this host's id); another host
 asking the same meanwhile waits for the answer to appear in the shared tier, and generates it
 itself when the lock goes away without an answer (the leader failed or the answer was not
-storable) or when waiting runs past the lock's expiry.
+storable) or when waiting runs past the lock's expiry. Looking for the answer and taking the
+lock are one script: the leader stores its answer before it releases the lock, so a host that
+finds the lock free has also looked at the entry after the leader stored it (two separate calls
+would let a host miss the entry, then find the lock just released, and generate again).
 """
 
 from __future__ import annotations
@@ -26,6 +29,13 @@ RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+# The stored answer if there is one ({1, answer}); else take the lock ({0}) or report it held ({2}).
+LEAD = """
+local answer = redis.call('GET', KEYS[1])
+if answer then return {1, answer} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+return {2}
+"""
 
 
 class SharedCache:
@@ -35,6 +45,7 @@ class SharedCache:
         self.max_entry_bytes = shared.settings.cache_max_entry_bytes
         self.lock_ms = int(shared.settings.single_flight_s * 1000)
         self._release = shared.redis.register_script(RELEASE)
+        self._lead = shared.redis.register_script(LEAD)
 
     async def get(self, key: str) -> bytes | None:
         """SharedUnavailable when Redis is down."""
@@ -61,10 +72,15 @@ class SharedCache:
 
         return await self.shared.call("cache_clear", delete_all)
 
-    async def lead(self, key: str) -> bool:
-        """True when this host now generates `key` for every host (it holds the lock)."""
-        return bool(await self.shared.call("flight_lock", lambda redis: redis.set(
-            self.shared.key("flight", key), self.shared.host_id, nx=True, px=self.lock_ms)))
+    async def lead(self, key: str) -> tuple[bool, bytes | None]:
+        """(False, answer) when the answer is stored already; (True, None) when this host now
+        generates `key` for every host (it holds the lock); (False, None) when another host holds it."""
+        reply = await self.shared.call("flight_lock", lambda redis: self._lead(
+            keys=[self.shared.key("cache", key), self.shared.key("flight", key)],
+            args=[self.shared.host_id, self.lock_ms]))
+        if reply[0] == 1:
+            return False, reply[1]
+        return reply[0] == 0, None
 
     async def release(self, key: str) -> None:
         await self.shared.call("flight_release", lambda redis: self._release(
