@@ -5,9 +5,11 @@ ids or keys."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import HistogramMetricFamily
 
 # 1 ms .. 60 s, dense around the 1.5 s P99 alert.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -29,8 +31,9 @@ class Metrics:
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("fullpower_time_to_first_token_seconds", "Arrival to first token", ["tier"],
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.inter_token = Histogram("fullpower_inter_token_seconds", "Time between streamed frames", ["tier"],
-                                     buckets=FINE_BUCKETS + (10.0, 30.0, 60.0), registry=r)
+        # Observed once per streamed token: the one histogram on the per-token path (see LoopHistogram).
+        self.inter_token = LoopHistogram("fullpower_inter_token_seconds", "Time between streamed frames", ["tier"],
+                                         buckets=FINE_BUCKETS + (10.0, 30.0, 60.0), registry=r)
         self.overhead = Histogram("fullpower_proxy_overhead_seconds", "Time spent in the proxy itself",
                                   buckets=FINE_BUCKETS, registry=r)
         self.tokens = Counter("fullpower_tokens", "Tokens processed", ["tier", "kind"], registry=r)
@@ -86,3 +89,54 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LoopHistogram:
+    """A labelled histogram for figures observed per token, written only from the event loop's
+    thread. prometheus-client's Histogram takes a lock and walks its buckets on every observation
+    (about a microsecond, ~9% of the proxy's CPU per streamed token); this one bisects and adds,
+    and builds the same exposition (cumulative `le` buckets, `_sum`, `_count`) at scrape time."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str], buckets: tuple[float, ...],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        self.buckets = tuple(sorted(buckets))
+        self._children: dict[tuple[str, ...], _LoopHistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> "_LoopHistogramChild":
+        values = tuple(str(v) for v in values)
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}")
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _LoopHistogramChild(self.buckets)
+        return child
+
+    def describe(self):
+        return [HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        bounds = [repr(float(b)) for b in self.buckets] + ["+Inf"]
+        for values, child in list(self._children.items()):
+            counts, total, cumulative = list(child.counts), child.sum, 0
+            buckets = []
+            for bound, n in zip(bounds, counts):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            family.add_metric(list(values), buckets, total)
+        return [family]
+
+
+class _LoopHistogramChild:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, not cumulative; the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bound >= value: Prometheus' `le`
+        self.sum += value
