@@ -107,13 +107,19 @@ class RequestStream:
 
 class WorkerConnection(asyncio.Protocol):
     """Owns the socket to one worker process. `on_control` receives Ready, Heartbeat and Fatal
-    frames and, with None, the news that the connection closed."""
+    frames and, with None, the news that the connection closed.
+
+    Frames to the worker (Generate, Cancel) are gathered for the rest of the current loop
+    iteration and written together: requests arrive in bursts (a step ends many streams and their
+    clients send the next request at once), and each write to the worker's socket is a system call
+    that wakes its process. Order is kept; nothing waits longer than one loop iteration."""
 
     def __init__(self, on_control: Callable[[object], None]) -> None:
         self._on_control = on_control
         self._decoder = protocol.proxy_decoder()
         self._streams: dict[int, RequestStream] = {}
         self._transport: asyncio.Transport | None = None
+        self._outgoing: list[bytes] = []  # frames for the worker, written at the end of this loop iteration
         # time.monotonic() of the last bytes from the worker: a worker that streams is alive, even
         # when its heartbeat frames queue behind megabytes of tokens
         self.last_data = time.monotonic()
@@ -172,12 +178,22 @@ class WorkerConnection(asyncio.Protocol):
             stream._push(WorkerGone("worker connection closed"))
             return stream
         self._streams[msg.id] = stream
-        self._transport.write(protocol.encode(msg))
+        self._send(protocol.encode(msg))
         return stream
 
     def cancel(self, request_id: int) -> None:
         if self._streams.pop(request_id, None) is not None and not self._transport.is_closing():
-            self._transport.write(protocol.encode(Cancel(id=request_id)))
+            self._send(protocol.encode(Cancel(id=request_id)))
+
+    def _send(self, frame: bytes) -> None:
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(frame)
+
+    def _flush(self) -> None:
+        frames, self._outgoing = self._outgoing, []
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
 
     def close(self) -> None:
         if self._transport is not None:

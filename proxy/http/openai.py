@@ -162,17 +162,19 @@ class OpenAIHandlers:
             transport from the worker connection's callback, when nothing waits to be sent - so it
             cannot block, and order is kept. Declines (False) whenever the task must do it."""
             nonlocal last
-            transport = request.transport
-            if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+            if transport.is_closing() or transport.get_write_buffer_size():
                 return False
             if item.text:
-                event = fmt.delta_event(item.text, include_usage)
+                event = delta_event(item.text, include_usage)
                 # aiohttp's chunked framing, written whole: the writer's own state stays valid
                 transport.write(b"%x\r\n%b\r\n" % (len(event), event) if chunked else event)
-                now = time.monotonic()
-                inter_token.observe(now - last)
+                now = monotonic()
+                observe(now - last)
                 last = now
             return True
+
+        # what the direct path uses per token, looked up once
+        transport, delta_event, monotonic, observe = None, fmt.delta_event, time.monotonic, inter_token.observe
 
         async with contextlib.aclosing(answer.frames()) as frames:
             try:
@@ -209,8 +211,9 @@ class OpenAIHandlers:
                         out.append(b"data: [DONE]\n\n")
                     if out:
                         await sse.write(out[0] if len(out) == 1 else b"".join(out))
-                    if not direct_on and finished is None:
+                    if not direct_on and finished is None and request.transport is not None:
                         # from the first token on (`last` is set), tokens may take the direct path
+                        transport = request.transport
                         direct_on = answer.deliver_directly(direct)
             except ApiError as exc:
                 if response is None:
