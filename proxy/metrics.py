@@ -25,16 +25,16 @@ class Metrics:
         ProcessCollector(registry=r)  # process_cpu_seconds_total, memory, open fds (the CPU alert)
         self.requests = Counter("fullpower_requests", "Requests by tier, model, HTTP status and outcome",
                                 ["tier", "model", "status", "outcome"], registry=r)
-        self.duration = Histogram("fullpower_request_duration_seconds", "Total time of a request", ["tier"],
+        self.duration = LoopHistogram("fullpower_request_duration_seconds", "Total time of a request", ["tier"],
                                   buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("fullpower_queue_wait_seconds", "Time spent in the admission queue", ["tier"],
+        self.queue_wait = LoopHistogram("fullpower_queue_wait_seconds", "Time spent in the admission queue", ["tier"],
                                     buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram("fullpower_time_to_first_token_seconds", "Arrival to first token", ["tier"],
+        self.ttft = LoopHistogram("fullpower_time_to_first_token_seconds", "Arrival to first token", ["tier"],
                               buckets=LATENCY_BUCKETS, registry=r)
-        # Observed once per streamed token: the one histogram on the per-token path (see LoopHistogram).
+        # Histograms are observed on the event loop's thread only: LoopHistogram (no lock per observation).
         self.inter_token = LoopHistogram("fullpower_inter_token_seconds", "Time between streamed frames", ["tier"],
                                          buckets=FINE_BUCKETS + (10.0, 30.0, 60.0), registry=r)
-        self.overhead = Histogram("fullpower_proxy_overhead_seconds", "Time spent in the proxy itself",
+        self.overhead = LoopHistogram("fullpower_proxy_overhead_seconds", "Time spent in the proxy itself",
                                   buckets=FINE_BUCKETS, registry=r)
         self.tokens = Counter("fullpower_tokens", "Tokens processed", ["tier", "kind"], registry=r)
         self.retries = Counter("fullpower_retries", "Requests retried on another worker before the first byte",
@@ -63,8 +63,15 @@ class Metrics:
         self.rate_limited = Counter("fullpower_rate_limited", "Requests refused by a key's rate limit",
                                     ["tier", "limit"], registry=r)
 
+        # The public listener's fast lane (proxy/http/fast_lane.py): how much it serves, how often it hands over.
+        self.fast_lane_requests = Counter("fullpower_fast_lane_requests", "Requests answered on the fast lane",
+                                          registry=r)
+        self.fast_lane_handovers = Counter("fullpower_fast_lane_handovers", "Connections handed from the fast "
+                                           "lane to aiohttp (a stream, another endpoint, an unusual request)",
+                                           registry=r)
+
         # Shared state (Redis) across appliances; `op` is one of a fixed set of operation names.
-        self.shared_seconds = Histogram("fullpower_shared_state_seconds", "Time of one shared-state (Redis) call",
+        self.shared_seconds = LoopHistogram("fullpower_shared_state_seconds", "Time of one shared-state (Redis) call",
                                         ["op"], buckets=FINE_BUCKETS, registry=r)
         self.shared_fallbacks = Counter("fullpower_shared_state_fallbacks", "Shared-state operations that used "
                                         "this host's local path because Redis was unreachable", ["op"], registry=r)
@@ -97,12 +104,18 @@ class LoopHistogram:
     (about a microsecond, ~9% of the proxy's CPU per streamed token); this one bisects and adds,
     and builds the same exposition (cumulative `le` buckets, `_sum`, `_count`) at scrape time."""
 
-    def __init__(self, name: str, documentation: str, labelnames: list[str], buckets: tuple[float, ...],
+    def __init__(self, name: str, documentation: str, labelnames: list[str] = (), *, buckets: tuple[float, ...],
                  registry: CollectorRegistry) -> None:
         self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
         self.buckets = tuple(sorted(buckets))
         self._children: dict[tuple[str, ...], _LoopHistogramChild] = {}
+        if not self.labelnames:
+            self.labels()  # exposed (all zero) from the start, as prometheus-client does
         registry.register(self)
+
+    def observe(self, value: float) -> None:
+        """For a histogram without labels."""
+        self.labels().observe(value)
 
     def labels(self, *values: str) -> "_LoopHistogramChild":
         values = tuple(str(v) for v in values)

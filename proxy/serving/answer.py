@@ -21,12 +21,13 @@ class Answer:
     """Where one request's frames come from (its own generation, a shared flight, the cache) and
     who served it. `cache` is what the X-Fullpower-Cache header says: miss, hit, coalesced, bypass."""
 
-    __slots__ = ("cache", "cache_header", "_frames", "_served_by", "_queued_s", "_rec", "_generation")
+    __slots__ = ("cache", "cache_header", "_frames", "_served_by", "_queued_s", "_rec", "_generation", "_cached")
 
     def __init__(self, cache: str, frames: AsyncIterator[Batch], served_by: Callable[[], tuple],
                  queued_s: Callable[[], float | None], rec: RequestRecord, same_owner: bool = True,
-                 generation: Generation | None = None) -> None:
+                 generation: Generation | None = None, cached: CachedAnswer | None = None) -> None:
         self._generation = generation  # its own generation (not a shared flight or the cache)
+        self._cached = cached  # the cached answer `frames` replays (a hit)
         self.cache = cache  # the truth, for the access log and metrics
         # What the client is told: another key's answer (shared cache scope) or generation in
         # progress must not reveal that someone else just asked the same thing.
@@ -67,6 +68,8 @@ class Answer:
 
     async def collect(self) -> Collected:
         """The whole answer (for non-streaming callers): its text, Finished frame and logprobs."""
+        if self._cached is not None:  # a hit: the whole answer is here, no frames to walk through
+            return self._collect_cached(self._cached)
         parts: list[str] = []
         logprobs: list = []
         finished = None
@@ -80,6 +83,17 @@ class Answer:
                         if item.logprobs:
                             logprobs.extend(item.logprobs)
         return Collected("".join(parts), finished, logprobs)
+
+    def _collect_cached(self, cached: CachedAnswer) -> Collected:
+        """What collecting replay_cached's frames gives, with the same record keeping as frames()."""
+        rec = self._rec
+        self._record_served_by()
+        if rec.ttft_s is None:
+            rec.ttft_s = time.monotonic() - rec.started
+        rec.prompt_tokens, rec.completion_tokens = cached.prompt_tokens, cached.completion_tokens
+        finished = Finished(id=0, finish_reason=cached.finish_reason, prompt_tokens=cached.prompt_tokens,
+                            completion_tokens=cached.completion_tokens)
+        return Collected("".join(cached.pieces), finished, [])
 
     def _record_served_by(self) -> None:
         worker, _ = self._served_by()

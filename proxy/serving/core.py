@@ -162,7 +162,7 @@ class ServingCore:
                         return joined
             if cached is not None:
                 return Answer("hit", replay_cached(cached), lambda: ((cached.worker, cached.model), None),
-                              lambda: None, rec, same_owner=cached.owner == plan.key), lambda: None
+                              lambda: None, rec, same_owner=cached.owner == plan.key, cached=cached), lambda: None
 
         async def run(flight: Flight) -> None:
             try:
