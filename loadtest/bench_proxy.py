@@ -2,7 +2,8 @@
 
 (a) a minimal aiohttp upstream stub called directly; (b) Debian's nginx proxying that stub;
 (c) fullpower with fake-engine workers at zero token latency (every request reaches a worker);
-(d) fullpower answering from its cache. Saturation req/s with wrk (rounds interleaved, median
+(d) fullpower answering from its cache; (c) and (d) again with the fast lane off (every request
+through aiohttp), side by side. Saturation req/s with wrk (rounds interleaved, median
 taken), latency at a fixed rate with the open-loop load generator, streaming tokens/s through
 fullpower vs straight from a worker, idle keep-alive connections, and proxy memory at a steady rate.
 Loopback only; every phase is bounded in time.
@@ -306,7 +307,17 @@ def main(argv=None) -> int:
         (tmp / "long.yaml").write_text(yaml.safe_dump(long_cfg))
         long_proc = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(tmp / "long.yaml")], cwd=ROOT)
         stack.procs.append(long_proc)
+        # and a third, the same as the first with its fast lane off (every request through aiohttp):
+        # the two HTTP paths side by side in one run
+        plain_cfg = yaml.safe_load((tmp / "fullpower.yaml").read_text())
+        fp_port_plain = free_port()
+        plain_cfg.update(listen=f"127.0.0.1:{fp_port_plain}", admin_listen=f"127.0.0.1:{free_port()}",
+                         data_dir=str(tmp / "data-plain"), fast_lane=False)
+        (tmp / "plain.yaml").write_text(yaml.safe_dump(plain_cfg))
+        stack.procs.append(subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(tmp / "plain.yaml")],
+                                            cwd=ROOT))
         wait_port(stack.fp_port_long)
+        wait_port(fp_port_plain)
         time.sleep(2)
 
         if args.only == "memory":
@@ -317,6 +328,9 @@ def main(argv=None) -> int:
             "b_nginx_to_stub": (f"http://127.0.0.1:{stack.nginx_port}/v1/chat/completions", chat_body(0.5)),
             "c_fullpower_workers": (f"http://127.0.0.1:{stack.fp_port}/v1/chat/completions", chat_body(0.5)),
             "d_fullpower_cache_hit": (f"http://127.0.0.1:{stack.fp_port}/v1/chat/completions", chat_body(0.0)),
+            "c_fullpower_workers_aiohttp": (f"http://127.0.0.1:{fp_port_plain}/v1/chat/completions", chat_body(0.5)),
+            "d_fullpower_cache_hit_aiohttp": (f"http://127.0.0.1:{fp_port_plain}/v1/chat/completions",
+                                              chat_body(0.0)),
         }
         runs: dict[str, list] = {k: [] for k in cases}
         for r in range(args.rounds):

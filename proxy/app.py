@@ -154,7 +154,8 @@ class Appliance:
         # so connections made while we restart wait in its queue instead of being refused.
         passed = systemd.inherited_sockets()
         for app, address, role in listeners:
-            listener = Listener(app, self.cfg.limits)
+            listener = (Listener(app, self.cfg.limits, self.openai.fast_routes(), self.context, self.body)
+                        if role == "public" and self.cfg.fast_lane else Listener(app, self.cfg.limits))
             await listener.setup()
             stack.push_async_callback(self._close_listener, listener)
             sock = passed.pop(role, None)
@@ -249,7 +250,7 @@ class Appliance:
         try:
             new = self._with_overrides(load_config(self.config_path))
             problems = [f"{field}: changing it needs a restart"
-                        for field in ("listen", "admin_listen", "data_dir", "shared")
+                        for field in ("listen", "admin_listen", "data_dir", "shared", "fast_lane")
                         if getattr(new, field) != getattr(self.cfg, field)]
             problems += [f"jobs.{field}: changing it needs a restart" for field in ("enabled", "store", "dsn", "db_path")
                          if getattr(new.jobs, field) != getattr(self.cfg.jobs, field)]

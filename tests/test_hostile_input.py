@@ -90,9 +90,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["close", "keep-alive"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_hostile_input_gets_its_status(server, case):
+def test_hostile_input_gets_its_status(server, case, keep_alive):
+    """With `Connection: close` a request goes to aiohttp; on a keep-alive connection it reaches
+    the fast lane first (proxy/http/fast_lane.py), which must answer or hand it over the same."""
     data, expected = CASES[case]
+    if keep_alive:
+        data = data.replace(b"Connection: close\r\n", b"").replace(b"Connection: close\n", b"")
     response = raw(server, data)
     assert status_of(response) in ((400, 431) if expected == 431 else (expected,)), response[:300]
     assert b"Traceback" not in response

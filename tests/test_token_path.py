@@ -11,7 +11,7 @@ from tests.conftest import fake_config, http_json, metric_value, wait_until
 from tests.test_request_path import KEYS, body, read_stream, stream_text
 
 
-def _slow_read(port: int, payload: dict, key: str, pause) -> list[dict]:
+def _slow_read(port: int, payload: dict, key: str, pause, keep_alive: bool = False) -> list[dict]:
     """A streaming request whose client stops reading after the first bytes until `pause()`
     returns: the sockets' buffers fill (a small receive buffer keeps them small), and the deltas
     the worker makes meanwhile pile up behind them."""
@@ -20,7 +20,7 @@ def _slow_read(port: int, payload: dict, key: str, pause) -> list[dict]:
     sock.connect(("127.0.0.1", port))
     raw = json.dumps(payload).encode()
     sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Cache-Control: no-cache, no-store\r\nConnection: close\r\n"
+                 b"Cache-Control: no-cache, no-store\r\n" + (b"" if keep_alive else b"Connection: close\r\n")
                  + f"Authorization: {key}\r\nContent-Length: {len(raw)}\r\n\r\n".encode() + raw)
     data = b""
     deadline = time.monotonic() + 120
@@ -31,6 +31,8 @@ def _slow_read(port: int, payload: dict, key: str, pause) -> list[dict]:
         if not data:
             pause()
         data += chunk
+        if keep_alive and data.endswith(b"\r\n0\r\n\r\n"):
+            break  # the last chunk: the connection stays open for the next request
     sock.close()
     head, _, chunked = data.partition(b"\r\n\r\n")
     body_bytes, rest = b"", chunked
@@ -45,10 +47,12 @@ def _slow_read(port: int, payload: dict, key: str, pause) -> list[dict]:
     return [json.loads(e) for e in events[:-1]]
 
 
-@pytest.mark.parametrize("cache", [True, False], ids=["shared-flight", "direct-path"])
-def test_a_slow_client_gets_merged_deltas_with_the_exact_text_and_token_counts(start_server, cache):
+@pytest.mark.parametrize("cache,keep_alive", [(True, False), (False, False), (False, True)],
+                         ids=["shared-flight", "direct-path", "direct-path-fast-lane"])
+def test_a_slow_client_gets_merged_deltas_with_the_exact_text_and_token_counts(start_server, cache, keep_alive):
     """With the cache on, the answer comes through a shared flight; with it off, through the
-    request's own generation and the direct path (tokens written from the worker connection)."""
+    request's own generation and the direct path (tokens written from the worker connection).
+    `Connection: close` sends the request to aiohttp; a keep-alive one is served by the fast lane."""
     tokens = 100_000  # about 14 MB of events: far more than the sockets' buffers hold
     config = fake_config(fake={"token_latency_ms": 0, "output_tokens": tokens, "context_length": tokens + 100})
     config["cache"] = {"enabled": cache}
@@ -62,7 +66,7 @@ def test_a_slow_client_gets_merged_deltas_with_the_exact_text_and_token_counts(s
                                         "fullpower_worker_generated_tokens_total") >= 2 * tokens,
                    timeout=60, interval=0.05, what="the worker finished generating")
 
-    slow = _slow_read(server.port, payload, KEYS["standard"], worker_done)
+    slow = _slow_read(server.port, payload, KEYS["standard"], worker_done, keep_alive)
     slow_text = "".join(e["choices"][0]["delta"].get("content") or "" for e in slow if e["choices"])
     assert slow_text == stream_text(fast)
     usage = slow[-1]["usage"]

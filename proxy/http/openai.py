@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from typing import Callable
 
 import msgspec
 from aiohttp import web
@@ -42,6 +43,10 @@ class OpenAIHandlers:
     def routes(self) -> list[web.RouteDef]:
         return [web.post("/v1/chat/completions", self.chat_completions), web.post("/v1/completions", self.completions),
                 web.get("/v1/models", self.list_models)]
+
+    def fast_routes(self) -> dict[bytes, Callable]:
+        """The endpoints the fast lane serves (plain requests; it hands streams to aiohttp)."""
+        return {b"/v1/chat/completions": self.chat_completions, b"/v1/completions": self.completions}
 
     async def list_models(self, request: web.Request) -> web.Response:
         principal = self.auth.authenticate(request.headers.get("Authorization"))

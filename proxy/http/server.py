@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import re
 from http import HTTPStatus
+from typing import Callable
 
 import msgspec
 from aiohttp import web, web_protocol, web_server
@@ -16,6 +17,7 @@ from aiohttp import web, web_protocol, web_server
 from proxy.config import Limits
 from proxy.errors import (ApiError, MethodNotAllowed, NoWorkerReady, NotFound, PayloadTooLarge, RequestTimeout,
                           UnsupportedMediaType)
+from proxy.http.fast_lane import FastLane, FastLaneConnection
 from proxy.metrics import Metrics
 from proxy.serving.record import RequestRecord, new_request_id
 
@@ -111,6 +113,10 @@ class RequestContext:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler):
+        return await self.run(request, handler)
+
+    async def run(self, request, handler):
+        """One request through its context: `request` is aiohttp's, or the fast lane's FastRequest."""
         incoming = request.headers.get("X-Request-Id", "")
         rec = RequestRecord(incoming if _REQUEST_ID.match(incoming) else new_request_id(),
                             self.client_address.of(request), request.method, request.path)
@@ -213,7 +219,14 @@ class _JsonErrorHandler(web_protocol.RequestHandler):
 
 
 class _JsonErrorServer(web_server.Server):
-    def __call__(self) -> web_protocol.RequestHandler:
+    fast_lane: FastLane | None = None  # set on the public listener: connections start on the fast lane
+
+    def __call__(self) -> web_protocol.RequestHandler | FastLaneConnection:
+        if self.fast_lane is not None:
+            return FastLaneConnection(self.fast_lane, self, self.aiohttp_handler)
+        return self.aiohttp_handler()
+
+    def aiohttp_handler(self) -> web_protocol.RequestHandler:
         return _JsonErrorHandler(self, loop=self._loop, **self._kwargs)
 
 
@@ -222,16 +235,26 @@ class Listener(web.AppRunner):
     response): a client that has not sent a whole request head by then is closed, so it doubles as
     the slow-header timeout."""
 
-    def __init__(self, app: web.Application, limits: Limits) -> None:
+    def __init__(self, app: web.Application, limits: Limits,
+                 fast_routes: dict[bytes, Callable] | None = None,
+                 context: "RequestContext | None" = None, body: "JsonBodyReader | None" = None) -> None:
         super().__init__(app, handler_cancellation=True, access_log=None, keepalive_timeout=limits.header_timeout_s,
                          max_headers=limits.max_header_count, max_field_size=limits.max_header_bytes,
                          max_line_size=limits.max_header_bytes)
+        self.fast_lane = None
+        if fast_routes:
+            # the same limits as aiohttp's parser above; the body bounds are read live (reload)
+            self.fast_lane = FastLane(fast_routes, context.run, lambda: body.limits, limits.max_header_count,
+                                      limits.max_header_bytes, limits.header_timeout_s, SERVER_HEADER,
+                                      context.metrics)
 
     async def _make_server(self) -> web_server.Server:
         server = await super()._make_server()
-        return _JsonErrorServer(server.request_handler, request_factory=server.request_factory,
+        ours = _JsonErrorServer(server.request_handler, request_factory=server.request_factory,
                                 handler_cancellation=server.handler_cancellation, loop=server._loop,
                                 **server._kwargs)
+        ours.fast_lane = self.fast_lane
+        return ours
 
     async def close(self, within_s: float) -> None:
         """Stop listening, then give handlers still running at most `within_s` (what is left of the

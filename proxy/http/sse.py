@@ -36,9 +36,12 @@ async def open_event_stream(request: web.Request, rec: RequestRecord, answer: An
     """Send the headers of an event stream. Called with the first frame, so that a worker lost
     before it is retried invisibly and the headers name the worker that served."""
     rec.overhead_s = overhead_s(rec, answer, time.monotonic())
-    response = web.StreamResponse(headers={
+    # aiohttp's response, or the fast lane's (proxy/http/fast_lane.py) on a connection it serves
+    make = getattr(request, "stream_response", None) or web.StreamResponse
+    response = make(headers={
         **response_headers(rec, answer), "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no"})
+    request["stream_started"] = True
     await response.prepare(request)
     return response, SseWriter(request, response, write_timeout_s)
 
