@@ -190,7 +190,7 @@ class Appliance:
         pools = {}
         for p in self.cfg.pools:
             workers = [w for w in self.pools.workers.values() if w.pool == p.name]
-            pools[p.name] = {"model": p.model, "workers": len(workers), "ready": self.pools.ready(p.name)}
+            pools[p.name] = {"model": p.model, "workers": len(workers), "ready": len(self.pools.ready(p.name))}
         queued = sum(a.queued() for a in self.gate.admissions.values())
         return {"pools": pools, "load": {"inflight": self.inflight.count, "queued": queued},
                 "draining": self.inflight.draining}

@@ -188,9 +188,13 @@ def test_an_answer_made_on_one_host_is_a_hit_on_another_and_generated_once(start
     assert chat(hosts[1].url, temperature=0)[1]["X-Fullpower-Cache"] == "hit"  # its own memory tier still has it
     assert http_json(hosts[1].admin + "/admin/cache/clear", {}, ADMIN, timeout=10)[0] == 200
     assert chat(hosts[0].url, temperature=0)[1]["X-Fullpower-Cache"] == "miss"
-    # The registry lists both hosts, from either.
+    # The registry lists both hosts, from either, with their ready workers counted (republished
+    # every registry_ttl_s / 3 while they serve).
     status, _, fleet = http_json(hosts[1].admin + "/admin/fleet", headers=ADMIN, timeout=5)
     assert status == 200 and {h["address"] for h in fleet["hosts"]} == {f"{h.host}:{h.port}" for h in hosts}
+    wait_until(lambda: all(p["ready"] == p["workers"] == 1
+                           for h in http_json(hosts[0].admin + "/admin/fleet", headers=ADMIN, timeout=5)[2]["hosts"]
+                           for p in h["pools"].values()), timeout=15, what="both hosts' ready workers published")
     out = subprocess.run([*FULLPOWER, "status", "--fleet",
                           "--config", str(hosts[0].config_path)], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "(this host)" in out.stdout and str(hosts[1].port) in out.stdout, out
