@@ -108,6 +108,9 @@ class PoolState:
         self.workers: dict[str, Replica] = {}
         self._on_capacity = on_capacity  # (pool, requests, tokens) whenever the pool's capacity may have changed
         self._changed = asyncio.Event()
+        # pool -> its READY workers, asked several times per request; dropped on every change of a
+        # worker's state or of the set of workers (all of which happen in this class)
+        self._ready: dict[str, list[Replica]] = {}
 
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until `predicate()` holds (checked after every state change), at most `timeout` s."""
@@ -127,6 +130,7 @@ class PoolState:
 
     def add(self, worker: Replica) -> None:
         self.workers[worker.id] = worker
+        self._ready.clear()
 
     def remove(self, worker: Replica) -> None:
         self.workers.pop(worker.id, None)
@@ -136,7 +140,12 @@ class PoolState:
         return [w for w in self.workers.values() if w.pool == pool]
 
     def ready(self, pool: str) -> list[Replica]:
-        return [w for w in self.workers.values() if w.pool == pool and w.state is WorkerState.READY]
+        """The pool's READY workers (callers must not change the list)."""
+        found = self._ready.get(pool)
+        if found is None:
+            found = self._ready[pool] = [w for w in self.workers.values()
+                                         if w.pool == pool and w.state is WorkerState.READY]
+        return found
 
     def any_ready(self) -> bool:
         return any(w.state is WorkerState.READY for w in self.workers.values())
@@ -176,6 +185,7 @@ class PoolState:
         """A process is about to fill the slot (adopted or spawned: `connected` says which)."""
         worker.adopted, worker.process_started_at = False, None
         worker.state = WorkerState.STARTING
+        self._ready.clear()
         worker.process_epoch += 1
         worker.pid = pid
         worker.conn = conn
@@ -256,7 +266,7 @@ class PoolState:
                 worker.inflight_tokens -= cost
             if outcome is not None:
                 verdict = self._record(worker, outcome)
-        self._notify(worker.pool)
+        self._notify(worker.pool, states_changed=False)
         return verdict
 
     def _record(self, worker: Replica, outcome: Outcome) -> Ejection | None:
@@ -275,12 +285,14 @@ class PoolState:
     # --- settings and requests from the supervisor ----------------------------------------------
     def set_limits(self, worker: Replica, capacity: int, token_capacity: int) -> None:
         worker.capacity, worker.token_capacity = capacity, token_capacity
-        self._notify(worker.pool)
+        self._notify(worker.pool, states_changed=False)
 
     def restart_requested(self, worker: Replica, why: str) -> None:
         worker.last_error = why
 
-    def _notify(self, pool: str) -> None:
+    def _notify(self, pool: str, states_changed: bool = True) -> None:
+        if states_changed:
+            self._ready.clear()
         requests, tokens = self.capacity(pool)
         self._on_capacity(pool, requests, tokens)
         self._changed.set()
