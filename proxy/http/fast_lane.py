@@ -265,6 +265,8 @@ class FastLaneConnection(asyncio.Protocol):
         except asyncio.CancelledError:
             self._busy = None
             return  # the client went away, or the listener is shutting down
+        except ConnectionError:  # the transport closed under a write (a client cut as too slow, say)
+            keep_alive = False
         except Exception:  # noqa: BLE001 - the request context answers every error; this is a bug
             log.exception("fast lane: could not answer a request")
             keep_alive = False
