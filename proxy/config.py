@@ -234,7 +234,7 @@ class Routing(_Base, kw_only=True):
 
 class Config(_Base, kw_only=True):
     listen: str = "127.0.0.1:8080"  # "" = no public listener (jobs and the admin listener only)
-    # Plain OpenAI requests served by the fast lane (proxy/http/fast_lane.py); false: all by aiohttp.
+    # chat/completions requests served by the fast lane (proxy/http/fast_lane.py); false: all by aiohttp.
     fast_lane: bool = True
     admin_listen: str = DEFAULT_ADMIN_LISTEN
     # The admin listener's bearer token: this file's content; "" = <data_dir>/admin.token, created
