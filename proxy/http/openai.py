@@ -45,7 +45,7 @@ class OpenAIHandlers:
                 web.get("/v1/models", self.list_models)]
 
     def fast_routes(self) -> dict[bytes, Callable]:
-        """The endpoints the fast lane serves (plain requests; it hands streams to aiohttp)."""
+        """The endpoints the fast lane serves (plain and streaming; proxy/http/fast_lane.py)."""
         return {b"/v1/chat/completions": self.chat_completions, b"/v1/completions": self.completions}
 
     async def list_models(self, request: web.Request) -> web.Response:
