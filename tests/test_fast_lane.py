@@ -160,3 +160,17 @@ def test_a_client_that_leaves_cancels_its_generation(start_server):
     sock.close()
     wait_until(lambda: cancelled() > before, timeout=30, what="the generation cancelled")
     assert served_on_lane(server)[0] == served_before  # nothing was answered
+
+
+def test_a_body_in_several_reads_is_served_on_the_lane(server):
+    before = served_on_lane(server)
+    raw = raw_request(body("in pieces " * 200, max_tokens=4))
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        for i in range(0, len(raw), 300):  # the head, then the body in pieces, each its own write
+            sock.sendall(raw[i:i + 300])
+            time.sleep(0.02)  # shapes the input into separate reads; nothing waits on it
+        status, _, data = read_response(reader)
+    assert status == 200 and json.loads(data)["choices"][0]["message"]["content"]
+    after = served_on_lane(server)
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 0), (before, after)

@@ -112,8 +112,10 @@ class FastLaneConnection(asyncio.Protocol):
         self._remote = ""
         self._buf = bytearray()
         self._busy: asyncio.Task | None = None  # the request being served
-        self._timer: asyncio.TimerHandle | None = None  # header or body timeout
-        self._body_wait = False  # the head is here, the body is not yet
+        self._timer: asyncio.TimerHandle | None = None  # the head's (and idle keep-alive's) or the body's timeout
+        # the parsed head of the request whose body is still arriving (parsed once, however many reads)
+        self._waiting: tuple | None = None
+        self._head_sent = False  # the current request's response head went out (a stream's)
         self._closing = False  # close once the current request is answered
         self._paused = False  # reading paused: the client is far ahead of its answers
         self._drained: asyncio.Future | None = None  # set while the transport is above its high-water mark
@@ -155,6 +157,7 @@ class FastLaneConnection(asyncio.Protocol):
         """The status line and headers of a response whose body follows in chunks."""
         keep_alive = response.keep_alive is not False and not self._closing
         self.transport.write(self._head(response, keep_alive))
+        self._head_sent = True
 
     def eof_received(self) -> None:
         return None  # close; a request in flight is cancelled (as on aiohttp's lane)
@@ -193,31 +196,36 @@ class FastLaneConnection(asyncio.Protocol):
                 self._hand_over()  # too long, or lines ended by a bare LF: aiohttp's parser answers
             return
         head_len = end + len(HEAD_END)
-        if buf.count(b"\n", 0, head_len) != buf.count(b"\r\n", 0, head_len):
-            self._hand_over()  # a bare LF inside the head
-            return
-        head = _Head()
-        parser = httptools.HttpRequestParser(head)
-        try:
-            parser.feed_data(bytes(buf[:head_len]))
-        except httptools.HttpParserError:
-            self._hand_over()  # aiohttp's parser answers it (a 400, as on its own lane)
-            return
-        route = self._eligible(parser, head)
-        if route is None:
-            self._hand_over()
-            return
-        handler, path, headers, length = route
-        if len(buf) < head_len + length:
-            if not self._body_wait:
-                self._body_wait = True
+        if self._waiting is None:
+            if buf.count(b"\n", 0, head_len) != buf.count(b"\r\n", 0, head_len):
+                self._hand_over()  # a bare LF inside the head
+                return
+            head = _Head()
+            parser = httptools.HttpRequestParser(head)
+            try:
+                parser.feed_data(bytes(buf[:head_len]))
+            except httptools.HttpParserError:
+                self._hand_over()  # aiohttp's parser answers it (a 400, as on its own lane)
+                return
+            route = self._eligible(parser, head)
+            if route is None:
+                self._hand_over()
+                return
+            if len(buf) < head_len + route[-1]:
+                self._waiting = route
                 self._arm(lane.limits().body_timeout_s)  # a body slower than this goes to aiohttp
-            return
+                return
+        else:
+            route = self._waiting
+            if len(buf) < head_len + route[-1]:
+                return
+        handler, path, headers, length = route
         body = bytes(buf[head_len:head_len + length])
         del buf[:head_len + length]
         self._cancel_timer()
-        self._body_wait = False
-        request = FastRequest(parser.get_method().decode(), path, headers, self._remote, body, self)
+        self._waiting = None
+        self._head_sent = False
+        request = FastRequest("POST", path, headers, self._remote, body, self)  # the lane serves POSTs only
         self._busy = asyncio.get_running_loop().create_task(self._serve(handler, request))
 
     def _eligible(self, parser: httptools.HttpRequestParser, head: _Head):
@@ -256,7 +264,7 @@ class FastLaneConnection(asyncio.Protocol):
             stream = getattr(response, "finished", None)
             if stream is not None:  # a LaneStreamResponse: written already, whole if finished
                 keep_alive = stream and response.keep_alive is not False and not self._closing
-            elif request.get("stream_started"):
+            elif self._head_sent:
                 keep_alive = False  # an error after a stream's head: closing is all that is left
             else:
                 keep_alive = response.keep_alive is not False and not self._closing
@@ -311,8 +319,6 @@ class FastLaneConnection(asyncio.Protocol):
         handler = self._make_handler()
         transport.set_protocol(handler)
         handler.connection_made(transport)
-        if self._paused:
-            transport.resume_reading()
         if data:
             handler.data_received(data)
 
@@ -329,7 +335,7 @@ class FastLaneConnection(asyncio.Protocol):
         self._timer = None
         if self._busy is not None or self.transport is None:
             return
-        if self._body_wait:
+        if self._waiting is not None:
             self._hand_over()  # a slow body: aiohttp's body timeout and its 408 decide
         else:
             self.transport.close()  # an idle keep-alive or a head that never completed

@@ -68,10 +68,9 @@ class LaneStreamResponse:
         self.keep_alive = False
 
     async def prepare(self, request) -> None:
-        conn = self._conn
         self.headers["Transfer-Encoding"] = "chunked"  # the direct path frames its writes by this
         self.prepared = True
-        conn.write_head(self)
+        self._conn.write_head(self)
 
     async def write(self, data: bytes) -> None:
         if data:

@@ -41,7 +41,6 @@ async def open_event_stream(request: web.Request, rec: RequestRecord, answer: An
     response = make(headers={
         **response_headers(rec, answer), "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
         "X-Accel-Buffering": "no"})
-    request["stream_started"] = True
     await response.prepare(request)
     return response, SseWriter(request, response, write_timeout_s)
 

@@ -37,6 +37,12 @@ class Answer:
         self._queued_s = queued_s
         self._rec = rec
 
+    @classmethod
+    def from_cache(cls, cached: CachedAnswer, rec: RequestRecord, same_owner: bool) -> "Answer":
+        """A cache hit: its frames replay `cached`, and collecting takes it whole."""
+        return cls("hit", replay_cached(cached), lambda: ((cached.worker, cached.model), None), lambda: None, rec,
+                   same_owner=same_owner, cached=cached)
+
     @property
     def dispatched_at(self) -> float | None:
         return self._served_by()[1]

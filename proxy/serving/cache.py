@@ -143,12 +143,12 @@ class AnswerCache:
             self.remember(key, raw)
         if raw is None:
             raw = await self._on_disk(self._disk_get, key)
-            if raw is not None and self.memory is not None:
-                self.memory[key] = raw  # promote
+            self.remember(key, raw)  # promote
         return self.decode(key, raw)
 
     def remember(self, key: str, raw: bytes | None) -> None:
-        """Keep an answer another host stored in this host's memory tier too."""
+        """Keep an answer in this host's memory tier, when it fits there (from the shared tier, the
+        disk or a new answer)."""
         if raw is not None and self.memory is not None and len(raw) <= self.memory.maxsize:
             self.memory[key] = raw
 
@@ -166,8 +166,7 @@ class AnswerCache:
 
     async def put(self, key: str, answer: CachedAnswer) -> None:
         raw = _encode(answer)
-        if self.memory is not None and len(raw) <= self.memory.maxsize:
-            self.memory[key] = raw
+        self.remember(key, raw)
         if self.shared is not None:
             try:
                 await self.shared.put(key, raw)

@@ -23,7 +23,7 @@ from proxy.config import ApiKey, Cache, Routing, Tier, Timeouts
 from proxy.errors import Overloaded
 from proxy.fleet.pool import Ejection, PoolState
 from proxy.metrics import Metrics
-from proxy.serving.answer import Answer, replay_cached, served_by_worker
+from proxy.serving.answer import Answer, served_by_worker
 from proxy.serving.cache import AnswerCache, CachedAnswer
 from proxy.serving.coalesce import Coalescer, Flight
 from proxy.serving.degrade import Degrader, Load
@@ -161,8 +161,7 @@ class ServingCore:
                     if joined is not None:  # a local request started it while this one waited
                         return joined
             if cached is not None:
-                return Answer("hit", replay_cached(cached), lambda: ((cached.worker, cached.model), None),
-                              lambda: None, rec, same_owner=cached.owner == plan.key, cached=cached), lambda: None
+                return Answer.from_cache(cached, rec, same_owner=cached.owner == plan.key), lambda: None
 
         async def run(flight: Flight) -> None:
             try:
