@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from backend import decode_attention
+from backend.fused import FusedPieces
 from backend.manifest import ManifestError, has_manifest, verify_manifest
 from backend.protocol import Generate, TokenLogprob, WorkerSettings
 from backend.sampling import sample
@@ -48,12 +50,14 @@ class BootError(Exception):
 class _Step:
     """What slot_attention needs for one forward pass; handed down through the model's kwargs."""
 
-    __slots__ = ("k", "v", "decode", "rows", "positions", "length", "start")
+    __slots__ = ("k", "v", "decode", "rows", "positions", "length", "start", "splits", "lengths")
 
     def __init__(self, k, v, decode: bool, rows: torch.Tensor, positions: torch.Tensor | None = None,
-                 length: int = 0, start: int = 0) -> None:
+                 length: int = 0, start: int = 0, splits: int = 0) -> None:
         self.k, self.v, self.decode, self.rows, self.positions, self.length = k, v, decode, rows, positions, length
         self.start = start  # prefill: the position of the first new token (a later chunk of a long prompt)
+        self.splits = splits  # decode: > 0 attends with the live-prefix kernel, in this many splits per row
+        self.lengths = positions + 1 if splits else None  # decode: each row's live prefix, this token included
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, fp_step: _Step = None,
@@ -67,6 +71,9 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
         rows, positions = fp_step.rows, fp_step.positions
         k_cache[rows, :, positions] = key[:, :, 0]
         v_cache[rows, :, positions] = value[:, :, 0]
+        if fp_step.splits:  # only each row's live prefix (positions 0 .. its position)
+            return decode_attention.decode_attention(query, k_cache, v_cache, fp_step.lengths, scaling,
+                                                     fp_step.splits), None
         n, length = query.shape[0], fp_step.length
         out = F.scaled_dot_product_attention(query, k_cache[:n, :, :length], v_cache[:n, :, :length],
                                              attn_mask=attention_mask, scale=scaling, enable_gqa=True)
@@ -217,7 +224,18 @@ class TransformersEngine(BatchEngine):
             # which spent all of an H200's memory on the 1B shape. int8 runs eagerly on GPU.
             log.warning("dtype int8: CUDA graphs off (each captured step would keep dequantised weights)")
             self.use_graphs = False
-        self._graphs: dict[tuple[int, int], tuple] = {}
+        # Decode attention over each row's live prefix (a Triton kernel) inside captured graphs;
+        # SDPA over the length bucket elsewhere (CPU, fp32, eager steps). An attribute so that a
+        # benchmark can compare both in one process; the graph cache is keyed by it.
+        self.live_prefix_attention = self.use_graphs and decode_attention.available(d, self.dtype)
+        self._programs_wanted = (4 * torch.cuda.get_device_properties(d).multi_processor_count
+                                 if d.type == "cuda" else 8)
+        # RMSNorm, the MLP's activation and the rotary embedding as fused compiled kernels (see
+        # backend/fused.py): with graphs on CUDA only, where kernel count bounds the step.
+        self.fused = FusedPieces(self.model)
+        if self.use_graphs:
+            log.info("fused pieces: %d modules swapped (rotary: %s)", self.fused.apply(), self.fused.rotary_swapped)
+        self._graphs: dict[tuple[int, int, bool, bool], tuple] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._pinned = d.type == "cuda"
         self._lltok = None  # llguidance's tokenizer, on first use (see _ll_tokenizer)
@@ -360,13 +378,16 @@ class TransformersEngine(BatchEngine):
     def _decode_forward(self, n: int, length: int) -> torch.Tensor:
         positions = self._pos[:n]
         mask = (self._cols[:length][None, :] <= positions[:, None])[:, None, None, :]
-        step = _Step(self.k, self.v, True, self._rows[:n], positions, length)
+        splits = 0
+        if self.live_prefix_attention:
+            splits = decode_attention.choose_splits(n, self.k[0].shape[1], length, self._programs_wanted)
+        step = _Step(self.k, self.v, True, self._rows[:n], positions, length, splits=splits)
         hidden = self.body(input_ids=self._ids[:n], position_ids=positions[:, None], attention_mask=mask,
                            use_cache=False, fp_step=step).last_hidden_state
         return self.lm_head(hidden[:, -1])
 
     def _graph(self, n: int, length: int):
-        key = (n, length)
+        key = (n, length, self.live_prefix_attention, self.fused.active)
         entry = self._graphs.get(key)
         if entry is None:
             # Warm-up runs write the same keys/values the real step will: harmless to live slots.
@@ -463,6 +484,12 @@ class TransformersEngine(BatchEngine):
 
     def warm_up(self) -> None:
         super().warm_up()
+        if self.fused.active:
+            # Compile the fused pieces for prompts of several rows now (the generation above
+            # compiled them for one row; a batch of prompts would otherwise compile on a busy step).
+            with torch.inference_mode():
+                ids = torch.full((2, 3), self.pad_id, dtype=torch.long, device=self.device)
+                self.model(input_ids=ids, use_cache=False)
         if self.use_graphs:
             # Capture the common decode graphs now rather than on the first busy step.
             n = 1

@@ -188,6 +188,7 @@ def step_breakdown(engine: TransformersEngine, batch: int, length: int = 256, st
     the whole engine step takes at the same batch size (its inter-token latency): the difference
     is Python and launch overhead outside the graph (scheduling, sampling, detokenizing, frames)."""
     graph, _ = engine._graph(batch, length)
+    engine._pos[:batch].fill_(length * 3 // 4)  # rows three quarters into the bucket (the live-prefix kernel reads that much)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -211,6 +212,16 @@ def step_breakdown(engine: TransformersEngine, batch: int, length: int = 256, st
             "greedy_sample_and_sync_ms": round(sample_ms, 3), "batch_detokenize_ms": round(detok_ms, 3)}
 
 
+def set_step_mode(engine: TransformersEngine, attention: bool, fused: bool) -> None:
+    """Switch the decode step's variant and capture its graphs before it is measured."""
+    engine.live_prefix_attention = attention
+    if fused:
+        engine.fused.apply()
+    else:
+        engine.fused.restore()
+    engine.warm_up()
+
+
 def greedy_check(engine: TransformersEngine, prompts: list[str], n: int) -> list[dict]:
     results = []
     for i, prompt in enumerate(prompts):
@@ -223,9 +234,13 @@ def greedy_check(engine: TransformersEngine, prompts: list[str], n: int) -> list
                 engine.step()
         ours = [t for f in frames if isinstance(f, Tokens) for t in f.token_ids]
         ids = torch.tensor([engine.tokenizer(prompt).input_ids], device="cuda")
+        fused = engine.fused.active
+        engine.fused.restore()  # the reference is transformers' own layers
         with torch.inference_mode():
             ref = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                         min_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
+        if fused:
+            engine.fused.apply()
         same = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
         results.append({"prompt": prompt[:40], "tokens": n, "identical": ours == ref, "first_divergence": same})
     return results
@@ -240,6 +255,10 @@ def main(argv=None) -> int:
     p.add_argument("--hf-batches", default="1,16,64,256")
     p.add_argument("--compare-pipeline", action="store_true",
                    help="run each concurrency with the host/GPU overlap off, then on")
+    p.add_argument("--compare-step", action="store_true",
+                   help="run each concurrency with the plain decode step (SDPA over the length bucket, "
+                        "transformers' op-by-op layers), then with the live-prefix attention kernel, then "
+                        "also with the fused pieces")
     p.add_argument("--open-loop", type=float, default=0.0,
                    help="also: arrivals at this fraction of the closed-loop maximum (at the largest concurrency), "
                         "with chunked prefill off and at each --prefill-budgets")
@@ -269,13 +288,23 @@ def main(argv=None) -> int:
         entry = {"boot_s": round(boot, 1), "prompt_tokens": n_prompt, "slots": engine.max_batch_size,
                  "graphs": len(engine._graphs), "engine": [], "hf_generate": []}
         entry["greedy_vs_hf"] = greedy_check(engine, ["Hello there", " word" * 20, "1 2 3 4 5"], 32)
+        # the decode step's variants: what this engine does by default, and with --compare-step
+        # without the fused pieces, and without the live-prefix attention either (same process)
+        default = (engine.live_prefix_attention, engine.fused.active)
+        modes = [default]
+        if args.compare_step and all(default):
+            modes = [(False, False), (True, False), (True, True)]
+        entry["step_modes"] = [{"live_prefix_attention": a, "fused_pieces": f} for a, f in modes]
         for c in concurrency:
-            for pipelined in ((False, True) if args.compare_pipeline else (True,)):
-                engine.pipeline = pipelined  # host/GPU overlap off, then on, in the same process
-                result = run_engine(engine, prompt, c, max(2 * c, 8), args.new_tokens)
-                result["pipelined"] = pipelined
-                entry["engine"].append(result)
-                print(shape, entry["engine"][-1], file=sys.stderr, flush=True)
+            for attention, fused in modes:
+                set_step_mode(engine, attention, fused)
+                for pipelined in ((False, True) if args.compare_pipeline else (True,)):
+                    engine.pipeline = pipelined  # host/GPU overlap off, then on, in the same process
+                    result = run_engine(engine, prompt, c, max(4 * c, 8), args.new_tokens)
+                    result.update(pipelined=pipelined, live_prefix_attention=attention, fused_pieces=fused)
+                    entry["engine"].append(result)
+                    print(shape, entry["engine"][-1], file=sys.stderr, flush=True)
+        set_step_mode(engine, *default)
         if args.open_loop:
             top = max((r for r in entry["engine"] if r["concurrency"] == max(concurrency)),
                       key=lambda r: r["tokens_per_s"])
@@ -291,9 +320,15 @@ def main(argv=None) -> int:
             entry["greedy_vs_hf_chunked"] = greedy_check(engine, ["Hello there", " word" * 20, "1 2 3 4 5"], 32)
             print(shape, "greedy chunked", entry["greedy_vs_hf_chunked"], file=sys.stderr, flush=True)
             engine.prefill_budget = 0
-        entry["step_breakdown"] = step_breakdown(engine, max(concurrency))
-        print(shape, "breakdown", entry["step_breakdown"], file=sys.stderr, flush=True)
+        entry["step_breakdown"] = []
+        for attention, fused in modes:
+            set_step_mode(engine, attention, fused)
+            entry["step_breakdown"].append(dict(step_breakdown(engine, max(concurrency)),
+                                                live_prefix_attention=attention, fused_pieces=fused))
+            print(shape, "breakdown", entry["step_breakdown"][-1], file=sys.stderr, flush=True)
+        set_step_mode(engine, *default)
         prompt_ids = engine.tokenizer(prompt).input_ids
+        engine.fused.restore()  # plain HF generate: transformers' own layers
         for b in [int(x) for x in args.hf_batches.split(",") if x and not args.skip_hf]:
             entry["hf_generate"].append(run_hf(engine.model, prompt_ids, b, args.new_tokens))
             print(shape, "hf", entry["hf_generate"][-1], file=sys.stderr, flush=True)

@@ -242,3 +242,35 @@ def test_cancel_while_a_prompt_is_half_prefilled_frees_its_row(engine, monkeypat
     engine.cancel(60)
     engine.step()
     assert not engine._prefilling and len(engine._free) == free_before and not frames
+
+
+def test_fused_pieces_still_match_hf_generate_and_can_be_put_back(engine, monkeypatch):
+    """The decode step's fused pieces (backend/fused.py: RMSNorm, the MLP, the rotary embedding
+    through torch.compile; on the GPU with inductor, here with a backend that runs the traced
+    graphs as they are): every matching module is swapped, each piece compiles whole, rows join
+    and leave with greedy output still HF's, and restore leaves transformers' own forwards."""
+    from backend.fused import FusedPieces
+
+    compiled = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled.append(graph_module)
+        return graph_module.forward
+
+    fused = FusedPieces(engine.model, backend=counting_backend)
+    monkeypatch.setattr(engine, "fused", fused)
+    layers = engine.model.config.num_hidden_layers
+    reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=5 + 4 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS)]
+    try:
+        assert fused.apply() == 2 * layers + 1 + layers  # two norms and an MLP per layer, the final norm
+        assert fused.rotary_swapped
+        got = run(engine, reqs)
+    finally:
+        fused.restore()
+    assert len(compiled) >= 3  # the norm, the MLP and the rotary embedding each ran compiled
+    assert not any("forward" in vars(m) for m in engine.model.modules())
+    import transformers.models.llama.modeling_llama as llama
+    assert llama.apply_rotary_pos_emb is not fused._compiled[2]
+    for r in reqs:
+        assert got[r.id][0] == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
