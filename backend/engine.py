@@ -224,10 +224,13 @@ class TransformersEngine(BatchEngine):
             # which spent all of an H200's memory on the 1B shape. int8 runs eagerly on GPU.
             log.warning("dtype int8: CUDA graphs off (each captured step would keep dequantised weights)")
             self.use_graphs = False
-        # Decode attention over each row's live prefix (a Triton kernel) inside captured graphs;
-        # SDPA over the length bucket elsewhere (CPU, fp32, eager steps). An attribute so that a
-        # benchmark can compare both in one process; the graph cache is keyed by it.
-        self.live_prefix_attention = self.use_graphs and decode_attention.available(d, self.dtype)
+        # Decode attention over each row's live prefix (a Triton kernel, backend/decode_attention.py)
+        # instead of SDPA over the length bucket: off, because on the H200 it saved only 0.3 ms of
+        # a 4.1 ms step (135M) and its rounding differs enough from SDPA's that greedy output left
+        # HF generate's after 2-21 tokens on the 1B and 8B shapes (docs/benchmarks.md section 14).
+        # An attribute so that the GPU benchmark can compare both in one process (the graph cache
+        # is keyed by it); usable only where decode_attention.available().
+        self.live_prefix_attention = False
         self._programs_wanted = (4 * torch.cuda.get_device_properties(d).multi_processor_count
                                  if d.type == "cuda" else 8)
         # RMSNorm, the MLP's activation and the rotary embedding as fused compiled kernels (see
@@ -397,6 +400,7 @@ class TransformersEngine(BatchEngine):
                 for _ in range(2):
                     self._decode_forward(n, length)
             torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()  # an error of the warm-up surfaces here, not inside the capture
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):
                 out = self._decode_forward(n, length)
@@ -483,13 +487,19 @@ class TransformersEngine(BatchEngine):
         return torch.cuda.memory_reserved(self.device) if self.device.type == "cuda" else 0
 
     def warm_up(self) -> None:
+        # Inference mode as the serving loop runs (worker._run_engine): the fused pieces are
+        # compiled per grad mode, and a piece compiled for the other mode would compile again on
+        # the first busy step.
+        with torch.inference_mode():
+            self._warm_up()
+
+    def _warm_up(self) -> None:
         super().warm_up()
         if self.fused.active:
             # Compile the fused pieces for prompts of several rows now (the generation above
             # compiled them for one row; a batch of prompts would otherwise compile on a busy step).
-            with torch.inference_mode():
-                ids = torch.full((2, 3), self.pad_id, dtype=torch.long, device=self.device)
-                self.model(input_ids=ids, use_cache=False)
+            ids = torch.full((2, 3), self.pad_id, dtype=torch.long, device=self.device)
+            self.model(input_ids=ids, use_cache=False)
         if self.use_graphs:
             # Capture the common decode graphs now rather than on the first busy step.
             n = 1
@@ -501,6 +511,10 @@ class TransformersEngine(BatchEngine):
                     break
                 n = min(n * 2, self.max_batch_size)
             torch.cuda.synchronize()
+        if self.fused.active:
+            # From here on a shape the warm-up did not compile runs uncompiled rather than
+            # stalling every running stream for seconds while inductor compiles it.
+            torch.compiler.set_stance("eager_on_recompile")
 
     # --- constraints and sampling ----------------------------------------------------------------
     def _ll_tokenizer(self):

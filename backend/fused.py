@@ -81,7 +81,12 @@ class FusedPieces:
             # torch's default of 8 variants per function, past which it would raise.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             # fullgraph: a piece that does not compile whole is an error, not a silent slow path
-            self._compiled = tuple(torch.compile(fn, dynamic=True, fullgraph=True, backend=self.backend)
+            # emulate_precision_casts: round to the model's dtype wherever transformers' op-by-op
+            # code does (inductor would otherwise keep fp32 between fused ops), so that greedy
+            # output stays transformers' own.
+            options = {"emulate_precision_casts": True} if self.backend == "inductor" else None
+            self._compiled = tuple(torch.compile(fn, dynamic=True, fullgraph=True, backend=self.backend,
+                                                 options=options)
                                    for fn in (_rms_norm, _gated_mlp, _rotary))
         norm, mlp, rotary = self._compiled
         for module in self.model.modules():

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from backend import decode_attention
 from backend.engine import TransformersEngine
 from backend.protocol import Finished, Generate, SamplingParams, Tokens, WorkerSettings
 from loadtest.report import write_json
@@ -212,6 +213,9 @@ def step_breakdown(engine: TransformersEngine, batch: int, length: int = 256, st
             "greedy_sample_and_sync_ms": round(sample_ms, 3), "batch_detokenize_ms": round(detok_ms, 3)}
 
 
+GREEDY_PROMPTS = ["Hello there", " word" * 20, "1 2 3 4 5"]
+
+
 def set_step_mode(engine: TransformersEngine, attention: bool, fused: bool) -> None:
     """Switch the decode step's variant and capture its graphs before it is measured."""
     engine.live_prefix_attention = attention
@@ -287,14 +291,19 @@ def main(argv=None) -> int:
         n_prompt = len(engine.tokenizer(prompt).input_ids)
         entry = {"boot_s": round(boot, 1), "prompt_tokens": n_prompt, "slots": engine.max_batch_size,
                  "graphs": len(engine._graphs), "engine": [], "hf_generate": []}
-        entry["greedy_vs_hf"] = greedy_check(engine, ["Hello there", " word" * 20, "1 2 3 4 5"], 32)
         # the decode step's variants: what this engine does by default, and with --compare-step
         # without the fused pieces, and without the live-prefix attention either (same process)
         default = (engine.live_prefix_attention, engine.fused.active)
         modes = [default]
-        if args.compare_step and all(default):
-            modes = [(False, False), (True, False), (True, True)]
+        if args.compare_step and default[1] and decode_attention.available(engine.device, engine.dtype):
+            modes = [(False, False), (False, True), (True, True)]
         entry["step_modes"] = [{"live_prefix_attention": a, "fused_pieces": f} for a, f in modes]
+        entry["greedy_vs_hf"] = []
+        for attention, fused in modes:
+            set_step_mode(engine, attention, fused)
+            entry["greedy_vs_hf"].append({"live_prefix_attention": attention, "fused_pieces": fused,
+                                          "prompts": greedy_check(engine, GREEDY_PROMPTS, 32)})
+            print(shape, "greedy", entry["greedy_vs_hf"][-1], file=sys.stderr, flush=True)
         for c in concurrency:
             for attention, fused in modes:
                 set_step_mode(engine, attention, fused)
@@ -317,7 +326,7 @@ def main(argv=None) -> int:
                                                         long_prompt, args.long_every))
                 print(shape, "open loop", entry["open_loop"][-1], file=sys.stderr, flush=True)
             engine.prefill_budget = 16  # greedy equality with prompts prefilled in several chunks
-            entry["greedy_vs_hf_chunked"] = greedy_check(engine, ["Hello there", " word" * 20, "1 2 3 4 5"], 32)
+            entry["greedy_vs_hf_chunked"] = greedy_check(engine, GREEDY_PROMPTS, 32)
             print(shape, "greedy chunked", entry["greedy_vs_hf_chunked"], file=sys.stderr, flush=True)
             engine.prefill_budget = 0
         entry["step_breakdown"] = []
