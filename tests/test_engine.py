@@ -274,3 +274,33 @@ def test_fused_pieces_still_match_hf_generate_and_can_be_put_back(engine, monkey
     assert llama.apply_rotary_pos_emb is not fused._compiled[2]
     for r in reqs:
         assert got[r.id][0] == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
+
+
+def test_after_warm_up_the_fused_pieces_compile_nothing_more(engine, monkeypatch):
+    """Warm-up compiles the fused pieces for what serving runs (one row and several, prompts and
+    single positions, in inference mode); afterwards a shape it did not see runs uncompiled
+    rather than stalling every running stream while inductor compiles it."""
+    from backend.fused import FusedPieces
+
+    compiled = []
+
+    def counting_backend(graph_module, example_inputs):
+        compiled.append(graph_module)
+        return graph_module.forward
+
+    fused = FusedPieces(engine.model, backend=counting_backend)
+    monkeypatch.setattr(engine, "fused", fused)
+    fused.apply()
+    try:
+        engine.warm_up()
+        after_warm_up = len(compiled)
+        assert after_warm_up >= 3
+        reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=4 + i, temperature=0.0, ignore_eos=True))
+                for i, p in enumerate(PROMPTS)]
+        got = run(engine, reqs)  # several rows decoding together: a shape the CPU warm-up never ran
+        assert len(compiled) == after_warm_up
+    finally:
+        torch.compiler.set_stance("default")
+        fused.restore()
+    for r in reqs:
+        assert got[r.id][0] == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
