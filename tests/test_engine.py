@@ -304,3 +304,19 @@ def test_after_warm_up_the_fused_pieces_compile_nothing_more(engine, monkeypatch
         fused.restore()
     for r in reqs:
         assert got[r.id][0] == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
+
+
+def test_batched_detokenisation_gives_transformers_text(engine):
+    """The scheduler's batched detokenisation goes to the tokenizers library in one call; its text
+    must be what transformers' batch_decode gives: multi-byte characters cut mid-sequence, special
+    and added tokens (skipped), arbitrary ids."""
+    import random
+
+    tok = engine.tokenizer
+    assert engine._decode_batch is not tok.batch_decode  # the Rust batch call is in use
+    ids = tok("Plain words, then Ünïcödé ✓ 你好 世界 🙂 and a tab\tand newlines\n\n  spaced").input_ids
+    windows = [ids[i:i + n] for i in range(len(ids)) for n in (1, 3, 6, 7)]
+    rng = random.Random(0)
+    windows += [[rng.randrange(len(tok)) for _ in range(7)] for _ in range(300)]
+    windows += [[tok.eos_token_id], [], [tok.eos_token_id] + ids[:4]]
+    assert engine.detokenize_batch(windows) == tok.batch_decode(windows, skip_special_tokens=True)
