@@ -320,3 +320,45 @@ def test_batched_detokenisation_gives_transformers_text(engine):
     windows += [[rng.randrange(len(tok)) for _ in range(7)] for _ in range(300)]
     windows += [[tok.eos_token_id], [], [tok.eos_token_id] + ids[:4]]
     assert engine.detokenize_batch(windows) == tok.batch_decode(windows, skip_special_tokens=True)
+
+
+def test_fused_pieces_leave_alone_a_module_whose_maths_differs():
+    """A norm named like RMSNorm that adds one to its weight (Gemma's), or a gated MLP whose
+    activation is not SiLU, keeps its own forward: each piece is compared with the module on a
+    probe input before it is swapped."""
+    from backend.fused import FusedPieces
+
+    class PlainRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(8))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            x32 = x.float()
+            return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+
+    class OffsetRMSNorm(PlainRMSNorm):
+        def forward(self, x):
+            x32 = x.float()
+            return (1 + self.weight) * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    class SiLU(torch.nn.Module):  # named like torch's, computes something else
+        def forward(self, x):
+            return torch.tanh(x)
+
+    class GatedMLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj = torch.nn.Linear(8, 16, bias=False), torch.nn.Linear(8, 16, bias=False)
+            self.down_proj, self.act_fn = torch.nn.Linear(16, 8, bias=False), SiLU()
+
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    model = torch.nn.ModuleDict({"same": PlainRMSNorm(), "offset": OffsetRMSNorm(), "mlp": GatedMLP()})
+    fused = FusedPieces(model, backend="eager")
+    assert fused.apply() == 1 and "forward" in vars(model["same"])
+    assert "forward" not in vars(model["offset"]) and "forward" not in vars(model["mlp"])
+    assert not fused.rotary_swapped
+    fused.restore()
