@@ -13,14 +13,15 @@ Each piece is one compiled function with dynamic shapes, its weights passed as a
 compilation serves every layer, batch size and prompt length (compiling a module method instead
 would specialise on each module instance). Only the pieces whose maths is exactly the one written
 here are swapped: RMSNorm without offset, an MLP with SiLU gating and no biases, the rotate-half
-rotary embedding - and each is checked on a probe input against the module it would replace
-before it is swapped (same output, bit for bit, uncompiled). The engine uses this on CUDA with
+rotary embedding - each is checked on a probe input against the code it would replace before it
+is swapped (same output, bit for bit, uncompiled). The engine uses this on CUDA with
 captured graphs; on the CPU a test runs the same plumbing with a backend that runs the traced
 graphs as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
@@ -49,44 +50,34 @@ def _rotary(q, k, cos, sin, unsqueeze_dim=1):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
-def _probe(like: torch.Tensor, width: int) -> tuple[torch.Tensor]:
+def _probe(like: torch.Tensor, *shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """Random inputs of these shapes on the model's device and dtype (the same ones every time)."""
     generator = torch.Generator(device="cpu").manual_seed(0)
-    return (torch.randn((2, 3, width), generator=generator).to(like.device, like.dtype),)
+    return tuple(torch.randn(shape, generator=generator).to(like.device, like.dtype) for shape in shapes)
 
 
 def _same_output(original, ours, args: tuple) -> bool:
-    """Whether a module computes exactly what the piece that would replace it computes (run
-    uncompiled, on a probe input): a class whose name matches but whose maths differs (an offset
-    on the norm's weight, another activation, an interleaved rotary) keeps its own forward."""
+    """Whether the model's code computes exactly what the piece that would replace it computes (run
+    uncompiled, on a probe input): a module or function whose name matches but whose maths differs
+    (an offset on the norm's weight, another activation, an interleaved rotary) keeps its own."""
     with torch.no_grad():
         try:
-            return torch.equal(original(*args), ours(*args))
+            theirs, mine = original(*args), ours(*args)
+            if isinstance(theirs, torch.Tensor):
+                return torch.equal(theirs, mine)
+            return all(torch.equal(a, b) for a, b in zip(theirs, mine, strict=True))
         except Exception:  # noqa: BLE001 - a signature or shape we do not know: not ours to swap
-            return False
-
-
-def _same_rotary(original, like: torch.Tensor) -> bool:
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    q, k = (torch.randn((1, 2, 3, 8), generator=generator).to(like.device, like.dtype) for _ in range(2))
-    cos, sin = (torch.randn((1, 3, 8), generator=generator).to(like.device, like.dtype) for _ in range(2))
-    with torch.no_grad():
-        try:
-            theirs, ours = original(q, k, cos, sin), _rotary(q, k, cos, sin)
-            return all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
-        except Exception:  # noqa: BLE001 - another signature: keep the model's own
             return False
 
 
 def _is_rms_norm(module) -> bool:
     return (type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon")
-            and isinstance(getattr(module, "weight", None), torch.Tensor) and not hasattr(module, "offset"))
+            and isinstance(getattr(module, "weight", None), torch.Tensor))
 
 
-def _is_gated_silu_mlp(module) -> bool:
+def _is_gated_mlp(module) -> bool:
     parts = [getattr(module, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    return (all(isinstance(p, torch.nn.Linear) and p.bias is None for p in parts)
-            and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation"))  # torch's, transformers'
-
+    return all(isinstance(p, torch.nn.Linear) and p.bias is None for p in parts)
 
 
 class FusedPieces:
@@ -120,26 +111,38 @@ class FusedPieces:
                                    for fn in (_rms_norm, _gated_mlp, _rotary))
         norm, mlp, rotary = self._compiled
         for module in self.model.modules():
-            if _is_rms_norm(module) and _same_output(
-                    module.forward, lambda x, m=module: _rms_norm(x, m.weight, m.variance_epsilon),
-                    _probe(module.weight, module.weight.shape[-1])):
-                module.forward = lambda x, m=module: norm(x, m.weight, m.variance_epsilon)
-            elif _is_gated_silu_mlp(module) and _same_output(
-                    module.forward, lambda x, m=module: _gated_mlp(x, m.gate_proj.weight, m.up_proj.weight,
-                                                                   m.down_proj.weight),
-                    _probe(module.gate_proj.weight, module.gate_proj.in_features)):
-                module.forward = lambda x, m=module: mlp(x, m.gate_proj.weight, m.up_proj.weight,
-                                                         m.down_proj.weight)
+            if _is_rms_norm(module):
+                piece, args = norm, lambda m: (m.weight, m.variance_epsilon)
+                plain, width = _rms_norm, module.weight.shape[-1]
+            elif _is_gated_mlp(module):
+                piece, args = mlp, lambda m: (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
+                plain, width = _gated_mlp, module.gate_proj.in_features
             else:
                 continue
-            self._swapped.append(module)
+            if _same_output(module.forward, lambda x, m=module: plain(x, *args(m)),
+                            _probe(next(module.parameters()), (2, 3, width))):
+                module.forward = lambda x, m=module, piece=piece, args=args: piece(x, *args(m))
+                self._swapped.append(module)
         home = sys.modules.get(type(self.model).__module__)
         original = getattr(home, "apply_rotary_pos_emb", None)
-        if callable(original) and _same_rotary(original, next(self.model.parameters())):
+        like = next(self.model.parameters())
+        if callable(original) and _same_output(original, _rotary, _probe(like, (1, 2, 3, 8), (1, 2, 3, 8),
+                                                                          (1, 3, 8), (1, 3, 8))):
             self._rotary_home, self._rotary_original = home, original
             home.apply_rotary_pos_emb = rotary
         self.active = True
         return len(self._swapped)
+
+    @contextlib.contextmanager
+    def paused(self):
+        """transformers' own forwards inside the block (a reference run), the pieces again after."""
+        active = self.active
+        self.restore()
+        try:
+            yield
+        finally:
+            if active:
+                self.apply()
 
     def restore(self) -> None:
         for module in self._swapped:

@@ -189,7 +189,8 @@ def step_breakdown(engine: TransformersEngine, batch: int, length: int = 256, st
     the whole engine step takes at the same batch size (its inter-token latency): the difference
     is Python and launch overhead outside the graph (scheduling, sampling, detokenizing, frames)."""
     graph, _ = engine._graph(batch, length)
-    engine._pos[:batch].fill_(length * 3 // 4)  # rows three quarters into the bucket (the live-prefix kernel reads that much)
+    # rows three quarters into the bucket (what the live-prefix kernel reads)
+    engine._pos[:batch].fill_(length * 3 // 4)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
     start.record()
@@ -238,13 +239,9 @@ def greedy_check(engine: TransformersEngine, prompts: list[str], n: int) -> list
                 engine.step()
         ours = [t for f in frames if isinstance(f, Tokens) for t in f.token_ids]
         ids = torch.tensor([engine.tokenizer(prompt).input_ids], device="cuda")
-        fused = engine.fused.active
-        engine.fused.restore()  # the reference is transformers' own layers
-        with torch.inference_mode():
+        with engine.fused.paused(), torch.inference_mode():  # the reference is transformers' own layers
             ref = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                                         min_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
-        if fused:
-            engine.fused.apply()
         same = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
         results.append({"prompt": prompt[:40], "tokens": n, "identical": ours == ref, "first_divergence": same})
     return results
@@ -261,8 +258,8 @@ def main(argv=None) -> int:
                    help="run each concurrency with the host/GPU overlap off, then on")
     p.add_argument("--compare-step", action="store_true",
                    help="run each concurrency with the plain decode step (SDPA over the length bucket, "
-                        "transformers' op-by-op layers), then with the live-prefix attention kernel, then "
-                        "also with the fused pieces")
+                        "transformers' op-by-op layers), then with the fused pieces (the default), then "
+                        "also with the live-prefix attention kernel")
     p.add_argument("--open-loop", type=float, default=0.0,
                    help="also: arrivals at this fraction of the closed-loop maximum (at the largest concurrency), "
                         "with chunked prefill off and at each --prefill-budgets")
@@ -292,7 +289,7 @@ def main(argv=None) -> int:
         entry = {"boot_s": round(boot, 1), "prompt_tokens": n_prompt, "slots": engine.max_batch_size,
                  "graphs": len(engine._graphs), "engine": [], "hf_generate": []}
         # the decode step's variants: what this engine does by default, and with --compare-step
-        # without the fused pieces, and without the live-prefix attention either (same process)
+        # also without the fused pieces and with the live-prefix attention kernel (same process)
         default = (engine.live_prefix_attention, engine.fused.active)
         modes = [default]
         if args.compare_step and default[1] and decode_attention.available(engine.device, engine.dtype):

@@ -26,16 +26,16 @@ class Metrics:
         self.requests = Counter("fullpower_requests", "Requests by tier, model, HTTP status and outcome",
                                 ["tier", "model", "status", "outcome"], registry=r)
         self.duration = LoopHistogram("fullpower_request_duration_seconds", "Total time of a request", ["tier"],
-                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = LoopHistogram("fullpower_queue_wait_seconds", "Time spent in the admission queue", ["tier"],
-                                    buckets=LATENCY_BUCKETS, registry=r)
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = LoopHistogram("fullpower_queue_wait_seconds", "Time spent in the admission queue",
+                                        ["tier"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = LoopHistogram("fullpower_time_to_first_token_seconds", "Arrival to first token", ["tier"],
-                              buckets=LATENCY_BUCKETS, registry=r)
+                                  buckets=LATENCY_BUCKETS, registry=r)
         # Histograms are observed on the event loop's thread only: LoopHistogram (no lock per observation).
         self.inter_token = LoopHistogram("fullpower_inter_token_seconds", "Time between streamed frames", ["tier"],
                                          buckets=FINE_BUCKETS + (10.0, 30.0, 60.0), registry=r)
         self.overhead = LoopHistogram("fullpower_proxy_overhead_seconds", "Time spent in the proxy itself",
-                                  buckets=FINE_BUCKETS, registry=r)
+                                      buckets=FINE_BUCKETS, registry=r)
         self.tokens = Counter("fullpower_tokens", "Tokens processed", ["tier", "kind"], registry=r)
         self.retries = Counter("fullpower_retries", "Requests retried on another worker before the first byte",
                                ["reason"], registry=r)
@@ -67,12 +67,12 @@ class Metrics:
         self.fast_lane_requests = Counter("fullpower_fast_lane_requests", "Requests answered on the fast lane",
                                           registry=r)
         self.fast_lane_handovers = Counter("fullpower_fast_lane_handovers", "Connections handed from the fast "
-                                           "lane to aiohttp (a stream, another endpoint, an unusual request)",
+                                           "lane to aiohttp (another endpoint or method, an unusual request)",
                                            registry=r)
 
         # Shared state (Redis) across appliances; `op` is one of a fixed set of operation names.
         self.shared_seconds = LoopHistogram("fullpower_shared_state_seconds", "Time of one shared-state (Redis) call",
-                                        ["op"], buckets=FINE_BUCKETS, registry=r)
+                                            ["op"], buckets=FINE_BUCKETS, registry=r)
         self.shared_fallbacks = Counter("fullpower_shared_state_fallbacks", "Shared-state operations that used "
                                         "this host's local path because Redis was unreachable", ["op"], registry=r)
         self.shared_up = Gauge("fullpower_shared_state_up", "1 while shared state (Redis) is configured and reachable; 0 while "

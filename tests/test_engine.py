@@ -244,11 +244,10 @@ def test_cancel_while_a_prompt_is_half_prefilled_frees_its_row(engine, monkeypat
     assert not engine._prefilling and len(engine._free) == free_before and not frames
 
 
-def test_fused_pieces_still_match_hf_generate_and_can_be_put_back(engine, monkeypatch):
-    """The decode step's fused pieces (backend/fused.py: RMSNorm, the MLP, the rotary embedding
-    through torch.compile; on the GPU with inductor, here with a backend that runs the traced
-    graphs as they are): every matching module is swapped, each piece compiles whole, rows join
-    and leave with greedy output still HF's, and restore leaves transformers' own forwards."""
+@pytest.fixture
+def counted_fused(engine, monkeypatch):
+    """The engine's fused pieces through a backend that runs the traced graphs as they are and
+    counts each compilation: (the FusedPieces, the list of compiled graphs)."""
     from backend.fused import FusedPieces
 
     compiled = []
@@ -259,6 +258,15 @@ def test_fused_pieces_still_match_hf_generate_and_can_be_put_back(engine, monkey
 
     fused = FusedPieces(engine.model, backend=counting_backend)
     monkeypatch.setattr(engine, "fused", fused)
+    return fused, compiled
+
+
+def test_fused_pieces_still_match_hf_generate_and_can_be_put_back(engine, counted_fused):
+    """The decode step's fused pieces (backend/fused.py: RMSNorm, the MLP, the rotary embedding
+    through torch.compile; on the GPU with inductor, here with a backend that runs the traced
+    graphs as they are): every matching module is swapped, each piece compiles whole, rows join
+    and leave with greedy output still HF's, and restore leaves transformers' own forwards."""
+    fused, compiled = counted_fused
     layers = engine.model.config.num_hidden_layers
     reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=5 + 4 * i, temperature=0.0, ignore_eos=True))
             for i, p in enumerate(PROMPTS)]
@@ -276,20 +284,11 @@ def test_fused_pieces_still_match_hf_generate_and_can_be_put_back(engine, monkey
         assert got[r.id][0] == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
 
 
-def test_after_warm_up_the_fused_pieces_compile_nothing_more(engine, monkeypatch):
+def test_after_warm_up_the_fused_pieces_compile_nothing_more(engine, counted_fused):
     """Warm-up compiles the fused pieces for what serving runs (one row and several, prompts and
     single positions, in inference mode); afterwards a shape it did not see runs uncompiled
     rather than stalling every running stream while inductor compiles it."""
-    from backend.fused import FusedPieces
-
-    compiled = []
-
-    def counting_backend(graph_module, example_inputs):
-        compiled.append(graph_module)
-        return graph_module.forward
-
-    fused = FusedPieces(engine.model, backend=counting_backend)
-    monkeypatch.setattr(engine, "fused", fused)
+    fused, compiled = counted_fused
     fused.apply()
     try:
         engine.warm_up()
@@ -336,7 +335,8 @@ def test_fused_pieces_leave_alone_a_module_whose_maths_differs():
 
         def forward(self, x):
             x32 = x.float()
-            return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)).to(x.dtype)
+            normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+            return self.weight * normed.to(x.dtype)
 
     class OffsetRMSNorm(PlainRMSNorm):
         def forward(self, x):
