@@ -32,9 +32,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from backend import decode_attention
 from backend.fused import FusedPieces
 from backend.manifest import ManifestError, has_manifest, verify_manifest
-from backend.protocol import Generate, TokenLogprob, WorkerSettings
+from backend.protocol import Generate, SamplingParams, TokenLogprob, WorkerSettings
 from backend.sampling import sample
 from backend.scheduler import BatchEngine, RequestError, EngineSequence
+from backend.textstream import IncrementalDetokenizer
 
 log = logging.getLogger("fullpower.worker")
 
@@ -358,6 +359,12 @@ class TransformersEngine(BatchEngine):
         return [first[id(s)] for s in seqs]
 
     def _prefill_group(self, group: list[EngineSequence]) -> dict[int, int]:
+        tokens = self._sample(self._prefill_logits(group), group)
+        return {id(s): t for s, t in zip(group, tokens)}
+
+    def _prefill_logits(self, group: list[EngineSequence]) -> torch.Tensor:
+        """One batched prefill forward (prompts right-padded to the longest): their keys and values
+        into their slots, the logits of each prompt's last position."""
         inputs = [s.all_ids for s in group]
         width = max(len(x) for x in inputs)
         ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
@@ -371,9 +378,7 @@ class TransformersEngine(BatchEngine):
         hidden = self.body(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
                            fp_step=step).last_hidden_state
         last = torch.tensor([len(x) - 1 for x in inputs], device=self.device)
-        logits = self.lm_head(hidden[torch.arange(len(group), device=self.device), last])
-        tokens = self._sample(logits, group)
-        return {id(s): t for s, t in zip(group, tokens)}
+        return self.lm_head(hidden[torch.arange(len(group), device=self.device), last])
 
     def prefill_chunk(self, seq: EngineSequence, start: int, end: int) -> int | None:
         """Prefill positions [start, end) of a long prompt (its slot reserved); the first token when
@@ -509,10 +514,15 @@ class TransformersEngine(BatchEngine):
     def _warm_up(self) -> None:
         super().warm_up()
         if self.fused.active:
-            # Compile the fused pieces for prompts of several rows now (the generation above
-            # compiled them for one row; a batch of prompts would otherwise compile on a busy step).
-            ids = torch.full((2, 3), self.pad_id, dtype=torch.long, device=self.device)
-            self.model(input_ids=ids, use_cache=False)
+            # Compile the fused pieces for prompts of several rows now, through the engine's own
+            # prefill (the generation above compiled them for one row; a batch of prompts would
+            # otherwise run its rotary embedding uncompiled - positions of several rows are a shape
+            # of their own - after the stance below, or compile on a busy step before it).
+            probe = Generate(id=-1, prompt="", params=SamplingParams(max_tokens=1, temperature=0.0))
+            rows = [EngineSequence(probe, [self.pad_id] * 3, IncrementalDetokenizer(self.detokenize))
+                    for _ in range(2)]
+            self.prefill(rows)
+            self.release(rows)
         if self.use_graphs:
             # Capture the common decode graphs now rather than on the first busy step.
             n = 1

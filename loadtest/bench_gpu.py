@@ -21,7 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from backend import decode_attention
-from backend.engine import TransformersEngine
+from backend.engine import PREFILL_TOKEN_BUDGET, TransformersEngine
 from backend.protocol import Finished, Generate, SamplingParams, Tokens, WorkerSettings
 from loadtest.report import write_json
 
@@ -214,6 +214,51 @@ def step_breakdown(engine: TransformersEngine, batch: int, length: int = 256, st
             "greedy_sample_and_sync_ms": round(sample_ms, 3), "batch_detokenize_ms": round(detok_ms, 3)}
 
 
+def prefill_breakdown(engine: TransformersEngine, prompt: str, rows: int, profile: bool = False) -> dict:
+    """Where a wave of `rows` arriving prompts spends its time before their first tokens: encoding
+    them, the engine's whole batched prefill (forwards in groups, first tokens sampled and on the
+    host), and one group's forward alone - the host's time to launch it against the GPU's time to
+    run it (CUDA events): launch ≈ wall means the prefill is bound by the host, not the GPU."""
+    reqs = [Generate(id=20_000 + i, prompt=prompt, params=SamplingParams(max_tokens=8, temperature=0))
+            for i in range(rows)]
+    t = time.perf_counter()
+    seqs = [engine._start(r) for r in reqs]
+    encode_ms = (time.perf_counter() - t) * 1000
+    result = {"rows": rows, "prompt_tokens": len(seqs[0].prompt_ids), "encode_ms": round(encode_ms, 3)}
+    with torch.inference_mode():
+        for _ in range(2):  # the second is measured (the first may allocate)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            engine.prefill(seqs)
+            result["prefill_wall_ms"] = round((time.perf_counter() - t) * 1000, 3)
+            engine.release(seqs)
+        group = seqs[:max(1, PREFILL_TOKEN_BUDGET // len(seqs[0].prompt_ids))]
+        for s in group:
+            engine.reserve(s)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        for _ in range(2):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            start.record()
+            engine._prefill_logits(group)
+            end.record()
+            launched = time.perf_counter() - t
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+        result.update(group_rows=len(group), group_launch_ms=round(launched * 1000, 3),
+                      group_wall_ms=round(wall * 1000, 3), group_gpu_ms=round(start.elapsed_time(end), 3))
+        if profile:
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
+
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                engine._prefill_logits(group)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr, flush=True)
+        engine.release(group)
+    return result
+
+
 GREEDY_PROMPTS = ["Hello there", " word" * 20, "1 2 3 4 5"]
 
 
@@ -269,6 +314,10 @@ def main(argv=None) -> int:
     p.add_argument("--long-prompt-tokens", type=int, default=0,
                    help="open loop: also one prompt of this many tokens every --long-every seconds")
     p.add_argument("--long-every", type=float, default=1.0)
+    p.add_argument("--prefill-rows", default="",
+                   help="also: where a wave of this many arriving prompts spends its time (comma-separated row counts)")
+    p.add_argument("--profile-prefill", action="store_true",
+                   help="with --prefill-rows: print torch.profiler's busiest ops of one prefill group")
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--out", default="reports/bench-gpu.json")
     args = p.parse_args(argv)
@@ -333,6 +382,11 @@ def main(argv=None) -> int:
                                                 live_prefix_attention=attention, fused_pieces=fused))
             print(shape, "breakdown", entry["step_breakdown"][-1], file=sys.stderr, flush=True)
         set_step_mode(engine, *default)
+        entry["prefill_breakdown"] = []
+        for rows in [int(r) for r in args.prefill_rows.split(",") if r]:
+            entry["prefill_breakdown"].append(prefill_breakdown(engine, prompt, min(rows, engine.max_batch_size),
+                                                                args.profile_prefill))
+            print(shape, "prefill", entry["prefill_breakdown"][-1], file=sys.stderr, flush=True)
         prompt_ids = engine.tokenizer(prompt).input_ids
         engine.fused.restore()  # plain HF generate: transformers' own layers
         for b in [int(x) for x in args.hf_batches.split(",") if x and not args.skip_hf]:

@@ -247,18 +247,23 @@ def test_cancel_while_a_prompt_is_half_prefilled_frees_its_row(engine, monkeypat
 @pytest.fixture
 def counted_fused(engine, monkeypatch):
     """The engine's fused pieces through a backend that runs the traced graphs as they are and
-    counts each compilation: (the FusedPieces, the list of compiled graphs)."""
+    counts each compilation and each call of compiled code: (the FusedPieces, the list of compiled
+    graphs, the list of calls)."""
     from backend.fused import FusedPieces
 
-    compiled = []
+    compiled, calls = [], []
 
     def counting_backend(graph_module, example_inputs):
         compiled.append(graph_module)
-        return graph_module.forward
+
+        def run(*args):
+            calls.append(graph_module)
+            return graph_module.forward(*args)
+        return run
 
     fused = FusedPieces(engine.model, backend=counting_backend)
     monkeypatch.setattr(engine, "fused", fused)
-    return fused, compiled
+    return fused, compiled, calls
 
 
 def test_fused_pieces_still_match_hf_generate_and_can_be_put_back(engine, counted_fused):
@@ -266,7 +271,7 @@ def test_fused_pieces_still_match_hf_generate_and_can_be_put_back(engine, counte
     through torch.compile; on the GPU with inductor, here with a backend that runs the traced
     graphs as they are): every matching module is swapped, each piece compiles whole, rows join
     and leave with greedy output still HF's, and restore leaves transformers' own forwards."""
-    fused, compiled = counted_fused
+    fused, compiled, _ = counted_fused
     layers = engine.model.config.num_hidden_layers
     reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=5 + 4 * i, temperature=0.0, ignore_eos=True))
             for i, p in enumerate(PROMPTS)]
@@ -288,12 +293,22 @@ def test_after_warm_up_the_fused_pieces_compile_nothing_more(engine, counted_fus
     """Warm-up compiles the fused pieces for what serving runs (one row and several, prompts and
     single positions, in inference mode); afterwards a shape it did not see runs uncompiled
     rather than stalling every running stream while inductor compiles it."""
-    fused, compiled = counted_fused
+    fused, compiled, calls = counted_fused
+    layers = engine.model.config.num_hidden_layers
     fused.apply()
     try:
         engine.warm_up()
         after_warm_up = len(compiled)
         assert after_warm_up >= 3
+        # A batch of prompts of several lengths prefilled together runs every piece compiled:
+        # two norms, the MLP and the rotary embedding per layer, and the final norm.
+        del calls[:]
+        probe = [engine._start(Generate(id=100 + i, prompt=p, params=SamplingParams(max_tokens=2)))
+                 for i, p in enumerate(PROMPTS)]
+        with torch.inference_mode():
+            engine.prefill(probe)
+        engine.release(probe)
+        assert len(calls) == 4 * layers + 1
         reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=4 + i, temperature=0.0, ignore_eos=True))
                 for i, p in enumerate(PROMPTS)]
         got = run(engine, reqs)  # several rows decoding together: a shape the CPU warm-up never ran
