@@ -7,7 +7,9 @@ slot's cached prefix:
 
 - every step decodes all running sequences together (batch row b = slot b; slots are handed out
   lowest-first, so the rows in use stay packed at the front);
-- new requests are prefilled between steps, several at once (right-padded, causal);
+- new requests are prefilled between steps, several at once (right-padded, causal); on CUDA a
+  few at a time (up to 16 prompts of up to 512 tokens) run as captured graphs too, padded to a
+  (rows, width) bucket, filler rows writing a scratch slot past the last sequence's;
 - finished or cancelled requests free their slot at once;
 - on CUDA the decode step runs as a captured CUDA graph, one per (batch bucket, length bucket);
   on CPU the same code runs eagerly.
@@ -42,6 +44,12 @@ log = logging.getLogger("fullpower.worker")
 ATTENTION = "fullpower_slots"
 PREFILL_TOKEN_BUDGET = 8192  # tokens per prefill batch (rows x padded length)
 MIN_LENGTH_BUCKET = 64
+# Small prefills (a few arrivals between decode steps) run as captured graphs, padded to these
+# buckets: eagerly, a prefill costs the host ~30 ms of launches whatever its size (measured on the
+# H200, 1B shape), and every running stream waits for it. Larger ones are bound by the GPU anyway.
+PREFILL_GRAPH_ROWS = 16
+PREFILL_GRAPH_WIDTHS = (32, 64, 128, 256, 512)
+PREFILL_GRAPH_TOKENS = 4096  # rows x width of the largest captured prefill
 
 
 class BootError(Exception):
@@ -168,11 +176,60 @@ class _DecodeStep:
         self.tokens = self.host = self.event = self.ids = None
 
 
+class _PaddedPrefill:
+    """A prefill of up to `rows` prompts of up to `width` tokens, over static input tensors: on
+    CUDA replayed from a captured graph, elsewhere run eagerly over the same padded inputs."""
+
+    def __init__(self, engine: "TransformersEngine", rows: int, width: int, capture: bool = False) -> None:
+        d = engine.device
+        self.rows, self.width = rows, width
+        self.ids = torch.full((rows, width), engine.pad_id, dtype=torch.long, device=d)
+        self.slots = torch.full((rows,), engine._scratch_slot, dtype=torch.long, device=d)
+        self.last = torch.zeros(rows, dtype=torch.long, device=d)
+        self.graph = self.out = None
+        if capture:
+            # as for the decode graphs: warm-up runs on a side stream, then the capture; with the
+            # slots all the scratch slot, they write nothing a sequence owns
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    engine._padded_prefill_forward(self.ids, self.slots, self.last)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=engine._graph_pool):
+                self.out = engine._padded_prefill_forward(self.ids, self.slots, self.last)
+
+    def run(self, engine: "TransformersEngine", group: list[EngineSequence]) -> torch.Tensor:
+        """The logits of each prompt's last position (rows of a static output on CUDA: sample them
+        before the next prefill)."""
+        n = len(group)
+        ids = torch.full((self.rows, self.width), engine.pad_id, dtype=torch.long)
+        last = [0] * self.rows
+        slots = [engine._scratch_slot] * self.rows
+        for i, s in enumerate(group):
+            prompt = s.all_ids
+            ids[i, :len(prompt)] = torch.tensor(prompt)
+            last[i] = len(prompt) - 1
+            slots[i] = s.slot
+        pinned = engine._pinned
+        self.ids.copy_(ids.pin_memory() if pinned else ids, non_blocking=True)
+        self.last.copy_(torch.tensor(last, pin_memory=pinned), non_blocking=True)
+        self.slots.copy_(torch.tensor(slots, pin_memory=pinned), non_blocking=True)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out[:n]
+        return engine._padded_prefill_forward(self.ids, self.slots, self.last)[:n]
+
+
 class TransformersEngine(BatchEngine):
     name = "transformers"
     chunked_prefill = True
 
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(self, settings: WorkerSettings, padded_prefill: bool | None = None) -> None:
+        """`padded_prefill`: prefill small groups padded to (rows, width) buckets, as captured
+        graphs on CUDA (None: where graphs are on); tests turn it on to run the padding on the CPU."""
         path = Path(settings.model_path)
         if not (path / "config.json").is_file():
             raise BootError(f"{path}: not a model directory (no config.json); "
@@ -207,7 +264,18 @@ class TransformersEngine(BatchEngine):
                 eos.update(source)
         model_len = getattr(config, "max_position_embeddings", None) or 2048
         max_len = min(settings.max_context or model_len, model_len)
-        slots = self._allocate_kv(config, settings, max_len)
+        self.use_graphs = settings.cuda_graphs and self.device.type == "cuda"
+        if self.use_graphs and settings.dtype == "int8":
+            # torchao's int8 weight-only linear dequantises each weight on every call; inside a
+            # captured graph those copies live as long as the graph, one set per captured shape,
+            # which spent all of an H200's memory on the 1B shape. int8 runs eagerly on GPU.
+            log.warning("dtype int8: CUDA graphs off (each captured step would keep dequantised weights)")
+            self.use_graphs = False
+        self.padded_prefill = self.use_graphs if padded_prefill is None else padded_prefill
+        # The padded prefill's filler rows write their keys and values into a slot of their own,
+        # one past the last slot a sequence can have.
+        slots = self._allocate_kv(config, settings, max_len, scratch=self.padded_prefill)
+        self._scratch_slot = slots
         super().__init__(slots, max_len, sorted(eos))
         self.prefill_budget = settings.prefill_budget_tokens
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -219,13 +287,7 @@ class TransformersEngine(BatchEngine):
         self._pos = torch.zeros(slots, dtype=torch.long, device=d)
         self._rows = torch.arange(slots, dtype=torch.long, device=d)
         self._cols = torch.arange(max_len, dtype=torch.long, device=d)
-        self.use_graphs = settings.cuda_graphs and d.type == "cuda"
-        if self.use_graphs and settings.dtype == "int8":
-            # torchao's int8 weight-only linear dequantises each weight on every call; inside a
-            # captured graph those copies live as long as the graph, one set per captured shape,
-            # which spent all of an H200's memory on the 1B shape. int8 runs eagerly on GPU.
-            log.warning("dtype int8: CUDA graphs off (each captured step would keep dequantised weights)")
-            self.use_graphs = False
+        self._prefill_row_index = torch.arange(PREFILL_GRAPH_ROWS, dtype=torch.long, device=d)
         # Decode attention over each row's live prefix (a Triton kernel, backend/decode_attention.py)
         # instead of SDPA over the length bucket: off, because on the H200 it saved only 0.3 ms of
         # a 4.1 ms step (135M) and its rounding differs enough from SDPA's that greedy output left
@@ -241,6 +303,8 @@ class TransformersEngine(BatchEngine):
         if self.use_graphs:
             log.info("fused pieces: %d modules swapped (rotary: %s)", self.fused.apply(), self.fused.rotary_swapped)
         self._graphs: dict[tuple[int, int, bool, bool], tuple] = {}
+        # (rows, width) -> the padded prefill's static inputs and, on CUDA, its captured graph
+        self._prefill_graphs: dict[tuple[int, int], "_PaddedPrefill"] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._pinned = d.type == "cuda"
         self._lltok = None  # llguidance's tokenizer, on first use (see _ll_tokenizer)
@@ -252,7 +316,7 @@ class TransformersEngine(BatchEngine):
         # many rows' masks in parallel pays off with cores to spare (measured: not on 2 cores)
         self._parallel_masks = (os.cpu_count() or 1) >= 8
 
-    def _allocate_kv(self, config, settings: WorkerSettings, max_len: int) -> int:
+    def _allocate_kv(self, config, settings: WorkerSettings, max_len: int, scratch: bool) -> int:
         layers = config.num_hidden_layers
         kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -265,7 +329,7 @@ class TransformersEngine(BatchEngine):
             if slots < 1:
                 raise BootError(f"the KV cache for one sequence of {max_len} tokens needs {per_slot >> 20} MiB; "
                                 f"only {budget >> 20} MiB are available (lower max_context)")
-        shape = (slots, kv_heads, max_len, head_dim)
+        shape = (slots + scratch, kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         self.v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
         log.info("KV cache: %d slots x %d tokens (%.0f MiB)", slots, max_len, slots * per_slot / 2**20)
@@ -359,8 +423,52 @@ class TransformersEngine(BatchEngine):
         return [first[id(s)] for s in seqs]
 
     def _prefill_group(self, group: list[EngineSequence]) -> dict[int, int]:
-        tokens = self._sample(self._prefill_logits(group), group)
+        padded = self._padded_prefill_for(group)
+        logits = self._prefill_logits(group) if padded is None else padded.run(self, group)
+        tokens = self._sample(logits, group)
         return {id(s): t for s, t in zip(group, tokens)}
+
+    def _padded_prefill_for(self, group: list[EngineSequence]) -> "_PaddedPrefill | None":
+        """The (rows, width) bucket this group's prefill runs in padded, if any: on CUDA only the
+        buckets captured at warm-up (a new capture would stall the running streams)."""
+        if not self.padded_prefill or len(group) > PREFILL_GRAPH_ROWS:
+            return None
+        width = max(len(s.all_ids) for s in group)
+        key = (_bucket(len(group), PREFILL_GRAPH_ROWS), _bucket(width, self.context_length, PREFILL_GRAPH_WIDTHS[0]))
+        if width > key[1] or key[0] * key[1] > PREFILL_GRAPH_TOKENS:
+            return None
+        entry = self._prefill_graphs.get(key)
+        if entry is None and not self.use_graphs:
+            entry = self._prefill_graphs[key] = _PaddedPrefill(self, *key)
+        return entry
+
+    def _padded_prefill_forward(self, ids: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The padded prefill's forward over static inputs (captured as a graph on CUDA): filler
+        rows and the padding after each prompt compute garbage that nothing reads - filler rows
+        write only the scratch slot; a prompt's padding writes its own slot past the prompt, where
+        each decode step writes its position before attending up to it."""
+        n, width = ids.shape
+        step = _Step(self.k, self.v, False, rows)
+        mask = torch.ones((n, 1, 1, 1), dtype=torch.bool, device=self.device)  # unused: causal in-kernel
+        hidden = self.body(input_ids=ids, position_ids=self._cols[:width].expand(n, width), attention_mask=mask,
+                           use_cache=False, fp_step=step).last_hidden_state
+        return self.lm_head(hidden[self._prefill_row_index[:n], last])
+
+    def _capture_prefill_graphs(self) -> None:
+        """Capture the padded prefill for every bucket (warm-up): one graph per (rows, width)."""
+        rows = 1
+        while rows <= PREFILL_GRAPH_ROWS:
+            for width in PREFILL_GRAPH_WIDTHS:
+                if width <= self.context_length and rows * width <= PREFILL_GRAPH_TOKENS:
+                    try:
+                        self._prefill_graphs[(rows, width)] = _PaddedPrefill(self, rows, width, capture=True)
+                    except RuntimeError as exc:  # a model whose prefill cannot be captured: eager, as before
+                        log.warning("prefill graphs off: capturing (%d rows, %d tokens) failed: %s", rows, width, exc)
+                        self._prefill_graphs.clear()
+                        self.padded_prefill = False
+                        return
+            rows *= 2
+        log.info("prefill graphs: %d captured", len(self._prefill_graphs))
 
     def _prefill_logits(self, group: list[EngineSequence]) -> torch.Tensor:
         """One batched prefill forward (prompts right-padded to the longest): their keys and values
@@ -533,6 +641,8 @@ class TransformersEngine(BatchEngine):
                 if n >= self.max_batch_size:
                     break
                 n = min(n * 2, self.max_batch_size)
+            if self.padded_prefill:
+                self._capture_prefill_graphs()
             torch.cuda.synchronize()
         if self.fused.active:
             # From here on a shape the warm-up did not compile runs uncompiled rather than

@@ -66,6 +66,53 @@ def test_greedy_matches_hf_generate_with_joins_and_leaves(engine):
         assert ids == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
 
 
+def test_padded_prefill_matches_hf_generate_with_joins_and_leaves(tiny_model):
+    """Small prefills padded to (rows, width) buckets - as captured graphs on CUDA, eagerly here:
+    filler rows (3 prompts in a bucket of 4 rows, more than the engine's 3 slots) write only the
+    scratch slot, and each prompt's padding only its own slot past the prompt, where decode steps
+    write before they read; rows joining and leaving still give HF generate's greedy output."""
+    engine = TransformersEngine(WorkerSettings(engine="transformers", model_name="tiny", model_path=str(tiny_model),
+                                               max_batch_size=3), padded_prefill=True)
+    reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=6 + 5 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS)]
+    reqs.append(Generate(id=99, prompt="A late arrival", params=SamplingParams(max_tokens=9, temperature=0.0,
+                                                                               ignore_eos=True)))
+    got = run(engine, reqs)
+    assert (4, 32) in engine._prefill_graphs  # three prompts together, padded to four rows
+    for r in reqs:
+        ids, _, end = got[r.id]
+        assert isinstance(end, Finished) and end.finish_reason == "length"
+        assert ids == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
+    assert engine.load == (0, 0) and sorted(engine._free) == [0, 1, 2]
+
+
+def test_padded_prefill_writes_what_the_plain_prefill_writes_and_nothing_else(tiny_model):
+    """A running sequence in slot 0, then three prompts prefilled together in a bucket of four
+    rows: every prompt's keys and values are the plain prefill's, and the filler row touched no
+    slot a sequence owns (it writes the scratch slot)."""
+    def prefilled(padded: bool):
+        engine = TransformersEngine(WorkerSettings(engine="transformers", model_name="tiny",
+                                                   model_path=str(tiny_model), max_batch_size=4),
+                                    padded_prefill=padded)
+        first = engine._start(Generate(id=0, prompt=PROMPTS[3], params=SamplingParams(max_tokens=2)))
+        group = [engine._start(Generate(id=1 + i, prompt=p, params=SamplingParams(max_tokens=2)))
+                 for i, p in enumerate(PROMPTS[:3])]
+        with torch.inference_mode():
+            engine.prefill([first])
+            engine.prefill(group)
+        return engine, [first] + group
+
+    padded, seqs = prefilled(True)
+    plain, plain_seqs = prefilled(False)
+    assert (4, 32) in padded._prefill_graphs
+    for s, p in zip(seqs, plain_seqs):
+        assert s.slot == p.slot
+        n = len(s.all_ids)
+        for layer in range(len(padded.k)):
+            for ours, theirs in ((padded.k, plain.k), (padded.v, plain.v)):
+                assert torch.allclose(ours[layer][s.slot, :, :n], theirs[layer][p.slot, :, :n], atol=1e-5)
+
+
 def test_more_requests_than_batch_size_all_complete(engine):
     reqs = [Generate(id=i, prompt=f"count {i}", params=SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
             for i in range(10)]
