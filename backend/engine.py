@@ -42,7 +42,10 @@ from backend.textstream import IncrementalDetokenizer
 log = logging.getLogger("fullpower.worker")
 
 ATTENTION = "fullpower_slots"
-PREFILL_TOKEN_BUDGET = 8192  # tokens per prefill batch (rows x padded length)
+# Tokens per eager prefill forward (rows x padded length). An eager forward costs the host ~30 ms
+# of launches on the H200 whatever its size, so a wave of arrivals goes in few, large forwards
+# (256 prompts of 128 tokens: 2); the activations of 16k tokens of the 8B shape are ~2 GB.
+PREFILL_TOKEN_BUDGET = 16384
 MIN_LENGTH_BUCKET = 64
 # Small prefills (a few arrivals between decode steps) run as captured graphs, padded to these
 # buckets: eagerly, a prefill costs the host ~30 ms of launches whatever its size (measured on the
@@ -348,6 +351,36 @@ class TransformersEngine(BatchEngine):
                 ids = ids["input_ids"]
             return list(ids)
         return list(self.tokenizer(req.prompt or "").input_ids) or [self.pad_id]
+
+    def encode_many(self, reqs: list[Generate]) -> list:
+        """Prompts in one call into the tokenizers library (it tokenizes them on its own threads,
+        without the interpreter lock): plain prompts together, and conversations without tools
+        through transformers' batched chat template. A batch the template refuses is encoded one
+        by one, so that only the request at fault fails. Measured on the H200 host: 256 prompts
+        of 128 tokens took 49-90 ms one by one, every arriving request waiting for all of them."""
+        out: list = [None] * len(reqs)
+        prompts = [i for i, r in enumerate(reqs) if r.messages is None]
+        if prompts:
+            ids = self.tokenizer([reqs[i].prompt or "" for i in prompts]).input_ids
+            for i, row in zip(prompts, ids):
+                out[i] = list(row) or [self.pad_id]
+        chats = [i for i, r in enumerate(reqs) if r.messages is not None and not r.tools]
+        if len(chats) > 1:
+            try:
+                ids = self.tokenizer.apply_chat_template([self._conversation(reqs[i])[0] for i in chats],
+                                                         add_generation_prompt=True, tokenize=True)
+                ids = ids if isinstance(ids, list) else ids["input_ids"]
+                for i, row in zip(chats, ids):
+                    out[i] = list(row)
+            except Exception:  # noqa: BLE001 - one conversation the template rejects: find it below
+                pass
+        for i, req in enumerate(reqs):
+            if out[i] is None:
+                try:
+                    out[i] = self.encode(req)
+                except RequestError as exc:
+                    out[i] = exc
+        return out
 
     def _conversation(self, req: Generate) -> tuple[list[dict], list[dict] | None]:
         """The messages (and tools) for the chat template. A template that knows tools gets them

@@ -115,12 +115,28 @@ class BatchEngine:
         self._stop = threading.Event()
         self.last_tick = time.monotonic()
         self.generated_tokens = 0
+        # Host seconds spent in each part of the loop since start (the GPU benchmark's step
+        # anatomy): encoding arrivals, prefilling them, launching decode steps, waiting for their
+        # tokens, turning tokens into text and frames, handing frames to the worker.
+        self.host_seconds = dict.fromkeys(("encode", "prefill", "launch", "collect", "advance", "emit"), 0.0)
+        self.decode_steps = 0
         self.emit: Callable[[list], None] = lambda frames: None
 
     # --- model hooks ----------------------------------------------------------------------------
     def encode(self, req: Generate, add_generation_prompt: bool = True) -> list[int]:
         """Prompt token ids of a Generate (or Tokenize): its messages through the chat template, or its prompt."""
         raise NotImplementedError
+
+    def encode_many(self, reqs: list[Generate]) -> list:
+        """Each request's prompt ids, or the RequestError or InternalError it raised, in order
+        (engines override it to tokenize many prompts in one call)."""
+        out: list = []
+        for req in reqs:
+            try:
+                out.append(self.encode(req))
+            except (RequestError, InternalError) as exc:
+                out.append(exc)
+        return out
 
     def detokenize(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
@@ -227,17 +243,31 @@ class BatchEngine:
         if self._prefilling:
             self._prefill_some(frames)
         if frames:
-            self.emit(frames)  # first tokens go out now, not after the next decode step
+            self._emit_timed(frames)  # first tokens go out now, not after the next decode step
             frames = []
         if self._running:
+            spent = self.host_seconds
+            t0 = time.perf_counter()
             current = self._inflight if self._inflight is not None else self.launch(self._running)
             alive = [s for s in current.seqs if not s.done]
             self._inflight = self.launch_next(current, alive) if self._can_pipeline(alive) else None
-            self._advance_alive(current.seqs, self.collect(current), frames)
+            t1 = time.perf_counter()
+            ids = self.collect(current)
+            t2 = time.perf_counter()
+            self._advance_alive(current.seqs, ids, frames)
+            spent["launch"] += t1 - t0
+            spent["collect"] += t2 - t1
+            spent["advance"] += time.perf_counter() - t2
+            self.decode_steps += 1
         else:
             self._flush(frames)
         if frames:
-            self.emit(frames)
+            self._emit_timed(frames)
+
+    def _emit_timed(self, frames: list) -> None:
+        t0 = time.perf_counter()
+        self.emit(frames)
+        self.host_seconds["emit"] += time.perf_counter() - t0
 
     def _can_pipeline(self, seqs: list[EngineSequence]) -> bool:
         """Whether the step after this one can be launched before this one's tokens are known:
@@ -257,7 +287,13 @@ class BatchEngine:
         """Collect the step in flight, if any."""
         if self._inflight is not None:
             current, self._inflight = self._inflight, None
-            self._advance_alive(current.seqs, self.collect(current), frames)
+            t0 = time.perf_counter()
+            ids = self.collect(current)
+            t1 = time.perf_counter()
+            self._advance_alive(current.seqs, ids, frames)
+            self.host_seconds["collect"] += t1 - t0
+            self.host_seconds["advance"] += time.perf_counter() - t1
+            self.decode_steps += 1
 
     def _advance_alive(self, seqs: list[EngineSequence], ids: list[int], frames: list) -> None:
         """_advance for the rows still running (a row that ended or was cancelled while its step
@@ -339,13 +375,18 @@ class BatchEngine:
             return
         batch, self._waiting = self._waiting[:room], self._waiting[room:]
         seqs = []
-        for req in batch:
+        t0 = time.perf_counter()
+        for req, prompt_ids in zip(batch, self.encode_many(batch)):
             try:
-                seqs.append(self._start(req))
+                if isinstance(prompt_ids, Exception):
+                    raise prompt_ids
+                seqs.append(self._start(req, prompt_ids))
             except RequestError as exc:
                 frames.append(Failed(id=req.id, code="invalid_request", message=str(exc), param=exc.param))
             except InternalError as exc:
                 frames.append(Failed(id=req.id, code="internal", message=str(exc)))
+        t1 = time.perf_counter()
+        self.host_seconds["encode"] += t1 - t0
         if not seqs:
             return
         if self.prefill_budget and self.chunked_prefill:
@@ -354,13 +395,23 @@ class BatchEngine:
             self._prefilling.extend(seqs)  # prefilled by _prefill_some, a budget per step
             return
         first = self.prefill(seqs)
+        t2 = time.perf_counter()
+        self.host_seconds["prefill"] += t2 - t1
         self._running.extend(seqs)
         self._advance(seqs, first, frames)
+        self.host_seconds["advance"] += time.perf_counter() - t2
 
     def _prefill_some(self, frames: list) -> None:
         """Up to prefill_budget prompt tokens of the admitted sequences, in order: prompts that fit
         whole go in one batched prefill; a longer one gets a chunk of what is left of the budget
         (one chunk per step) and joins the running rows once its last chunk is in."""
+        t0 = time.perf_counter()
+        try:
+            self._prefill_within_budget(frames)
+        finally:
+            self.host_seconds["prefill"] += time.perf_counter() - t0
+
+    def _prefill_within_budget(self, frames: list) -> None:
         budget = self.prefill_budget
         whole: list[EngineSequence] = []
         while self._prefilling and budget > 0:
@@ -385,8 +436,9 @@ class BatchEngine:
             self._running.extend(whole)
             self._advance(whole, first_ids, frames)
 
-    def _start(self, req: Generate) -> EngineSequence:
-        prompt_ids = self.encode(req)
+    def _start(self, req: Generate, prompt_ids: list[int] | None = None) -> EngineSequence:
+        if prompt_ids is None:
+            prompt_ids = self.encode(req)
         p = req.params
         if p.max_tokens < 1:
             raise RequestError("max_tokens must be at least 1")

@@ -108,6 +108,7 @@ def run_engine(engine: TransformersEngine, prompt: str, concurrency: int, total:
 
     rec = LatencyRecorder(on_finished=finished)
     engine.emit = rec.emit
+    before = host_anatomy(engine)
     started = time.perf_counter()
     with rec.lock:
         for _ in range(min(concurrency, total)):
@@ -117,7 +118,21 @@ def run_engine(engine: TransformersEngine, prompt: str, concurrency: int, total:
             engine.step()
     wall = time.perf_counter() - started
     return {"concurrency": concurrency, "requests": total, "output_tokens": rec.tokens,
-            "tokens_per_s": round(rec.tokens / wall, 1), "wall_s": round(wall, 3), **rec.latencies()}
+            "tokens_per_s": round(rec.tokens / wall, 1), "wall_s": round(wall, 3), **rec.latencies(),
+            "host_ms": host_anatomy(engine, before, wall)}
+
+
+def host_anatomy(engine: TransformersEngine, before: dict | None = None, wall: float = 0.0) -> dict:
+    """The engine loop's host time by part (BatchEngine.host_seconds): a snapshot, or with
+    `before` the milliseconds each part took in the run, in all and per decode step."""
+    now = dict(engine.host_seconds, steps=engine.decode_steps)
+    if before is None:
+        return now
+    steps = max(1, now["steps"] - before["steps"])
+    spent = {k: now[k] - before[k] for k in engine.host_seconds}
+    return {"decode_steps": steps, "wall_ms_per_step": round(wall * 1000 / steps, 3),
+            "total_ms": {k: round(v * 1000, 1) for k, v in spent.items()},
+            "per_step_ms": {k: round(v * 1000 / steps, 3) for k, v in spent.items()}}
 
 
 def run_open_loop(engine: TransformersEngine, prompt: str, rate: float, seconds: float, new_tokens: int,
@@ -150,6 +165,7 @@ def run_open_loop(engine: TransformersEngine, prompt: str, rate: float, seconds:
 
     engine.emit = rec.emit
     max_running = 0
+    before = host_anatomy(engine)
     started = time.perf_counter()
     threading.Thread(target=arrivals, daemon=True).start()
     with torch.inference_mode():
@@ -160,7 +176,8 @@ def run_open_loop(engine: TransformersEngine, prompt: str, rate: float, seconds:
     latencies = rec.latencies()
     return {"rate_rps": round(rate, 2), "requests": total, "long_prompts": longs, "prefill_budget": engine.prefill_budget,
             "tokens_per_s": round(rec.tokens / wall, 1), "max_running": max_running, **latencies,
-            "itl_p99_over_p50": round(latencies["itl_p99_ms"] / latencies["itl_p50_ms"], 2)}
+            "itl_p99_over_p50": round(latencies["itl_p99_ms"] / latencies["itl_p50_ms"], 2),
+            "host_ms": host_anatomy(engine, before, wall)}
 
 
 def run_hf(model, prompt_ids: list[int], batch: int, new_tokens: int) -> dict:
@@ -224,7 +241,7 @@ def prefill_breakdown(engine: TransformersEngine, prompt: str, rows: int, profil
     reqs = [Generate(id=20_000 + i, prompt=prompt, params=SamplingParams(max_tokens=8, temperature=0))
             for i in range(rows)]
     t = time.perf_counter()
-    seqs = [engine._start(r) for r in reqs]
+    seqs = [engine._start(r, ids) for r, ids in zip(reqs, engine.encode_many(reqs))]
     encode_ms = (time.perf_counter() - t) * 1000
     result = {"rows": rows, "prompt_tokens": len(seqs[0].prompt_ids), "encode_ms": round(encode_ms, 3)}
     with torch.inference_mode():

@@ -5,6 +5,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from backend.engine import BootError, TransformersEngine  # noqa: E402
+from backend.scheduler import RequestError  # noqa: E402
 from backend.protocol import ChatMessage, Failed, Finished, Generate, SamplingParams, Tokens, WorkerSettings  # noqa: E402
 
 
@@ -111,6 +112,39 @@ def test_padded_prefill_writes_what_the_plain_prefill_writes_and_nothing_else(ti
         for layer in range(len(padded.k)):
             for ours, theirs in ((padded.k, plain.k), (padded.v, plain.v)):
                 assert torch.allclose(ours[layer][s.slot, :, :n], theirs[layer][p.slot, :, :n], atol=1e-5)
+
+
+def test_prompts_encoded_together_are_encoded_as_one_by_one(engine, monkeypatch):
+    """Admission tokenizes arriving prompts in one call (plain prompts together, conversations
+    without tools through the batched chat template); the ids are what encoding each alone gives,
+    and a conversation the template refuses fails alone."""
+    def chat(*contents, system=None):
+        messages = [ChatMessage("system", system)] if system else []
+        roles = ("user", "assistant")
+        return messages + [ChatMessage(roles[i % 2], c) for i, c in enumerate(contents)]
+
+    reqs = [Generate(id=1, prompt="Hello there", params=SamplingParams()),
+            Generate(id=2, prompt="", params=SamplingParams()),
+            Generate(id=3, messages=chat("hi"), params=SamplingParams()),
+            Generate(id=4, messages=chat("Ünïcödé ✓ 你好 🙂", "an answer", "and a follow-up"), params=SamplingParams()),
+            Generate(id=5, prompt=" word" * 100, params=SamplingParams()),
+            Generate(id=6, messages=chat("weather?", system="Be brief."), params=SamplingParams()),
+            Generate(id=7, messages=chat("call a tool"), params=SamplingParams(),
+                     tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])]
+    one_by_one = [engine.encode(r) for r in reqs]
+    alone = []
+    encode = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda req, **kw: alone.append(req.id) or encode(req, **kw))
+    assert engine.encode_many(reqs) == one_by_one
+    assert alone == [7]  # only the request with tools was encoded alone
+    template = engine.tokenizer.chat_template
+    monkeypatch.setattr(engine.tokenizer, "chat_template",
+                        "{% for m in messages %}{% if m['content'] == 'bad' %}{{ raise_exception('no') }}{% endif %}"
+                        "{% endfor %}" + template)
+    mixed = [reqs[2], Generate(id=8, messages=chat("bad"), params=SamplingParams()), reqs[5]]
+    got = engine.encode_many(mixed)
+    assert got[0] == engine.encode(reqs[2]) and got[2] == engine.encode(reqs[5])
+    assert isinstance(got[1], RequestError) and got[1].param == "messages"
 
 
 def test_more_requests_than_batch_size_all_complete(engine):
