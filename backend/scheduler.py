@@ -83,6 +83,9 @@ class EngineSequence:
         return token in eos_ids and not p.ignore_eos and len(self.generated) > p.min_tokens
 
 
+_AT_EOS = object()  # _advance: the row's token is the EOS that ends it (no text of its own)
+
+
 class _DoneStep:
     """A decode step that ran synchronously (engines that do not pipeline)."""
 
@@ -96,6 +99,10 @@ class BatchEngine:
     name = "base"
     vocab_size = 2**31  # token ids the engine knows (engines set theirs)
     weight_bytes = 0  # the model's weights in memory (engines with a model set it)
+    # token id -> its text where decoding it after any other ids appends exactly that text (None
+    # for ids whose text depends on their neighbours); engines whose tokenizer allows it set it,
+    # and a step's rows that are caught up need no tokenizer call
+    token_text: "list[str | None] | None" = None
     pipeline = True  # launch the next decode step before this one's tokens reach the host, when rows allow
     chunked_prefill = False  # engines that can prefill a prompt in pieces (prefill_chunk) set it
 
@@ -460,14 +467,22 @@ class BatchEngine:
         return seq
 
     def _advance(self, seqs: list[EngineSequence], next_ids: list[int], frames: list) -> None:
+        """Each row's new token: end checks, its text (from token_text where that gives it, else
+        from one tokenizer call for all the rows left), stop sequences, its frames. Per row and
+        per step: written for the hot path (no work a row does not need)."""
         finished: list[EngineSequence] = []
-        ends: list[str | None] = []
+        ends: list[str | None] = []  # per row: None (it continues), "stop" or "length"
+        known: list = []  # per row: its text when known without the tokenizer, _AT_EOS, or None
         windows: list = []
+        table = self.token_text
+        eos_ids, context = self.eos_ids, self.context_length
+        self.generated_tokens += len(seqs)
         for seq, tok in zip(seqs, next_ids):
-            seq.generated.append(tok)
-            self.generated_tokens += 1
-            if seq.ends_at(tok, self.eos_ids):
+            generated = seq.generated
+            generated.append(tok)
+            if tok in eos_ids and seq.ends_at(tok, eos_ids):
                 ends.append("stop")
+                known.append(_AT_EOS)
                 continue
             matcher = seq.matcher
             if matcher is not None and (not matcher.consume_token(tok) or matcher.is_stopped()):
@@ -477,24 +492,35 @@ class BatchEngine:
                 if matcher.is_error():
                     log.error("request %d: a sampled token left the grammar: %s", seq.id, matcher.get_error())
                 ends.append("stop")
-            elif len(seq.generated) >= seq.params.max_tokens or (
-                    len(seq.prompt_ids) + len(seq.generated) >= self.context_length):
+            elif len(generated) >= seq.params.max_tokens or len(seq.prompt_ids) + len(generated) >= context:
                 ends.append("length")
             else:
                 ends.append(None)
-            seq.detok.ids.append(tok)
-            windows.extend(seq.detok.windows())
-        # One tokenizer call for the whole batch: per-sequence decodes dominate big batches.
+            detok = seq.detok
+            text = table[tok] if table is not None and detok.caught_up else None
+            detok.ids.append(tok)
+            known.append(text)
+            if text is None:
+                windows.extend(detok.windows())
+        # One tokenizer call for the rows left: per-sequence decodes dominate big batches.
         texts = iter(self.detokenize_batch(windows)) if windows else iter(())
-        for seq, tok, reason in zip(seqs, next_ids, ends):
-            text = "" if seq.ends_at(tok, self.eos_ids) else seq.detok.accept(next(texts), next(texts))
+        for seq, tok, reason, text in zip(seqs, next_ids, ends, known):
+            detok = seq.detok
+            if text is None:
+                text = detok.accept(next(texts), next(texts))
+            elif text is _AT_EOS:
+                text = ""
+            else:
+                text = detok.accept_known(text)
             if reason is not None:
-                text += seq.detok.flush()
-            text, hit_stop = seq.stops.push(text)
-            if hit_stop:
-                reason = "stop"
-            elif reason is not None:
-                text += seq.stops.flush()
+                text += detok.flush()
+            stops = seq.stops
+            if stops.stops:  # without stop sequences nothing is ever held back
+                text, hit_stop = stops.push(text)
+                if hit_stop:
+                    reason = "stop"
+                elif reason is not None:
+                    text += stops.flush()
             if seq.logprob is None:
                 frames.append(Tokens(id=seq.id, token_ids=[tok], text=text))
             else:

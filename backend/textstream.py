@@ -25,6 +25,19 @@ class IncrementalDetokenizer:
         """The two id windows to decode (for batching many sequences into one tokenizer call)."""
         return self.ids[self._prefix : self._read], self.ids[self._prefix :]
 
+    @property
+    def caught_up(self) -> bool:
+        """Nothing held back: every id so far has been turned into text."""
+        return self._read == len(self.ids)
+
+    def accept_known(self, text: str) -> str:
+        """The delta of the id just appended when the caller knows its text (a token whose bytes
+        are whole UTF-8 on their own, appended while caught up: decoding the windows would give
+        exactly that text); the state moves as `accept` would move it."""
+        self._prefix = self._read
+        self._read = len(self.ids)
+        return text
+
     def accept(self, prefix_text: str, full_text: str) -> str:
         """The text delta, given the decoded windows (after the new ids were appended to .ids)."""
         if full_text.endswith("\ufffd") or len(full_text) < len(prefix_text):

@@ -417,6 +417,50 @@ def test_batched_detokenisation_gives_transformers_text(engine):
     assert engine.detokenize_batch(windows) == tok.batch_decode(windows, skip_special_tokens=True)
 
 
+def test_rows_detokenised_from_the_token_text_table_get_the_tokenizers_text(engine, monkeypatch):
+    """Rows whose token's text is context-free (engine.token_text) skip the tokenizer call; the
+    streamed text must be the windows' text exactly: multi-byte characters split over tokens,
+    special and added tokens, arbitrary ids, EOS ending some rows, max_tokens ending the rest."""
+    import random
+
+    tok = engine.tokenizer
+    assert engine.token_text is not None  # a byte-level tokenizer: the table is in use
+    rng = random.Random(3)
+    text_ids = tok("Plain words, then Ünïcödé ✓ 你好 世界 🙂 🚀 and a tab\tand newlines\n\n  spaced").input_ids
+    steps = 30
+    streams = []
+    for i in range(24):
+        if i % 3 == 0:
+            start = rng.randrange(len(text_ids) - 8)
+            streams.append((text_ids[start:] * 4)[:steps])
+        elif i % 3 == 1:
+            streams.append([rng.choice(text_ids) for _ in range(steps)])
+        else:
+            streams.append([rng.randrange(len(tok)) for _ in range(steps)])
+
+    def streamed(table):
+        monkeypatch.setattr(engine, "token_text", table)
+        decoded = []
+        batch_decode = engine.detokenize_batch
+        monkeypatch.setattr(engine, "detokenize_batch", lambda w: decoded.append(len(w)) or batch_decode(w))
+        seqs = [engine._start(Generate(id=i, prompt="x", params=SamplingParams(max_tokens=steps, ignore_eos=i % 2 == 0)))
+                for i in range(len(streams))]
+        texts = {i: [] for i in range(len(streams))}
+        for step in range(steps):
+            frames = []
+            live = [s for s in seqs if not s.done]
+            engine._advance(live, [streams[s.id][step] for s in live], frames)
+            for f in frames:
+                if isinstance(f, Tokens):
+                    texts[f.id].append(f.text)
+        return texts, sum(decoded)
+
+    fast, fast_windows = streamed(engine.token_text)
+    slow, slow_windows = streamed(None)
+    assert fast == slow
+    assert 0 < fast_windows < slow_windows / 2  # most rows skipped the tokenizer, some did not
+
+
 def test_fused_pieces_leave_alone_a_module_whose_maths_differs():
     """A norm named like RMSNorm that adds one to its weight (Gemma's), or a gated MLP whose
     activation is not SiLU, keeps its own forward: each piece is compared with the module on a
