@@ -281,6 +281,8 @@ class TransformersEngine(BatchEngine):
         self._scratch_slot = slots
         super().__init__(slots, max_len, sorted(eos))
         self.prefill_budget = settings.prefill_budget_tokens
+        self.prefill_wait_s = settings.prefill_wait_ms / 1000
+        self.admit_together = PREFILL_GRAPH_ROWS  # the largest captured prefill
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._template_knows_tools = "tools" in (self.tokenizer.chat_template or "")
         self._free = list(range(slots))  # a heap: the lowest free slot goes first

@@ -118,6 +118,13 @@ class BatchEngine:
         # never stall them for a whole long prompt (0: every admitted prompt at once).
         self._prefilling: list[EngineSequence] = []
         self.prefill_budget = 0
+        # While rows are decoding, an arrival may wait up to prefill_wait_s for others to be
+        # prefilled with it (each prefill holds every running row for about a step; several
+        # together cost little more than one): admitted at once when admit_together have come,
+        # when they fill the free slots, or when nothing is running. 0: admitted at every step.
+        self.prefill_wait_s = 0.0
+        self.admit_together = 16
+        self._waiting_since = 0.0  # when the oldest waiting request arrived (monotonic)
         self._inflight = None  # a decode step launched and not yet collected (pipelining)
         self._stop = threading.Event()
         self.last_tick = time.monotonic()
@@ -244,7 +251,8 @@ class BatchEngine:
         idle = not self._running and not self._waiting and self._inflight is None and not self._prefilling
         self._drain_inbox(block=idle)
         frames: list = []
-        if self._waiting and len(self._running) + len(self._prefilling) < self.max_batch_size:
+        if self._waiting and len(self._running) + len(self._prefilling) < self.max_batch_size \
+                and self._admission_due():
             self._flush(frames)  # admission sees the batch as it really is
             self._admit(frames)
         if self._prefilling:
@@ -270,6 +278,15 @@ class BatchEngine:
             self._flush(frames)
         if frames:
             self._emit_timed(frames)
+
+    def _admission_due(self) -> bool:
+        """Whether the waiting requests are admitted at this step (see prefill_wait_s)."""
+        if not self.prefill_wait_s or not self._running:
+            return True
+        room = self.max_batch_size - len(self._running) - len(self._prefilling)
+        if len(self._waiting) >= min(room, self.admit_together):
+            return True
+        return time.monotonic() - self._waiting_since >= self.prefill_wait_s
 
     def _emit_timed(self, frames: list) -> None:
         t0 = time.perf_counter()
@@ -333,6 +350,8 @@ class BatchEngine:
         while True:
             kind, value = item
             if kind == "gen":
+                if not self._waiting:
+                    self._waiting_since = time.monotonic()
                 self._waiting.append(value)
             elif kind == "cancel":
                 self._cancel(value)
@@ -381,6 +400,7 @@ class BatchEngine:
         if room <= 0 or not self._waiting:
             return
         batch, self._waiting = self._waiting[:room], self._waiting[room:]
+        self._waiting_since = time.monotonic()  # those left wait for room, not for company
         seqs = []
         t0 = time.perf_counter()
         for req, prompt_ids in zip(batch, self.encode_many(batch)):

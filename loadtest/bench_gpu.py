@@ -334,6 +334,8 @@ def main(argv=None) -> int:
                    help="also: arrivals at this fraction of the closed-loop maximum (at the largest concurrency), "
                         "with chunked prefill off and at each --prefill-budgets")
     p.add_argument("--prefill-budgets", default="512,2048")
+    p.add_argument("--prefill-waits", default="0",
+                   help="open loop: each run with arrivals waiting up to this many ms for company (comma-separated)")
     p.add_argument("--open-seconds", type=float, default=15.0)
     p.add_argument("--skip-hf", action="store_true", help="leave out plain HF generate")
     p.add_argument("--long-prompt-tokens", type=int, default=0,
@@ -391,11 +393,15 @@ def main(argv=None) -> int:
             rate = args.open_loop * top["tokens_per_s"] / args.new_tokens
             entry["open_loop"] = []
             for budget in [0] + [int(b) for b in args.prefill_budgets.split(",") if b]:
-                engine.prefill_budget = budget  # chunked prefill off, then on, in the same process
-                long_prompt = " word" * args.long_prompt_tokens
-                entry["open_loop"].append(run_open_loop(engine, prompt, rate, args.open_seconds, args.new_tokens,
-                                                        long_prompt, args.long_every))
-                print(shape, "open loop", entry["open_loop"][-1], file=sys.stderr, flush=True)
+                for wait_ms in [float(w) for w in args.prefill_waits.split(",") if w]:
+                    engine.prefill_budget = budget  # chunked prefill off, then on, in the same process
+                    engine.prefill_wait_s = wait_ms / 1000  # likewise arrivals waiting for company
+                    long_prompt = " word" * args.long_prompt_tokens
+                    result = run_open_loop(engine, prompt, rate, args.open_seconds, args.new_tokens, long_prompt,
+                                           args.long_every)
+                    entry["open_loop"].append(dict(result, prefill_wait_ms=wait_ms))
+                    print(shape, "open loop", entry["open_loop"][-1], file=sys.stderr, flush=True)
+            engine.prefill_wait_s = 0.0
             engine.prefill_budget = 16  # greedy equality with prompts prefilled in several chunks
             entry["greedy_vs_hf_chunked"] = greedy_check(engine, GREEDY_PROMPTS, 32)
             print(shape, "greedy chunked", entry["greedy_vs_hf_chunked"], file=sys.stderr, flush=True)

@@ -4,7 +4,7 @@
 # Reports delivered tok/s, TTFT and inter-token percentiles, the proxy's CPU per token and core
 # share (loadtest.bench_stream, from CLIENTS_PER_GPU client processes per GPU), and each GPU's busy
 # fraction (nvidia-smi's utilization, sampled every 200 ms during the run). GPUS defaults to every
-# GPU nvidia-smi lists; SHAPES to both shapes. Needs .gpu/ as gpu_stream.sh does. Writes
+# GPU nvidia-smi lists; SHAPES to both shapes; PREFILL_WAIT_MS sets the pool's prefill_wait_ms. Needs .gpu/ as gpu_stream.sh does. Writes
 # scale-<shape>-<n>.json and util-<shape>-<n>.csv into ${OUT:-reports}.
 set -u
 source loadtest/gpu_env.sh
@@ -12,7 +12,7 @@ GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
   model=$([ "$shape" = smollm2-135m ] && echo m135 || echo m1b)
   for n in 1 $GPUS; do
-    python3 -m loadtest.gpu_config --gpus "$n" --shape "$shape" --out /tmp/gpu$n.yaml
+    python3 -m loadtest.gpu_config --gpus "$n" --shape "$shape" --prefill-wait-ms "${PREFILL_WAIT_MS:-0}" --out /tmp/gpu$n.yaml
     python3 -m proxy serve --config /tmp/gpu$n.yaml > "$OUT/serve-$shape-$n.log" 2>&1 &
     SERVER=$!
     for i in $(seq 1 480); do

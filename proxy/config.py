@@ -78,6 +78,12 @@ class Pool(_Base, kw_only=True):
     # every admitted prompt at once, which measured faster for 128-token prompts on an H200
     # (docs/benchmarks.md §12). transformers engine only.
     prefill_budget_tokens: NonNegInt = 0
+    # While sequences are decoding, an arriving request may wait up to this long for others to be
+    # prefilled together with it: each prefill holds every running stream for about one decode
+    # step, and 16 prompts together cost little more than one (docs/benchmarks.md §15). They go at
+    # once when 16 have come, when they fill the free slots, or when nothing is running. 0 = every
+    # arrival is prefilled at the next step.
+    prefill_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 0.0
     verify_manifest: bool = True
     fake: FakeEngineSettings = msgspec.field(default_factory=FakeEngineSettings)
 
