@@ -11,7 +11,7 @@ source loadtest/gpu_env.sh
 GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
   model=$([ "$shape" = smollm2-135m ] && echo m135 || echo m1b)
-  for n in 1 $GPUS; do
+  for n in $(printf '%s\n' 1 "$GPUS" | sort -un); do  # one run when GPUS=1
     python3 -m loadtest.gpu_config --gpus "$n" --shape "$shape" --prefill-wait-ms "${PREFILL_WAIT_MS:-0}" --out /tmp/gpu$n.yaml
     python3 -m proxy serve --config /tmp/gpu$n.yaml > "$OUT/serve-$shape-$n.log" 2>&1 &
     SERVER=$!
