@@ -1,7 +1,8 @@
 """The worker process: one engine, serving its frames on a Unix socket to one proxy at a time.
 
 The event loop (main thread) reads Generate/Cancel frames from the proxy and sends heartbeats; the
-engine runs model work on its own thread and hands finished frames back to the loop. Ready goes out
+engine runs model work on its own thread and writes its frames straight into the proxy's socket
+(backend/proxy_link.py: the loop only sends what the socket did not take at once). Ready goes out
 only after a warm-up generation succeeded; anything fatal is reported with a Fatal frame before exit.
 
 The worker outlives its proxy: it listens on a socket in the data directory (owner-only, and only
@@ -29,6 +30,7 @@ from pathlib import Path
 import msgspec
 
 from backend import protocol
+from backend.proxy_link import ProxyLink
 from backend.protocol import (STACK_DUMP_SIGNAL, Cancel, Detokenize, Fatal, Generate, Heartbeat, Hello, Ready,
                               Tokenize, WorkerSettings)
 
@@ -68,6 +70,7 @@ class Worker:
         self.ready: Ready | None = None  # sent on every new connection once the engine is up
         self.fatal: Fatal | None = None  # likewise, when boot failed before a proxy connected
         self.writer: asyncio.StreamWriter | None = None  # the current proxy's connection
+        self.link: ProxyLink | None = None  # its write side, for every thread
         self.proxy_left_at: float | None = time.monotonic()  # None while a proxy is connected
         self.connected = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -92,10 +95,10 @@ class Worker:
         server.close()
         if self.engine is not None:
             self.engine.stop()
-        if self.writer is not None:
-            try:
-                await asyncio.wait_for(self.writer.drain(), 2)
-            except (OSError, asyncio.TimeoutError):
+        if self.link is not None:
+            try:  # a Fatal frame or the last tokens on their way out
+                await asyncio.wait_for(self.link.drained.wait(), 2)
+            except asyncio.TimeoutError:
                 pass
         return self.exit_code
 
@@ -118,22 +121,31 @@ class Worker:
             # socket not yet closed): the new one takes over.
             log.info("a new proxy connected; dropping the previous connection")
             old, self.writer = self.writer, None
+            self._drop_link()
             old.close()
             await self._cancel_all()
-        self.writer = writer
+        link = ProxyLink(self.loop, sock.fileno())
+        # Hello first: nothing else can be written on this link before it is published below
+        link.write(protocol.encode_many([self.hello] + [m for m in (self.ready, self.fatal) if m is not None]
+                                        + [self._heartbeat()]))
+        self.writer, self.link = writer, link
         self.proxy_left_at = None
         self.connected.set()
-        first = [self.hello] + [m for m in (self.ready, self.fatal) if m is not None] + [self._heartbeat()]
-        writer.write(protocol.encode_many(first))
         await self._read(reader)
         if self.writer is writer:
             self.writer = None
+            self._drop_link()
             self.proxy_left_at = time.monotonic()
             writer.close()
             await self._cancel_all()
             if self.orphan_timeout_s and not self.done.is_set():
                 log.info("proxy gone: its requests cancelled; waiting up to %.0fs for a proxy to adopt this worker",
                          self.orphan_timeout_s)
+
+    def _drop_link(self) -> None:
+        link, self.link = self.link, None
+        if link is not None:
+            link.close()
 
     async def _cancel_all(self) -> None:
         """Cancel every request of the proxy that left, and wait until the engine has (so none of
@@ -205,16 +217,13 @@ class Worker:
         self.loop.call_soon_threadsafe(report)
 
     def _emit(self, frames: list) -> None:
-        self._send_threadsafe(frames)
-
-    def _send_threadsafe(self, frames: list) -> None:
-        data = protocol.encode_many(frames)
-        self.loop.call_soon_threadsafe(self._write, data)
+        """The engine thread's frames, straight into the proxy's socket."""
+        self._write(protocol.encode_many(frames))
 
     def _write(self, data: bytes) -> None:
-        writer = self.writer
-        if writer is not None and not writer.is_closing():  # no proxy: nobody to read it
-            writer.write(data)
+        link = self.link
+        if link is not None:  # no proxy: nobody to read it
+            link.write(data)
 
     # --- event loop -----------------------------------------------------------------------------
     async def _read(self, reader: asyncio.StreamReader) -> None:
