@@ -331,8 +331,10 @@ def main(argv=None) -> int:
                         "transformers' op-by-op layers), then with the fused pieces (the default), then "
                         "also with the live-prefix attention kernel")
     p.add_argument("--open-loop", type=float, default=0.0,
-                   help="also: arrivals at this fraction of the closed-loop maximum (at the largest concurrency), "
+                   help="also: arrivals at this fraction of the closed-loop rate (at --open-concurrency), "
                         "with chunked prefill off and at each --prefill-budgets")
+    p.add_argument("--open-concurrency", default="",
+                   help="open loop: the closed-loop concurrencies whose rate it takes (comma-separated; default the largest)")
     p.add_argument("--prefill-budgets", default="512,2048")
     p.add_argument("--prefill-waits", default="0",
                    help="open loop: each run with arrivals waiting up to this many ms for company (comma-separated)")
@@ -388,19 +390,20 @@ def main(argv=None) -> int:
                     print(shape, entry["engine"][-1], file=sys.stderr, flush=True)
         set_step_mode(engine, *default)
         if args.open_loop:
-            top = max((r for r in entry["engine"] if r["concurrency"] == max(concurrency)),
-                      key=lambda r: r["tokens_per_s"])
-            rate = args.open_loop * top["tokens_per_s"] / args.new_tokens
             entry["open_loop"] = []
-            for budget in [0] + [int(b) for b in args.prefill_budgets.split(",") if b]:
-                for wait_ms in [float(w) for w in args.prefill_waits.split(",") if w]:
-                    engine.prefill_budget = budget  # chunked prefill off, then on, in the same process
-                    engine.prefill_wait_s = wait_ms / 1000  # likewise arrivals waiting for company
-                    long_prompt = " word" * args.long_prompt_tokens
-                    result = run_open_loop(engine, prompt, rate, args.open_seconds, args.new_tokens, long_prompt,
-                                           args.long_every)
-                    entry["open_loop"].append(dict(result, prefill_wait_ms=wait_ms))
-                    print(shape, "open loop", entry["open_loop"][-1], file=sys.stderr, flush=True)
+            bases = [int(c) for c in args.open_concurrency.split(",") if c] or [max(concurrency)]
+            for base in bases:  # each at open_loop x the closed loop's rate at that concurrency
+                top = max((r for r in entry["engine"] if r["concurrency"] == base), key=lambda r: r["tokens_per_s"])
+                rate = args.open_loop * top["tokens_per_s"] / args.new_tokens
+                for budget in [0] + [int(b) for b in args.prefill_budgets.split(",") if b]:
+                    for wait_ms in [float(w) for w in args.prefill_waits.split(",") if w]:
+                        engine.prefill_budget = budget  # chunked prefill off, then on, in the same process
+                        engine.prefill_wait_s = wait_ms / 1000  # likewise arrivals waiting for company
+                        long_prompt = " word" * args.long_prompt_tokens
+                        result = run_open_loop(engine, prompt, rate, args.open_seconds, args.new_tokens,
+                                               long_prompt, args.long_every)
+                        entry["open_loop"].append(dict(result, closed_loop_concurrency=base, prefill_wait_ms=wait_ms))
+                        print(shape, "open loop", entry["open_loop"][-1], file=sys.stderr, flush=True)
             engine.prefill_wait_s = 0.0
             engine.prefill_budget = 16  # greedy equality with prompts prefilled in several chunks
             entry["greedy_vs_hf_chunked"] = greedy_check(engine, GREEDY_PROMPTS, 32)
