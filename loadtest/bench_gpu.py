@@ -347,6 +347,9 @@ def main(argv=None) -> int:
                    help="also: where a wave of this many arriving prompts spends its time (comma-separated row counts)")
     p.add_argument("--profile-prefill", action="store_true",
                    help="with --prefill-rows: print torch.profiler's busiest ops of one prefill group")
+    p.add_argument("--greedy-variants", action="store_true",
+                   help="only: greedy output against HF generate with the fused pieces and the padded prefill "
+                        "graphs each on and off")
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--out", default="reports/bench-gpu.json")
     args = p.parse_args(argv)
@@ -374,6 +377,20 @@ def main(argv=None) -> int:
             modes = [(False, False), (False, True), (True, True)]
         entry["step_modes"] = [{"live_prefix_attention": a, "fused_pieces": f} for a, f in modes]
         entry["greedy_vs_hf"] = []
+        if args.greedy_variants:
+            # which part of the default engine moves greedy output, if any: the fused pieces and the
+            # padded prefill graphs, each on and off
+            for fused in (True, False):
+                for padded in (True, False):
+                    set_step_mode(engine, False, fused)
+                    engine.padded_prefill = padded and bool(engine._prefill_graphs)
+                    entry["greedy_vs_hf"].append({"fused_pieces": fused, "padded_prefill": engine.padded_prefill,
+                                                  "prompts": greedy_check(engine, GREEDY_PROMPTS, 32)})
+                    print(shape, "greedy", entry["greedy_vs_hf"][-1], file=sys.stderr, flush=True)
+            results["shapes"][shape] = entry
+            del engine
+            torch.cuda.empty_cache()
+            continue
         for attention, fused in modes:
             set_step_mode(engine, attention, fused)
             entry["greedy_vs_hf"].append({"live_prefix_attention": attention, "fused_pieces": fused,
