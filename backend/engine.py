@@ -685,7 +685,7 @@ class TransformersEngine(BatchEngine):
             # of their own - after the stance below, or compile on a busy step before it).
             probe = Generate(id=-1, prompt="", params=SamplingParams(max_tokens=1, temperature=0.0))
             rows = [EngineSequence(probe, [self.pad_id] * 3, IncrementalDetokenizer(self.detokenize))
-                    for _ in range(2)]
+                    for _ in range(min(2, self.max_batch_size))]  # one slot: prompts never come several at once
             self.prefill(rows)
             self.release(rows)
         if self.use_graphs:

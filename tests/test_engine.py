@@ -401,6 +401,22 @@ def test_after_warm_up_the_fused_pieces_compile_nothing_more(engine, counted_fus
         assert got[r.id][0] == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
 
 
+def test_a_one_slot_engine_warms_up_with_the_fused_pieces(tiny_model):
+    """Warm-up compiles a several-row prefill - with one KV slot there is only room for one."""
+    from backend.fused import FusedPieces
+
+    one = TransformersEngine(WorkerSettings(engine="transformers", model_name="tiny", model_path=str(tiny_model),
+                                            max_batch_size=1))
+    one.fused = FusedPieces(one.model, backend=lambda graph_module, example_inputs: graph_module.forward)
+    one.fused.apply()
+    try:
+        one.warm_up()
+    finally:
+        torch.compiler.set_stance("default")
+        one.fused.restore()
+    assert one.load == (0, 0) and one._free == [0]
+
+
 def test_batched_detokenisation_gives_transformers_text(engine):
     """The scheduler's batched detokenisation goes to the tokenizers library in one call; its text
     must be what transformers' batch_decode gives: multi-byte characters cut mid-sequence, special
