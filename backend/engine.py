@@ -35,6 +35,7 @@ from backend import decode_attention
 from backend.fused import FusedPieces
 from backend.manifest import ManifestError, has_manifest, verify_manifest
 from backend.protocol import Generate, SamplingParams, TokenLogprob, WorkerSettings
+from backend import sampling
 from backend.sampling import sample
 from backend.scheduler import BatchEngine, RequestError, EngineSequence
 from backend.textstream import IncrementalDetokenizer
@@ -306,6 +307,13 @@ class TransformersEngine(BatchEngine):
         # RMSNorm, the MLP's activation and the rotary embedding as fused compiled kernels (see
         # backend/fused.py): with graphs on CUDA only, where kernel count bounds the step.
         self.fused = FusedPieces(self.model)
+        # Sampling without top_p (temperature, seeds) compiled like the fused pieces: eagerly its
+        # noise is some thirty full-vocabulary passes and launches per step, outside the captured
+        # graph. Off: not yet measured on a GPU (a first build failed in Triton on a 64-bit
+        # constant, since fixed by passing the per-token hash term as a tensor, token_keys);
+        # bench_gpu --sampling-check compares it with the eager sampler.
+        self.compiled_sampling = False
+        self._sample_without_top_p = sampling.sample_without_top_p
         if self.use_graphs:
             log.info("fused pieces: %d modules swapped (rotary: %s)", self.fused.apply(), self.fused.rotary_swapped)
         self._graphs: dict[tuple[int, int, bool, bool], tuple] = {}
@@ -316,6 +324,7 @@ class TransformersEngine(BatchEngine):
         self._lltok = None  # llguidance's tokenizer, on first use (see _ll_tokenizer)
         self._executor = None  # llguidance's thread pool for many rows' masks, on first use
         self._eos_tensor = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=d)
+        self._token_keys = sampling.token_keys(self.vocab_size, d)  # the sampling noise's per-token term
         self._bytes_of: dict[int, bytes] = {}  # token id -> its bytes (bounded by the vocabulary)
         # byte value -> its 8 bits, least significant first (llguidance's bitmask order)
         self._bit_table = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(d)
@@ -688,6 +697,8 @@ class TransformersEngine(BatchEngine):
                     for _ in range(min(2, self.max_batch_size))]  # one slot: prompts never come several at once
             self.prefill(rows)
             self.release(rows)
+        if self.compiled_sampling and self.use_graphs:
+            self.compile_sampling()
         if self.use_graphs:
             # Capture the common decode graphs now rather than on the first busy step.
             n = 1
@@ -705,6 +716,21 @@ class TransformersEngine(BatchEngine):
             # From here on a shape the warm-up did not compile runs uncompiled rather than
             # stalling every running stream for seconds while inductor compiles it.
             torch.compiler.set_stance("eager_on_recompile")
+
+    def compile_sampling(self) -> bool:
+        """Sample batches without top_p through torch.compile, compiled now for one row and
+        several (not on the first sampled request); eager again if the compiler cannot build it."""
+        self._sample_without_top_p = torch.compile(sampling.sample_without_top_p, dynamic=True, fullgraph=True)
+        try:
+            for n in (1, 2):
+                logits = torch.zeros((n, self.vocab_size), dtype=self.dtype, device=self.device)
+                ones = torch.ones(n, device=self.device)
+                self._sample_without_top_p(logits, ones, ones.long(), ones.long(), self._token_keys)
+        except Exception as exc:  # noqa: BLE001 - a compiler that cannot build it: sample eagerly
+            log.warning("compiled sampling off: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            self._sample_without_top_p = sampling.sample_without_top_p
+            return False
+        return True
 
     # --- constraints and sampling ----------------------------------------------------------------
     def _ll_tokenizer(self):
@@ -812,7 +838,8 @@ class TransformersEngine(BatchEngine):
         top_p = self._to_device([p.top_p for p in params], torch.float32)
         seeds = self._to_device([s.seed for s in seqs])
         positions = self._to_device([len(s.generated) + offset for s in seqs])
-        return sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params))
+        return sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params),
+                      self._sample_without_top_p, self._token_keys)
 
     def _sample(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> list[int]:
         """Token ids on the host, after the host-side work some rows need (logits shaping, logprobs)."""

@@ -88,8 +88,10 @@ class LatencyRecorder:
                 "itl_p50_ms": pct(self.itl, 50), "itl_p99_ms": pct(self.itl, 99)}
 
 
-def run_engine(engine: TransformersEngine, prompt: str, concurrency: int, total: int, new_tokens: int) -> dict:
-    """Closed loop: `concurrency` requests in flight until `total` are done."""
+def run_engine(engine: TransformersEngine, prompt: str, concurrency: int, total: int, new_tokens: int,
+               temperature: float = 0.0) -> dict:
+    """Closed loop: `concurrency` requests in flight until `total` are done (greedy, or sampled at
+    `temperature` with a seed of their own)."""
     done = threading.Event()
     submitted = [0]
 
@@ -97,8 +99,8 @@ def run_engine(engine: TransformersEngine, prompt: str, concurrency: int, total:
         rid = submitted[0]
         submitted[0] += 1
         rec.sent(rid)
-        engine.submit(Generate(id=rid, prompt=prompt, params=SamplingParams(max_tokens=new_tokens, temperature=0,
-                                                                             ignore_eos=True)))
+        engine.submit(Generate(id=rid, prompt=prompt, params=SamplingParams(max_tokens=new_tokens,
+                                                                             temperature=temperature, ignore_eos=True)))
 
     def finished(rid):
         if submitted[0] < total:
@@ -284,6 +286,43 @@ def prefill_breakdown(engine: TransformersEngine, prompt: str, rows: int, profil
     return result
 
 
+def sampling_check(engine: TransformersEngine, prompt: str, rows: int, new_tokens: int) -> dict:
+    """Sampling without top_p as the engine runs it on CUDA (compiled) against the eager code, in
+    one process: the same tokens for the same logits, seeds and positions; GPU time per call; and
+    the closed loop at `rows` concurrent sampled at temperature 0.7 with each."""
+    from backend import sampling
+
+    eager = sampling.sample_without_top_p
+    with torch.inference_mode():
+        engine.compile_sampling()
+    compiled = engine._sample_without_top_p
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn((rows, engine.vocab_size), generator=gen, device="cuda").to(engine.dtype)
+    temperature = torch.full((rows,), 0.7, device="cuda")
+    seeds = torch.randint(0, 2**62, (rows,), generator=gen, device="cuda")
+    same = 0
+    for position in range(32):
+        positions = torch.full((rows,), position, dtype=torch.long, device="cuda")
+        keys = engine._token_keys
+        same += int((compiled(logits, temperature, seeds, positions, keys)
+                     == eager(logits, temperature, seeds, positions, keys)).sum())
+    result = {"rows": rows, "compiled": compiled is not eager, "same_tokens": f"{same}/{32 * rows}"}
+    for name, fn in (("compiled", compiled), ("eager", eager)):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(20):
+            fn(logits, temperature, seeds, positions, engine._token_keys)
+        end.record()
+        torch.cuda.synchronize()
+        result[f"{name}_gpu_ms"] = round(start.elapsed_time(end) / 20, 3)
+        engine._sample_without_top_p = fn
+        run = run_engine(engine, prompt, rows, 4 * rows, new_tokens, temperature=0.7)
+        result[f"{name}_closed_loop"] = {k: run[k] for k in ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")}
+    engine._sample_without_top_p = eager  # the engine's default
+    return result
+
+
 GREEDY_PROMPTS = ["Hello there", " word" * 20, "1 2 3 4 5"]
 
 
@@ -347,6 +386,8 @@ def main(argv=None) -> int:
                    help="also: where a wave of this many arriving prompts spends its time (comma-separated row counts)")
     p.add_argument("--profile-prefill", action="store_true",
                    help="with --prefill-rows: print torch.profiler's busiest ops of one prefill group")
+    p.add_argument("--sampling-check", action="store_true",
+                   help="also: sampling at temperature 0.7, compiled against eager (tokens, GPU time, closed loop)")
     p.add_argument("--greedy-variants", action="store_true",
                    help="only: greedy output against HF generate with the fused pieces and the padded prefill "
                         "graphs each on and off")
@@ -433,6 +474,9 @@ def main(argv=None) -> int:
                                                 live_prefix_attention=attention, fused_pieces=fused))
             print(shape, "breakdown", entry["step_breakdown"][-1], file=sys.stderr, flush=True)
         set_step_mode(engine, *default)
+        if args.sampling_check:
+            entry["sampling_check"] = sampling_check(engine, prompt, max(concurrency), args.new_tokens)
+            print(shape, "sampling", entry["sampling_check"], file=sys.stderr, flush=True)
         entry["prefill_breakdown"] = []
         for rows in [int(r) for r in args.prefill_rows.split(",") if r]:
             entry["prefill_breakdown"].append(prefill_breakdown(engine, prompt, min(rows, engine.max_batch_size),
