@@ -7,8 +7,8 @@ from backend.fake import FakeEngine
 from backend.protocol import Generate, SamplingParams, WorkerSettings
 
 
-def fake_engine(prefill_wait_ms: float, slots: int = 8) -> FakeEngine:
-    engine = FakeEngine(WorkerSettings(engine="fake", model_name="fake", max_batch_size=slots, fake_token_latency_ms=0,
+def fake_engine(prefill_wait_ms: float, slots: int = 8, token_ms: float = 0.0) -> FakeEngine:
+    engine = FakeEngine(WorkerSettings(engine="fake", model_name="fake", max_batch_size=slots, fake_token_latency_ms=token_ms,
                                        fake_output_tokens=10_000, fake_context_length=100_000,
                                        prefill_wait_ms=prefill_wait_ms))
     engine.emit = lambda frames: None
@@ -44,7 +44,8 @@ def test_arrivals_wait_for_company_while_rows_decode():
 
 
 def test_a_lone_arrival_is_admitted_after_the_wait():
-    engine = fake_engine(prefill_wait_ms=500)
+    # a decode step of 1 ms: the first request cannot run out of tokens while the second waits
+    engine = fake_engine(prefill_wait_ms=500, token_ms=1.0)
     arrive(engine, 1)
     engine.step()
     arrived = time.monotonic()
