@@ -112,6 +112,10 @@ class Ready(_Msg, tag="ready"):
     context_length: int
 
 
+# the parts of a worker's engine loop whose host time heartbeats report (BatchEngine.host_seconds)
+HOST_PARTS = ("encode", "prefill", "launch", "collect", "advance", "emit")
+
+
 class Heartbeat(_Msg, tag="hb"):
     running: int = 0
     waiting: int = 0
@@ -121,6 +125,10 @@ class Heartbeat(_Msg, tag="hb"):
     memory_bytes: int = 0  # the worker process's resident memory
     gpu_memory_bytes: int = 0  # memory torch holds on the worker's GPU
     weight_bytes: int = 0  # the model's weights as loaded (after quantisation)
+    # the engine loop's host seconds by part since the process started (BatchEngine.host_seconds:
+    # encode, prefill, launch, collect, advance, emit) and its decode steps
+    host_seconds: dict[str, float] = {}
+    decode_steps: int = 0
 
 
 class TokenLogprob(msgspec.Struct, array_like=True, gc=False):

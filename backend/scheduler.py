@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from backend.protocol import Detokenize, Failed, Finished, Generate, TokenizeResult, Tokens
+from backend.protocol import HOST_PARTS, Detokenize, Failed, Finished, Generate, TokenizeResult, Tokens
 from backend.textstream import IncrementalDetokenizer, StopMatcher
 
 log = logging.getLogger("fullpower.worker")
@@ -132,7 +132,7 @@ class BatchEngine:
         # Host seconds spent in each part of the loop since start (the GPU benchmark's step
         # anatomy): encoding arrivals, prefilling them, launching decode steps, waiting for their
         # tokens, turning tokens into text and frames, handing frames to the worker.
-        self.host_seconds = dict.fromkeys(("encode", "prefill", "launch", "collect", "advance", "emit"), 0.0)
+        self.host_seconds = dict.fromkeys(HOST_PARTS, 0.0)
         self.decode_steps = 0
         self.emit: Callable[[list], None] = lambda frames: None
 

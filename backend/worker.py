@@ -258,7 +258,9 @@ class Worker:
         return Heartbeat(running=running, waiting=waiting, engine_stall_s=round(time.monotonic() - engine.last_tick, 3),
                          generated_tokens=engine.generated_tokens, kv_slots=engine.max_batch_size,
                          memory_bytes=_rss_bytes(), gpu_memory_bytes=engine.gpu_memory_bytes(),
-                         weight_bytes=engine.weight_bytes)
+                         weight_bytes=engine.weight_bytes,
+                         host_seconds={part: round(s, 6) for part, s in list(engine.host_seconds.items())},
+                         decode_steps=engine.decode_steps)
 
     async def _heartbeats(self) -> None:
         interval = self.settings.heartbeat_interval_s

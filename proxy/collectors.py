@@ -9,6 +9,7 @@ from typing import Callable
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from backend.protocol import HOST_PARTS
 from proxy.fleet.pool import WorkerState
 
 
@@ -40,6 +41,11 @@ def pool_collector(pools, gate) -> Callable[[], list]:
                                     "loaded them (after quantisation)", labels=["worker", "pool"])
         tokens = CounterMetricFamily("fullpower_worker_generated_tokens", "Tokens the worker process generated "
                                      "(resets when it restarts)", labels=["worker", "pool"])
+        host = CounterMetricFamily("fullpower_worker_host_seconds", "The worker's engine loop's host time by part: "
+                                   "encode, prefill, launch, collect (waiting for the device's tokens), advance "
+                                   "(text and frames), emit (resets when it restarts)", labels=["worker", "pool", "part"])
+        steps = CounterMetricFamily("fullpower_worker_decode_steps", "Decode steps the worker's engine ran "
+                                    "(resets when it restarts)", labels=["worker", "pool"])
         for w in pools.workers.values():
             labels = [w.id, w.pool]
             for s in WorkerState:
@@ -52,6 +58,9 @@ def pool_collector(pools, gate) -> Callable[[], list]:
             boot_fail.add_metric(labels, w.boot_failures)
             hb_age.add_metric(labels, now - w.last_heartbeat if w.last_heartbeat else 0.0)
             tokens.add_metric(labels, w.generated_tokens)
+            for part in HOST_PARTS:  # a fixed label set, whatever a worker reports
+                host.add_metric(labels + [part], w.host_seconds.get(part, 0.0))
+            steps.add_metric(labels, w.decode_steps)
             slots.add_metric(labels, w.kv_slots)
             memory.add_metric(labels, w.memory_bytes)
             gpu_memory.add_metric(labels, w.gpu_memory_bytes)
@@ -63,8 +72,8 @@ def pool_collector(pools, gate) -> Callable[[], list]:
             for tier in admission.tiers:
                 depth.add_metric([pool, tier], admission.queued(tier))
                 active.add_metric([pool, tier], admission.active_in(tier))
-        return [state, inflight, running, restarts, boot_fail, breaker, hb_age, tokens, slots, memory, gpu_memory,
-                weights, depth, active]
+        return [state, inflight, running, restarts, boot_fail, breaker, hb_age, tokens, host, steps, slots, memory,
+                gpu_memory, weights, depth, active]
 
     return collect
 

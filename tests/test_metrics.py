@@ -8,6 +8,7 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from backend.protocol import HOST_PARTS
 from tests.conftest import ROOT, fake_config, http_json, metric_value, wait_until
 from tests.test_request_path import KEYS, body, read_stream
 
@@ -64,6 +65,11 @@ def test_metrics_parse_and_move(start_server):
     assert metric_value(text, "fullpower_worker_kv_slots", worker="main-1") == 1
     assert metric_value(text, "fullpower_worker_memory_bytes", worker="main-1") > 10 << 20
     assert metric_value(text, "fullpower_worker_generated_tokens_total", worker="main-1") > 0
+    # and where its engine loop's host time went (the parts are a fixed label set)
+    assert metric_value(text, "fullpower_worker_decode_steps_total", worker="main-1") > 0
+    assert metric_value(text, "fullpower_worker_host_seconds_total", worker="main-1", part="advance") > 0
+    assert sorted({line.split('part="')[1].split('"')[0] for line in text.splitlines()
+                   if line.startswith("fullpower_worker_host_seconds_total{")}) == sorted(HOST_PARTS)
     # label values stay bounded: no request ids or key secrets anywhere
     assert "sk-test" not in text and "chatcmpl-" not in text
 

@@ -75,6 +75,8 @@ class Replica:
         self.memory_bytes = 0
         self.gpu_memory_bytes = 0
         self.weight_bytes = 0
+        self.host_seconds: dict[str, float] = {}  # the engine loop's host time by part (its report)
+        self.decode_steps = 0
         self.ready_since: float | None = None
         self.weight = 1.0
         self.info: Ready | None = None
@@ -219,6 +221,8 @@ class PoolState:
         worker.memory_bytes = hb.memory_bytes
         worker.gpu_memory_bytes = hb.gpu_memory_bytes
         worker.weight_bytes = hb.weight_bytes
+        worker.host_seconds = hb.host_seconds
+        worker.decode_steps = hb.decode_steps
 
     def draining(self, worker: Replica) -> None:
         if worker.state in (WorkerState.READY, WorkerState.STARTING):
