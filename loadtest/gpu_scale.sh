@@ -3,7 +3,8 @@
 # 135M and 1B shapes), 256 streams per GPU, against the same proxy with one worker, in one lease.
 # Reports delivered tok/s, TTFT and inter-token percentiles, the proxy's CPU per token and core
 # share (loadtest.bench_stream, from CLIENTS_PER_GPU client processes per GPU), and each GPU's busy
-# fraction (nvidia-smi's utilization, sampled every 200 ms during the run). GPUS defaults to every
+# fraction (nvidia-smi's utilization, sampled every 200 ms during the run), and each worker's
+# engine-loop host time per decode step by part (loadtest.served_anatomy over two /metrics scrapes). GPUS defaults to every
 # GPU nvidia-smi lists; SHAPES to both shapes; PREFILL_WAIT_MS sets the pool's prefill_wait_ms. Needs .gpu/ as gpu_stream.sh does. Writes
 # scale-<shape>-<n>.json and util-<shape>-<n>.csv into ${OUT:-reports}.
 set -u
@@ -22,9 +23,14 @@ for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
     done
     nvidia-smi --query-gpu=index,utilization.gpu --format=csv,noheader,nounits -lms 200 > "$OUT/util-$shape-$n.csv" &
     SMI=$!
+    metrics() { curl -sf -H "Authorization: Bearer $(cat /tmp/fpdata/admin.token)" http://127.0.0.1:19091/metrics; }
+    metrics > /tmp/metrics-before.txt
     python3 -m loadtest.bench_stream --url http://127.0.0.1:18080 --pid $SERVER --model $model --streams $((256 * n)) \
       --clients $((${CLIENTS_PER_GPU:-3} * n)) --duration ${DURATION:-20} --tokens 128 --out "$OUT/scale-$shape-$n.json" | tr -d '\n'; echo
     kill $SMI
+    metrics > /tmp/metrics-after.txt
+    # each worker's engine-loop host time per decode step by part, over the run
+    python3 -m loadtest.served_anatomy /tmp/metrics-before.txt /tmp/metrics-after.txt | tee "$OUT/anatomy-$shape-$n.json"
     python3 - "$OUT/util-$shape-$n.csv" <<'PY'
 import collections, sys
 busy = collections.defaultdict(list)

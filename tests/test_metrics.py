@@ -74,6 +74,26 @@ def test_metrics_parse_and_move(start_server):
     assert "sk-test" not in text and "chatcmpl-" not in text
 
 
+def test_the_served_step_anatomy_comes_from_two_scrapes(start_server):
+    """loadtest.served_anatomy: each worker's engine-loop host time per decode step by part, from
+    the heartbeat-carried counters scraped before and after some traffic."""
+    from loadtest.served_anatomy import anatomy
+
+    server = start_server(fake_config(fake={"token_latency_ms": 1, "output_tokens": 8}))
+    before = scrape(server)
+    for i in range(3):
+        read_stream(server.url, body(f"anatomy {i}", stream=True), KEYS["premium"])
+    found = {}
+
+    def reported() -> bool:
+        found.update(anatomy(before, scrape(server)))
+        return any(w["decode_steps"] > 0 for w in found.values())
+    wait_until(reported, what="a heartbeat reporting the decode steps")
+    worker = next(w for w in found.values() if w["decode_steps"] > 0)
+    assert sorted(worker["per_step_ms"]) == sorted(HOST_PARTS)
+    assert worker["per_step_ms"]["advance"] > 0 and all(ms >= 0 for ms in worker["per_step_ms"].values())
+
+
 PROMTOOL = shutil.which("promtool")
 
 
