@@ -2,11 +2,12 @@
 # Several GPUs behind one proxy: `fullpower serve` with one worker per GPU (random weights in the
 # 135M and 1B shapes), 256 streams per GPU, against the same proxy with one worker, in one lease.
 # Reports delivered tok/s, TTFT and inter-token percentiles, the proxy's CPU per token and core
-# share (loadtest.bench_stream, from CLIENTS_PER_GPU client processes per GPU), and each GPU's busy
+# share (loadtest.bench_stream, from CLIENTS_PER_GPU client processes per GPU), each GPU's busy
 # fraction (nvidia-smi's utilization, sampled every 200 ms during the run), and each worker's
-# engine-loop host time per decode step by part (loadtest.served_anatomy over two /metrics scrapes). GPUS defaults to every
-# GPU nvidia-smi lists; SHAPES to both shapes; PREFILL_WAIT_MS sets the pool's prefill_wait_ms. Needs .gpu/ as gpu_stream.sh does. Writes
-# scale-<shape>-<n>.json and util-<shape>-<n>.csv into ${OUT:-reports}.
+# engine-loop host time per decode step by part (loadtest.served_anatomy over two /metrics
+# scrapes). GPUS defaults to every GPU nvidia-smi lists; SHAPES to both shapes; PREFILL_WAIT_MS
+# sets the pool's prefill_wait_ms. Needs .gpu/ as gpu_stream.sh does. Writes
+# scale-<shape>-<n>.json, util-<shape>-<n>.csv and anatomy-<shape>-<n>.json into ${OUT:-reports}.
 set -u
 source loadtest/gpu_env.sh
 GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
