@@ -495,6 +495,7 @@ class BatchEngine:
         known: list = []  # per row: its text when known without the tokenizer, _AT_EOS, or None
         windows: list = []
         table = self.token_text
+        known_ids = len(table) if table is not None else 0  # an id past it (a model's padded vocabulary) is decoded
         eos_ids, context = self.eos_ids, self.context_length
         self.generated_tokens += len(seqs)
         for seq, tok in zip(seqs, next_ids):
@@ -517,7 +518,7 @@ class BatchEngine:
             else:
                 ends.append(None)
             detok = seq.detok
-            text = table[tok] if table is not None and detok.caught_up else None
+            text = table[tok] if tok < known_ids and detok.caught_up else None
             detok.ids.append(tok)
             known.append(text)
             if text is None:

@@ -506,7 +506,8 @@ def test_rows_detokenised_from_the_token_text_table_get_the_tokenizers_text(engi
 
     fast, fast_windows = streamed(engine.token_text)
     slow, slow_windows = streamed(None)
-    assert fast == slow
+    short, _ = streamed(engine.token_text[:1000])  # ids past the table (a padded vocabulary) are decoded
+    assert fast == slow == short
     assert 0 < fast_windows < slow_windows / 2  # most rows skipped the tokenizer, some did not
 
 
