@@ -504,9 +504,10 @@ def test_rows_detokenised_from_the_token_text_table_get_the_tokenizers_text(engi
                     texts[f.id].append(f.text)
         return texts, sum(decoded)
 
-    fast, fast_windows = streamed(engine.token_text)
+    table = engine.token_text
+    fast, fast_windows = streamed(table)
     slow, slow_windows = streamed(None)
-    short, _ = streamed(engine.token_text[:1000])  # ids past the table (a padded vocabulary) are decoded
+    short, _ = streamed(table[:1000])  # ids past the table (a padded vocabulary) are decoded
     assert fast == slow == short
     assert 0 < fast_windows < slow_windows / 2  # most rows skipped the tokenizer, some did not
 
