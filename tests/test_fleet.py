@@ -111,7 +111,9 @@ def test_thousand_jobs_through_nginx_survive_a_host_killed_mid_run(start_host, t
             return database.query("SELECT count(*) FROM jobs WHERE status IN "
                                   "('succeeded','failed','cancelled','expired')").strip() == "1000"
         wait_until(finished, timeout=180, interval=0.5, what="every job final")
-        assert database.query("SELECT status, count(*) FROM jobs GROUP BY status").strip() == "succeeded|1000"
+        assert database.query("SELECT status, count(*) FROM jobs GROUP BY status").strip() == "succeeded|1000", \
+            database.query("SELECT status, attempts, error, count(*) FROM jobs WHERE status <> 'succeeded' "
+                           "GROUP BY 1, 2, 3")
         # The dead host's running jobs were taken over after their lease: a second attempt.
         assert int(database.query("SELECT count(*) FROM jobs WHERE attempts > 1")) >= 1
         survivors = hosts[:2]
