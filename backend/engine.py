@@ -198,25 +198,20 @@ class _PaddedPrefill:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    engine._padded_prefill_forward(self.ids, self.slots, self.last)
+                    engine._prefill_forward(self.ids, self.slots, self.last)
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, pool=engine._graph_pool):
-                self.out = engine._padded_prefill_forward(self.ids, self.slots, self.last)
+                self.out = engine._prefill_forward(self.ids, self.slots, self.last)
 
     def run(self, engine: "TransformersEngine", group: list[EngineSequence]) -> torch.Tensor:
         """The logits of each prompt's last position (rows of a static output on CUDA: sample them
         before the next prefill)."""
         n = len(group)
-        ids = torch.full((self.rows, self.width), engine.pad_id, dtype=torch.long)
-        last = [0] * self.rows
-        slots = [engine._scratch_slot] * self.rows
-        for i, s in enumerate(group):
-            prompt = s.all_ids
-            ids[i, :len(prompt)] = torch.tensor(prompt)
-            last[i] = len(prompt) - 1
-            slots[i] = s.slot
+        ids = engine._padded_ids(group, self.rows, self.width)
+        last = [len(s.all_ids) - 1 for s in group] + [0] * (self.rows - n)
+        slots = [s.slot for s in group] + [engine._scratch_slot] * (self.rows - n)
         pinned = engine._pinned
         self.ids.copy_(ids.pin_memory() if pinned else ids, non_blocking=True)
         self.last.copy_(torch.tensor(last, pin_memory=pinned), non_blocking=True)
@@ -224,7 +219,7 @@ class _PaddedPrefill:
         if self.graph is not None:
             self.graph.replay()
             return self.out[:n]
-        return engine._padded_prefill_forward(self.ids, self.slots, self.last)[:n]
+        return engine._prefill_forward(self.ids, self.slots, self.last)[:n]
 
 
 class TransformersEngine(BatchEngine):
@@ -294,7 +289,6 @@ class TransformersEngine(BatchEngine):
         self._pos = torch.zeros(slots, dtype=torch.long, device=d)
         self._rows = torch.arange(slots, dtype=torch.long, device=d)
         self._cols = torch.arange(max_len, dtype=torch.long, device=d)
-        self._prefill_row_index = torch.arange(PREFILL_GRAPH_ROWS, dtype=torch.long, device=d)
         # Decode attention over each row's live prefix (a Triton kernel, backend/decode_attention.py)
         # instead of SDPA over the length bucket: off, because on the H200 it saved only 0.3 ms of
         # a 4.1 ms step (135M) and its rounding differs enough from SDPA's that greedy output left
@@ -508,17 +502,28 @@ class TransformersEngine(BatchEngine):
             entry = self._prefill_graphs[key] = _PaddedPrefill(self, *key)
         return entry
 
-    def _padded_prefill_forward(self, ids: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """The padded prefill's forward over static inputs (captured as a graph on CUDA): filler
-        rows and the padding after each prompt compute garbage that nothing reads - filler rows
-        write only the scratch slot; a prompt's padding writes its own slot past the prompt, where
-        each decode step writes its position before attending up to it."""
+    def _prefill_forward(self, ids: torch.Tensor, rows: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """A prefill from position 0 of right-padded prompts `ids` [n, width] into the KV slots
+        `rows`, the logits of each row's position `last` (the eager prefill's, and the padded one's
+        over static inputs, captured as a graph on CUDA). What the padding computes nothing reads:
+        a prompt's padding writes its own slot past the prompt, where each decode step writes its
+        position before attending up to it; the padded prefill's filler rows write only the
+        scratch slot."""
         n, width = ids.shape
         step = _Step(self.k, self.v, False, rows)
         mask = torch.ones((n, 1, 1, 1), dtype=torch.bool, device=self.device)  # unused: causal in-kernel
         hidden = self.body(input_ids=ids, position_ids=self._cols[:width].expand(n, width), attention_mask=mask,
                            use_cache=False, fp_step=step).last_hidden_state
-        return self.lm_head(hidden[self._prefill_row_index[:n], last])
+        return self.lm_head(hidden[torch.arange(n, device=self.device), last])
+
+    def _padded_ids(self, group: list[EngineSequence], rows: int, width: int) -> torch.Tensor:
+        """The group's prompts right-padded into a [rows, width] host tensor (causal attention
+        never looks past a row's end)."""
+        ids = torch.full((rows, width), self.pad_id, dtype=torch.long)
+        for i, s in enumerate(group):
+            prompt = s.all_ids
+            ids[i, :len(prompt)] = torch.tensor(prompt)
+        return ids
 
     def _capture_prefill_graphs(self) -> None:
         """Capture the padded prefill for every bucket (warm-up): one graph per (rows, width)."""
@@ -539,20 +544,11 @@ class TransformersEngine(BatchEngine):
     def _prefill_logits(self, group: list[EngineSequence]) -> torch.Tensor:
         """One batched prefill forward (prompts right-padded to the longest): their keys and values
         into their slots, the logits of each prompt's last position."""
-        inputs = [s.all_ids for s in group]
-        width = max(len(x) for x in inputs)
-        ids = torch.full((len(group), width), self.pad_id, dtype=torch.long)
-        for i, x in enumerate(inputs):
-            ids[i, :len(x)] = torch.tensor(x)  # right padding: causal attention never looks past a row's end
+        width = max(len(s.all_ids) for s in group)
+        ids = self._padded_ids(group, len(group), width)
         ids = ids.to(self.device, non_blocking=True)
-        rows = torch.tensor([s.slot for s in group], dtype=torch.long, device=self.device)
-        positions = self._cols[:width].expand(len(group), width)
-        step = _Step(self.k, self.v, False, rows)
-        mask = torch.ones((len(group), 1, 1, 1), dtype=torch.bool, device=self.device)  # unused: causal in-kernel
-        hidden = self.body(input_ids=ids, position_ids=positions, attention_mask=mask, use_cache=False,
-                           fp_step=step).last_hidden_state
-        last = torch.tensor([len(x) - 1 for x in inputs], device=self.device)
-        return self.lm_head(hidden[torch.arange(len(group), device=self.device), last])
+        return self._prefill_forward(ids, self._to_device([s.slot for s in group]),
+                                     self._to_device([len(s.all_ids) - 1 for s in group]))
 
     def prefill_chunk(self, seq: EngineSequence, start: int, end: int) -> int | None:
         """Prefill positions [start, end) of a long prompt (its slot reserved); the first token when

@@ -261,19 +261,12 @@ class BatchEngine:
             self._emit_timed(frames)  # first tokens go out now, not after the next decode step
             frames = []
         if self._running:
-            spent = self.host_seconds
             t0 = time.perf_counter()
             current = self._inflight if self._inflight is not None else self.launch(self._running)
             alive = [s for s in current.seqs if not s.done]
             self._inflight = self.launch_next(current, alive) if self._can_pipeline(alive) else None
-            t1 = time.perf_counter()
-            ids = self.collect(current)
-            t2 = time.perf_counter()
-            self._advance_alive(current.seqs, ids, frames)
-            spent["launch"] += t1 - t0
-            spent["collect"] += t2 - t1
-            spent["advance"] += time.perf_counter() - t2
-            self.decode_steps += 1
+            self.host_seconds["launch"] += time.perf_counter() - t0
+            self._collect_and_advance(current, frames)
         else:
             self._flush(frames)
         if frames:
@@ -311,13 +304,17 @@ class BatchEngine:
         """Collect the step in flight, if any."""
         if self._inflight is not None:
             current, self._inflight = self._inflight, None
-            t0 = time.perf_counter()
-            ids = self.collect(current)
-            t1 = time.perf_counter()
-            self._advance_alive(current.seqs, ids, frames)
-            self.host_seconds["collect"] += t1 - t0
-            self.host_seconds["advance"] += time.perf_counter() - t1
-            self.decode_steps += 1
+            self._collect_and_advance(current, frames)
+
+    def _collect_and_advance(self, step, frames: list) -> None:
+        """A launched decode step's tokens, then its rows advanced (timed, counted)."""
+        t0 = time.perf_counter()
+        ids = self.collect(step)
+        t1 = time.perf_counter()
+        self._advance_alive(step.seqs, ids, frames)
+        self.host_seconds["collect"] += t1 - t0
+        self.host_seconds["advance"] += time.perf_counter() - t1
+        self.decode_steps += 1
 
     def _advance_alive(self, seqs: list[EngineSequence], ids: list[int], frames: list) -> None:
         """_advance for the rows still running (a row that ended or was cancelled while its step

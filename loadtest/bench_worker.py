@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,14 +21,10 @@ from pathlib import Path
 import msgspec
 
 from backend import protocol
-from backend.protocol import Finished, Generate, Hello, Ready, SamplingParams, Tokens, WorkerSettings
+from backend.protocol import Finished, Generate, Ready, SamplingParams, Tokens, WorkerSettings
+from loadtest.bench_stream import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def drive(path: Path, pid: int, streams: int, tokens: int, duration: float) -> dict:
