@@ -74,6 +74,17 @@ def job(url: str, job_id: str):
     return http_json(f"{url}/v1/jobs/{job_id}", headers={"Authorization": KEYS["batch"]}, timeout=10)
 
 
+def trouble(hosts, most: int = 60) -> str:
+    """The hosts' logged warnings and errors and their failed requests, for a failure's message."""
+    lines = []
+    for h in hosts:
+        for line in h.log_path.read_text(errors="replace").splitlines():
+            failed_request = "fullpower.access" in line and '"error":null' not in line
+            if failed_request or (("WARNING" in line or "ERROR" in line) and "fullpower.access" not in line):
+                lines.append(f"{h.port}: {line[:400]}")
+    return "\n".join(lines[:most]) + (f"\n... {len(lines) - most} more" if len(lines) > most else "")
+
+
 def metrics(server) -> str:
     with urllib.request.urlopen(urllib.request.Request(server.admin + "/metrics", headers=ADMIN), timeout=5) as r:
         return r.read().decode()
@@ -113,7 +124,7 @@ def test_thousand_jobs_through_nginx_survive_a_host_killed_mid_run(start_host, t
         wait_until(finished, timeout=180, interval=0.5, what="every job final")
         assert database.query("SELECT status, count(*) FROM jobs GROUP BY status").strip() == "succeeded|1000", \
             database.query("SELECT status, attempts, error, count(*) FROM jobs WHERE status <> 'succeeded' "
-                           "GROUP BY 1, 2, 3")
+                           "GROUP BY 1, 2, 3") + "\n" + trouble(hosts[:2])
         # The dead host's running jobs were taken over after their lease: a second attempt.
         assert int(database.query("SELECT count(*) FROM jobs WHERE attempts > 1")) >= 1
         survivors = hosts[:2]
@@ -146,25 +157,42 @@ def test_a_key_rate_limit_holds_across_three_hosts(start_host, tmp_path, prefix)
             if key["name"] == "test-standard":
                 key.update(requests_per_second=50, requests_burst=10)
     hosts = [start_host(tmp_path, i, c) for i, c in enumerate(configs)]
-    counts = {"admitted": 0, "limited": 0, "other": 0}
+    # "admitted" = let through by the key's limit: served, or refused after it by the host's own
+    # admission (a 429 "overloaded" on a busy test machine still spent a token of the bucket).
+    counts = {"admitted": 0, "overloaded": 0, "limited": 0, "other": 0}
+    sent, answered = [], []  # monotonic times of each request's send and of its answer
     lock = threading.Lock()
     stop_at = time.monotonic() + 10
 
     def drive(n: int):
         i = n
-        while time.monotonic() < stop_at:
-            status, _, _ = chat(hosts[i % 3].url, max_tokens=1)
+        while (now := time.monotonic()) < stop_at:
+            status, _, payload = chat(hosts[i % 3].url, max_tokens=1)
+            done = time.monotonic()
             i += 1
+            code = (payload.get("error") or {}).get("code") if isinstance(payload, dict) else None
+            outcome = ("admitted" if status == 200 else "limited" if status == 429 and code == "rate_limit_exceeded"
+                       else "overloaded" if status == 429 and code == "overloaded" else "other")
             with lock:
-                counts["admitted" if status == 200 else "limited" if status == 429 else "other"] += 1
+                counts[outcome] += 1
+                sent.append(now)
+                answered.append(done)
 
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         list(pool.map(drive, range(12)))
-    # 10 s at 50/s plus the burst of 10: 510; the buckets live in Redis, so three hosts admit
-    # that many in total, not three times as many.
+    # About 10 s at 50/s plus the burst of 10 (510); the buckets live in Redis, so three hosts
+    # admit that many in total, not three times as many. The bounds come from the window in which
+    # the limit was asked continuously (a slow machine may answer the first requests late): the
+    # limit decided every request between the first answer and the last send, and none outside the
+    # first send and the last answer.
+    passed = counts["admitted"] + counts["overloaded"]
+    least = 10 + 50 * (max(sent) - min(answered))
+    most = 10 + 50 * (max(answered) - min(sent))
     assert counts["other"] == 0, counts
-    assert counts["limited"] > counts["admitted"], counts
-    assert 450 <= counts["admitted"] <= 550, counts
+    assert counts["limited"] > passed, counts
+    assert least * 0.95 - 2 <= passed <= most * 1.05 + 2, (counts, least, most)
+    # three host-local buckets would pass about three times `least`: still told apart
+    assert most * 1.05 + 2 < 3 * least * 0.95, (least, most)
 
 
 def test_an_answer_made_on_one_host_is_a_hit_on_another_and_generated_once(start_host, tmp_path, prefix):

@@ -79,6 +79,8 @@ class JobRunner:
                 log.error("job leases not renewed for %.1fs (%s): stopping %d running jobs before their leases "
                           "run out; other hosts take them over", time.monotonic() - renewed_at, reason, len(lost))
             for job_id in lost:
+                if job_id not in self._attempts:
+                    continue  # it finished here while the renewal was on its way: nothing to stop
                 log.warning("job %s: lease lost, stopping its attempt here", job_id)
                 self._abandon(job_id)
 
