@@ -162,6 +162,8 @@ def test_a_key_rate_limit_holds_across_three_hosts(start_host, tmp_path, prefix)
     counts = {"admitted": 0, "overloaded": 0, "limited": 0, "other": 0}
     sent, answered = [], []  # monotonic times of each request's send and of its answer
     lock = threading.Lock()
+    for h in hosts:  # a first request per host (another key: its own buckets) takes the cold path
+        assert chat(h.url, tier="premium", max_tokens=1)[0] == 200
     stop_at = time.monotonic() + 10
 
     def drive(n: int):
@@ -182,17 +184,18 @@ def test_a_key_rate_limit_holds_across_three_hosts(start_host, tmp_path, prefix)
         list(pool.map(drive, range(12)))
     # About 10 s at 50/s plus the burst of 10 (510); the buckets live in Redis, so three hosts
     # admit that many in total, not three times as many. The bounds come from the window in which
-    # the limit was asked continuously (a slow machine may answer the first requests late): the
-    # limit decided every request between the first answer and the last send, and none outside the
-    # first send and the last answer.
+    # the limit was asked (a slow machine may answer the first requests late): none was decided
+    # before the first send or after the last answer. The lower bound is loose: while every client
+    # thread waits on an admitted request that a busy machine answers slowly, nobody asks, the
+    # bucket sits full, and what it would have let through meanwhile is not owed to anyone.
     passed = counts["admitted"] + counts["overloaded"]
     least = 10 + 50 * (max(sent) - min(answered))
     most = 10 + 50 * (max(answered) - min(sent))
     assert counts["other"] == 0, counts
     assert counts["limited"] > passed, counts
-    assert least * 0.95 - 2 <= passed <= most * 1.05 + 2, (counts, least, most)
-    # three host-local buckets would pass about three times `least`: still told apart
-    assert most * 1.05 + 2 < 3 * least * 0.95, (least, most)
+    assert 0.8 * least <= passed <= most * 1.05 + 2, (counts, least, most)
+    # three host-local buckets would let through about three times as many: still told apart
+    assert most * 1.05 + 2 < 3 * 0.8 * least, (least, most)
 
 
 def test_an_answer_made_on_one_host_is_a_hit_on_another_and_generated_once(start_host, tmp_path, prefix):
