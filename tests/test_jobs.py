@@ -257,3 +257,48 @@ def test_unwritable_database_gives_503_while_the_rest_serves(start_server, tmp_p
     assert http_json(server.url + "/v1/chat/completions", body("interactive", max_tokens=2),
                      {"Authorization": KEYS["standard"]})[0] == 200
     assert "unusable" in server.log()
+
+
+def test_a_lost_lease_stops_only_the_attempt_it_was_about():
+    """A renewal answers about the attempts it was sent for. While one is on its way a job may
+    finish here, or be claimed here again after its lease ran out (a new attempt, with a new
+    lease): neither is stopped by the late answer; an attempt whose lease really went is."""
+    from proxy.jobs.runner import JobRunner
+
+    async def main():
+        def parked():
+            return asyncio.create_task(asyncio.sleep(60))
+
+        class Store:
+            calls = 0
+
+            async def renew(self, attempts):
+                self.calls += 1
+                if self.calls > 1:
+                    return []  # the later renewals find every lease held
+                assert attempts == {"finished": 1, "claimed-again": 1, "taken-over": 1}
+                runner._attempts.pop("finished")  # it ended here meanwhile
+                runner.running.pop("finished").cancel()
+                runner.running["claimed-again"].cancel()  # ...and this one was claimed here anew
+                runner.running["claimed-again"], runner._attempts["claimed-again"] = parked(), 2
+                return list(attempts)  # none of the three is still held as sent
+
+        runner = JobRunner(Store(), None, None, None, None)
+        for job_id in ("finished", "claimed-again", "taken-over"):
+            runner.running[job_id], runner._attempts[job_id] = parked(), 1
+        taken_over = runner.running["taken-over"]
+        leases = asyncio.create_task(runner.keep_leases(0.2))  # renews every 0.05 s
+        try:
+            deadline = time.monotonic() + 30
+            while not taken_over.done():
+                assert time.monotonic() < deadline, "the attempt whose lease was lost still runs"
+                await asyncio.sleep(0.01)
+            assert taken_over.cancelled() and "taken-over" not in runner._attempts
+            assert not runner.running["claimed-again"].done() and runner._attempts["claimed-again"] == 2
+        finally:
+            leases.cancel()
+            for task in runner.running.values():
+                task.cancel()
+            await asyncio.gather(leases, *runner.running.values(), return_exceptions=True)
+
+    asyncio.run(main())

@@ -75,27 +75,30 @@ class JobRunner:
                 if time.monotonic() + interval + call_timeout < renewed_at + lease_s or not self.running:
                     log.warning("could not renew job leases (%s); trying again", reason)
                     continue
-                lost = list(self.running)
+                lost = list(self._attempts.items())
                 log.error("job leases not renewed for %.1fs (%s): stopping %d running jobs before their leases "
                           "run out; other hosts take them over", time.monotonic() - renewed_at, reason, len(lost))
-            for job_id in lost:
-                if job_id not in self._attempts:
-                    continue  # it finished here while the renewal was on its way: nothing to stop
+            for job_id, attempt in lost:
+                # Only the attempt the renewal was about: one that finished meanwhile has nothing to
+                # stop, and a later attempt of the same job (claimed here again) holds its own lease.
+                if self._attempts.get(job_id) != attempt:
+                    continue
                 log.warning("job %s: lease lost, stopping its attempt here", job_id)
                 self._abandon(job_id)
 
-    async def _renew_within(self, timeout: float) -> list[str]:
-        """One renewal, given up after `timeout`. Not asyncio.wait_for: it would wait for the
+    async def _renew_within(self, timeout: float) -> list[tuple[str, int]]:
+        """One renewal, given up after `timeout`; returns the (job id, attempt) pairs it found lost. Not asyncio.wait_for: it would wait for the
         cancelled call to finish cancelling, and on a dead network the driver's cancellation hangs
         too; the call is left to end in the background instead."""
-        task = asyncio.ensure_future(self.store.renew(dict(self._attempts)))
+        attempts = dict(self._attempts)
+        task = asyncio.ensure_future(self.store.renew(attempts))
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if not done:
             task.cancel()
             self._abandoned_calls.add(task)
             task.add_done_callback(self._abandoned_calls.discard)
             raise asyncio.TimeoutError
-        return task.result()
+        return [(job_id, attempts[job_id]) for job_id in task.result()]
 
     def _abandon(self, job_id: str) -> None:
         """Stop an attempt without touching the job's row: it belongs to another host now."""
