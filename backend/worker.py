@@ -217,8 +217,9 @@ class Worker:
         self.loop.call_soon_threadsafe(report)
 
     def _emit(self, frames: list) -> None:
-        """The engine thread's frames, straight into the proxy's socket."""
-        self._write(protocol.encode_many(frames))
+        """The engine thread's frames, straight into the proxy's socket (a step's plain tokens as
+        one TokenBatch)."""
+        self._write(protocol.encode_many(protocol.batch_tokens(frames)))
 
     def _write(self, data: bytes) -> None:
         link = self.link

@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 
 from backend import protocol
-from backend.protocol import Finished, Generate, Ready, SamplingParams, Tokens, WorkerSettings
+from backend.protocol import Finished, Generate, Ready, SamplingParams, TokenBatch, Tokens, WorkerSettings
 from loadtest.bench_stream import cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +52,9 @@ async def drive(path: Path, pid: int, streams: int, tokens: int, duration: float
             raise RuntimeError("the worker closed the connection")
         again = []
         for msg in decoder.feed(data):
-            if isinstance(msg, Tokens):
+            if isinstance(msg, TokenBatch):
+                produced += sum(map(len, msg.token_ids))
+            elif isinstance(msg, Tokens):
                 produced += len(msg.token_ids)
             elif isinstance(msg, Finished):
                 again.append(generate())

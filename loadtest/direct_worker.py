@@ -14,7 +14,7 @@ import time
 import msgspec
 
 from backend import protocol
-from backend.protocol import ChatMessage, Finished, Generate, Ready, SamplingParams, Tokens, WorkerSettings
+from backend.protocol import ChatMessage, Finished, Generate, Ready, SamplingParams, TokenBatch, Tokens, WorkerSettings
 
 
 async def stream_tokens_per_s(settings: WorkerSettings, max_tokens: int, rounds: int = 3) -> float:
@@ -50,7 +50,9 @@ async def stream_tokens_per_s(settings: WorkerSettings, max_tokens: int, rounds:
             done = False
             while not done:
                 for m in await next_messages():
-                    if isinstance(m, Tokens):
+                    if isinstance(m, TokenBatch):
+                        tokens += sum(map(len, m.token_ids))
+                    elif isinstance(m, Tokens):
                         tokens += len(m.token_ids)
                     elif isinstance(m, Finished):
                         done = True

@@ -131,7 +131,7 @@ def test_the_operator_paths_restart_reload_hand_over_and_crash(start_server):
     assert not set(server.worker_pids()) & first
 
 
-def test_the_adoption_digest_changes_with_settings_device_and_model_files(tmp_path):
+def test_the_adoption_digest_changes_with_settings_device_protocol_and_model_files(tmp_path, monkeypatch):
     from proxy.fleet.process import settings_digest, worker_socket_path
 
     model = tmp_path / "model"
@@ -143,6 +143,10 @@ def test_the_adoption_digest_changes_with_settings_device_and_model_files(tmp_pa
     assert settings_digest('{"model_name": "n"}', "cuda:0", model) != base  # another model or setting
     (model / "fullpower-manifest.json").write_text('{"files": {"a": "2"}}')
     assert settings_digest('{"model_name": "m"}', "cuda:0", model) != base  # the model replaced on disk
+    (model / "fullpower-manifest.json").write_text('{"files": {"a": "1"}}')
+    assert settings_digest('{"model_name": "m"}', "cuda:0", model) == base
+    monkeypatch.setattr("proxy.fleet.process.PROTOCOL_VERSION", -1)
+    assert settings_digest('{"model_name": "m"}', "cuda:0", model) != base  # a worker of another protocol
     # A data directory too deep for a Unix socket path gets a short private one, never a shared one.
     deep = tmp_path / ("d" * 120)
     short = worker_socket_path(deep, "main-0")

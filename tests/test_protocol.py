@@ -2,8 +2,8 @@ import msgspec
 import pytest
 
 from backend import protocol
-from backend.protocol import (Cancel, ChatMessage, Fatal, Finished, Generate, Heartbeat, Ready, SamplingParams,
-                              Tokens)
+from backend.protocol import (Cancel, ChatMessage, Failed, Fatal, Finished, Generate, Heartbeat, Ready,
+                              SamplingParams, TokenBatch, TokenLogprob, Tokens)
 
 
 def test_round_trip_both_directions_split_at_every_byte():
@@ -23,6 +23,30 @@ def test_round_trip_both_directions_split_at_every_byte():
                    Finished(id=1, finish_reason="stop", prompt_tokens=3, completion_tokens=1),
                    Fatal(message="boom", at_boot=True)]
     assert protocol.proxy_decoder().feed(protocol.encode_many(from_worker)) == from_worker
+
+
+def test_a_steps_plain_tokens_travel_as_one_batch_and_every_request_keeps_its_order():
+    with_logprobs = Tokens(id=4, token_ids=[9], text="z", logprobs=[TokenLogprob(token=b"z", logprob=-0.5)])
+    step = [Tokens(id=1, token_ids=[5], text="a"), with_logprobs, Tokens(id=2, token_ids=[6, 7], text="bc"),
+            Finished(id=1, finish_reason="stop", prompt_tokens=3, completion_tokens=1),
+            Tokens(id=3, token_ids=[8], text=""), Failed(id=2, code="internal", message="x")]
+    wire = protocol.proxy_decoder().feed(protocol.encode_many(protocol.batch_tokens(step)))
+    assert wire == [TokenBatch(ids=[1, 2, 3], token_ids=[[5], [6, 7], [8]], texts=["a", "bc", ""]), with_logprobs,
+                    Finished(id=1, finish_reason="stop", prompt_tokens=3, completion_tokens=1),
+                    Failed(id=2, code="internal", message="x")]
+
+    def per_request(frames):
+        out = {}
+        for f in frames:
+            if isinstance(f, TokenBatch):
+                for rid, ids, text in zip(f.ids, f.token_ids, f.texts):
+                    out.setdefault(rid, []).append(Tokens(id=rid, token_ids=ids, text=text))
+            else:
+                out.setdefault(f.id, []).append(f)
+        return out
+    assert per_request(wire) == per_request(step)
+    assert protocol.batch_tokens([with_logprobs]) == [with_logprobs]  # nothing to gather
+    assert protocol.batch_tokens([]) == []
 
 
 def test_direction_is_typed():

@@ -24,7 +24,7 @@ from typing import Callable
 import msgspec
 
 from backend.manifest import MANIFEST
-from backend.protocol import STACK_DUMP_SIGNAL, Fatal, Heartbeat, Hello, Ready, WorkerSettings
+from backend.protocol import PROTOCOL_VERSION, STACK_DUMP_SIGNAL, Fatal, Heartbeat, Hello, Ready, WorkerSettings
 from proxy.config import Pool, Workers, model_dir
 from proxy.fleet.pool import PoolState, Replica
 from proxy.fleet.worker_client import WorkerConnection
@@ -48,9 +48,10 @@ def worker_socket_path(data_dir: Path, worker_id: str) -> Path:
 
 def settings_digest(settings_json: str, device: str, model_path: Path) -> str:
     """What a worker must have been started with to be adopted by this slot: its settings, its
-    device, and its model's manifest (a model replaced on disk means a new worker)."""
+    device, the worker protocol's version, and its model's manifest (a model replaced on disk
+    means a new worker)."""
     h = hashlib.sha256(settings_json.encode())
-    h.update(b"\0" + device.encode() + b"\0")
+    h.update(b"\0" + device.encode() + b"\0" + str(PROTOCOL_VERSION).encode() + b"\0")
     try:
         h.update((model_path / MANIFEST).read_bytes())
     except OSError:

@@ -9,7 +9,7 @@ import time
 from typing import Callable, Union
 
 from backend import protocol
-from backend.protocol import Cancel, Failed, Finished, Generate, Tokens
+from backend.protocol import Cancel, Failed, Finished, Generate, TokenBatch, Tokens
 
 
 class WorkerGone(Exception):
@@ -27,9 +27,10 @@ class RequestStream:
     timer per stream that is re-armed lazily (`wait_until`): arrivals never touch a timer.
 
     The direct path: while the consumer is parked in `wait_until` with nothing left to take, a
-    frame may be handed to `sink` right here, in the connection's `data_received`, without waking
-    the consumer (it returns False to decline: the frame then queues and wakes the consumer as
-    usual). Order is kept: the sink only sees a frame when nothing is queued before it.
+    Tokens frame's text and ids may be handed to `sink` right here, in the connection's
+    `data_received`, without waking the consumer (it returns False to decline: the frame then
+    queues and wakes the consumer as usual). Order is kept: the sink only sees a frame when
+    nothing is queued before it.
     """
 
     __slots__ = ("id", "_items", "_waiter", "closed", "_wake_at", "_timer", "_timer_at", "sink", "last_arrival")
@@ -42,12 +43,13 @@ class RequestStream:
         self._wake_at = 0.0  # when the current waiter must be woken at the latest (loop time)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
-        self.sink: Callable[[object], bool] | None = None
+        self.sink: Callable[[str, list[int]], bool] | None = None  # (text, token ids) -> taken
         self.last_arrival = 0.0  # loop time of the last frame the sink took (the consumer did not see it)
 
     def _push(self, item) -> None:
         sink = self.sink
-        if sink is not None and self._waiter is not None and not self._items and sink(item):
+        if (sink is not None and type(item) is Tokens and self._waiter is not None and not self._items
+                and sink(item.text, item.token_ids)):
             self.last_arrival = asyncio.get_running_loop().time()
             return
         self._items.append(item)
@@ -150,7 +152,23 @@ class WorkerConnection(asyncio.Protocol):
             self._transport.close()
             return
         streams = self._streams
+        arrival = None  # loop time, read once per read: one read carries a step's tokens for many streams
         for msg in messages:
+            if type(msg) is TokenBatch:
+                # The hot path: a step's tokens for many requests. RequestStream._push's direct case
+                # is inlined: a stream whose consumer is parked hands the token to its sink.
+                for rid, token_ids, text in zip(msg.ids, msg.token_ids, msg.texts):
+                    stream = streams.get(rid)
+                    if stream is None:
+                        continue  # a cancelled request's late frames
+                    sink = stream.sink
+                    if sink is not None and stream._waiter is not None and not stream._items and sink(text, token_ids):
+                        if arrival is None:
+                            arrival = asyncio.get_running_loop().time()
+                        stream.last_arrival = arrival
+                    else:
+                        stream._push(Tokens(id=rid, token_ids=token_ids, text=text))
+                continue
             rid = getattr(msg, "id", None)
             if rid is None:
                 self._on_control(msg)
@@ -159,7 +177,7 @@ class WorkerConnection(asyncio.Protocol):
             if stream is None:
                 continue  # a cancelled request's late frames
             stream._push(msg)
-            if not isinstance(msg, Tokens):
+            if type(msg) is not Tokens:  # the end of its stream: Finished, Failed, TokenizeResult
                 del streams[rid]
                 stream.closed = True
 

@@ -162,15 +162,15 @@ class OpenAIHandlers:
         last = None
         direct_on = False  # the direct path is switched on (once, after the first tokens went out)
 
-        def direct(item) -> bool:
+        def direct(text: str) -> bool:
             """The direct path (see RequestStream): a token's event written into the client's
             transport from the worker connection's callback, when nothing waits to be sent - so it
             cannot block, and order is kept. Declines (False) whenever the task must do it."""
             nonlocal last
             if transport.is_closing() or transport.get_write_buffer_size():
                 return False
-            if item.text:
-                event = delta_event(item.text, include_usage)
+            if text:
+                event = event_head + encode(text) + event_tail  # fmt.delta_event, inlined
                 # aiohttp's chunked framing, written whole: the writer's own state stays valid
                 transport.write(b"%x\r\n%b\r\n" % (len(event), event) if chunked else event)
                 now = monotonic()
@@ -179,7 +179,8 @@ class OpenAIHandlers:
             return True
 
         # what the direct path uses per token, looked up once
-        transport, delta_event, monotonic, observe = None, fmt.delta_event, time.monotonic, inter_token.observe
+        transport, monotonic, observe, encode = None, time.monotonic, inter_token.observe, _json.encode
+        event_head, event_tail = fmt.delta_event_parts(include_usage)
 
         async with contextlib.aclosing(answer.frames()) as frames:
             try:

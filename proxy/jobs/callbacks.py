@@ -132,6 +132,8 @@ class CallbackSender:
 
     MAX_IN_FLIGHT = 32
     MAX_RESPONSE_BYTES = 64 * 1024  # of a target's answer body: read to free the connection, no more
+    BUSY_POLL_S = 0.2  # how often due callbacks are looked for while deliveries are under way
+    IDLE_POLL_S = 1.6  # ... and at least this often when none were due
 
     def __init__(self, store: JobStore, metrics: Metrics, public) -> None:
         self.store = store
@@ -141,6 +143,7 @@ class CallbackSender:
         self.secrets: dict[str, str] = {}
         self.timeout_s = 10.0
         self._in_flight: dict[str, asyncio.Task] = {}  # job id -> its delivery
+        self.wake = asyncio.Event()  # set when a job finished here (its callback is due now)
 
     def reconfigure(self, allow: list[str], own_listeners: list[tuple[str, int]], secrets: dict[str, str],
                     timeout_s: float) -> None:
@@ -152,7 +155,9 @@ class CallbackSender:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self.MAX_IN_FLIGHT,
                                                                         use_dns_cache=False)) as session:
             try:
+                idle_s = self.BUSY_POLL_S
                 while True:
+                    self.wake.clear()  # before looking: a job finished while we look is looked for again
                     room = self.MAX_IN_FLIGHT - len(self._in_flight)
                     due = []
                     if room > 0:
@@ -165,7 +170,18 @@ class CallbackSender:
                         task = asyncio.create_task(self._deliver_guarded(session, job))
                         self._in_flight[job["id"]] = task
                         task.add_done_callback(lambda _, job_id=job["id"]: self._in_flight.pop(job_id, None))
-                    await asyncio.sleep(0.2)  # the queue of due callbacks lives in the database
+                    # The queue of due callbacks lives in the database (other hosts finish jobs, failed
+                    # deliveries come due again later): look again soon while there is traffic, less
+                    # and less often while there is none; a job finished here wakes the loop at once.
+                    if due or self._in_flight:
+                        idle_s = self.BUSY_POLL_S
+                        await asyncio.sleep(self.BUSY_POLL_S)
+                        continue
+                    idle_s = min(idle_s * 2, self.IDLE_POLL_S)
+                    try:
+                        await asyncio.wait_for(self.wake.wait(), idle_s)
+                    except asyncio.TimeoutError:
+                        pass
             finally:
                 tasks = list(self._in_flight.values())
                 for task in tasks:

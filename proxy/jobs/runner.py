@@ -9,6 +9,7 @@ import asyncio
 import logging
 import random
 import time
+from typing import Callable
 
 import msgspec
 
@@ -24,6 +25,7 @@ from proxy.serving.responses import ResponseFormatter
 
 log = logging.getLogger("fullpower.jobs")
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+IDLE_POLL_S = (0.25, 2.0)  # without a wake-up the queue is looked at again after this long: at first, at most
 STORE_RETRY_DELAYS_S = (0.2, 1.0, 3.0)  # storing a job's outcome is tried this often, these pauses after each
 
 
@@ -43,6 +45,7 @@ class JobRunner:
         self.concurrency = 16
         self.max_attempts = 3
         self.callback_retry_s = 3600.0
+        self.on_finished: Callable[[], None] = lambda: None  # a job's outcome was stored (its callback is due)
 
     def reconfigure(self, tier: str, concurrency: int, max_attempts: int, callback_retry_s: float) -> None:
         self.tier, self.concurrency = tier, concurrency
@@ -107,7 +110,9 @@ class JobRunner:
 
     async def run(self) -> None:
         store_down = False
+        idle_s = IDLE_POLL_S[0]
         while True:
+            self.wake.clear()  # before looking: a job queued while we look is looked for again
             room = self.concurrency - len(self.running)
             claimed = []
             if room > 0:
@@ -125,9 +130,11 @@ class JobRunner:
                 self.running[job["id"]] = task
                 self._attempts[job["id"]] = job["attempts"]
                 task.add_done_callback(lambda _, job_id=job["id"]: self._done(job_id))
-            self.wake.clear()
-            try:  # other hosts may queue jobs in a shared store: look again now and then
-                await asyncio.wait_for(self.wake.wait(), 0.05 if claimed else 0.5)
+            # Jobs queued here, requeued, or announced by other hosts (LISTEN) set `wake`; the
+            # looks in between are a safety net, less and less often while none is found.
+            idle_s = IDLE_POLL_S[0] if claimed else min(idle_s * 2, IDLE_POLL_S[1])
+            try:
+                await asyncio.wait_for(self.wake.wait(), 0.05 if claimed else idle_s)
             except asyncio.TimeoutError:
                 pass
 
@@ -223,6 +230,7 @@ class JobRunner:
                 continue
             if stored:
                 self.metrics.jobs_finished.labels(status).inc()
+                self.on_finished()
             return
         reason = f"the result could not be stored: {problem}"
         try:

@@ -80,6 +80,7 @@ class JobService:
         self.runner = JobRunner(self.store, auth, planner, core, metrics)
         self.store.on_job_queued = self.runner.wake.set  # another host queued a job
         self.callbacks = CallbackSender(self.store, metrics, public)
+        self.runner.on_finished = self.callbacks.wake.set
         self.counts: dict[str, int] = {}
         self.oldest_queued_s = 0.0
         self._tasks: list[asyncio.Task] = []

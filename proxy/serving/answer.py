@@ -63,8 +63,8 @@ class Answer:
                         rec.prompt_tokens, rec.completion_tokens = last.prompt_tokens, last.completion_tokens
                 yield batch
 
-    def deliver_directly(self, sink: Callable[[Tokens], bool] | None) -> bool:
-        """Let `sink` take Tokens frames as they arrive, without waking the consumer (True when
+    def deliver_directly(self, sink: Callable[[str], bool] | None) -> bool:
+        """Let `sink` take each token's text as it arrives, without waking the consumer (True when
         this answer can: its own generation; a shared flight or a cached answer cannot). The
         consumer still gets every frame the sink declines, and the end of the stream."""
         if self._generation is None:

@@ -65,8 +65,8 @@ class Generation:
         self.dispatched_at: float | None = None  # time.monotonic() when the first Generate went out
         self.failovers = 0
         # Set by the consumer once it can take tokens without waking up (see RequestStream):
-        # (Tokens) -> bool, True when it delivered the frame itself.
-        self.direct_sink: Callable[[Tokens], bool] | None = None
+        # (text) -> bool, True when it delivered the token's text itself.
+        self.direct_sink: Callable[[str], bool] | None = None
 
     async def frames(self) -> AsyncIterator[list | None]:
         """Batches of frames: Tokens, the last batch ending with one Finished. A batch holds every
@@ -109,13 +109,13 @@ class Generation:
             if holding_retry:
                 self.budget.give_back()
 
-    def _direct(self, item) -> bool:
-        """RequestStream's sink: a Tokens frame goes straight to the consumer's direct sink, with
+    def _direct(self, text: str, token_ids: list[int]) -> bool:
+        """RequestStream's sink: a token's text goes straight to the consumer's direct sink, with
         the bookkeeping the consumer's wake-up would have done (resume ids, progress)."""
         sink = self.direct_sink
-        if sink is None or type(item) is not Tokens or not sink(item):
+        if sink is None or not sink(text):
             return False
-        self.token_ids.extend(item.token_ids)
+        self.token_ids.extend(token_ids)
         return True
 
     async def _attempt(self, tried: list[str]):

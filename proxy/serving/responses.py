@@ -119,11 +119,16 @@ class ResponseFormatter:
     def delta_event(self, text: str, include_usage: bool) -> bytes:
         """delta_chunk as a whole SSE event, from pre-encoded pieces: only the text is encoded
         per event (the hot path of every stream)."""
+        head, tail = self.delta_event_parts(include_usage)
+        return head + _json.encode(text) + tail
+
+    def delta_event_parts(self, include_usage: bool) -> tuple[bytes, bytes]:
+        """What goes before and after the JSON-encoded text in a delta_event."""
         parts = self._delta_parts.get(include_usage)
         if parts is None:
             head, _, tail = _json.encode(self.delta_chunk(_MARK, include_usage)).partition(_json.encode(_MARK))
             parts = self._delta_parts[include_usage] = (b"data: " + head, tail + b"\n\n")
-        return parts[0] + _json.encode(text) + parts[1]
+        return parts
 
     def final_chunk(self, reason: str, include_usage: bool) -> dict:
         return self._chunk(self._choice("", reason), include_usage)
