@@ -55,7 +55,10 @@ class ProxyLink:
                 return
             if sent < len(data):
                 self._queue(memoryview(data)[sent:])
-                self._loop.call_soon_threadsafe(self._watch)
+                try:
+                    self._loop.call_soon_threadsafe(self._watch)
+                except RuntimeError:  # the event loop has closed: the worker is exiting
+                    self._close_locked()
 
     def _queue(self, data) -> None:
         if len(self._pending) + len(data) > MAX_PENDING_BYTES:

@@ -153,7 +153,7 @@ class Worker:
         if self.engine is None:
             return
         cancelled = asyncio.Event()
-        self.engine.cancel_all(lambda: self.loop.call_soon_threadsafe(cancelled.set))
+        self.engine.cancel_all(lambda: self._in_loop(cancelled.set))
         try:
             await asyncio.wait_for(cancelled.wait(), 10.0)
         except asyncio.TimeoutError:
@@ -185,7 +185,7 @@ class Worker:
         log.info("engine %s ready on %s in %.1fs", engine.name, self.settings.device, time.monotonic() - started)
         ready = Ready(pid=os.getpid(), model=self.settings.model_name, device=self.settings.device,
                       engine=engine.name, max_batch_size=engine.max_batch_size, context_length=engine.context_length)
-        self.loop.call_soon_threadsafe(self._became_ready, ready)
+        self._in_loop(self._became_ready, ready)
         try:
             self._run_engine(engine)
         except BaseException as exc:  # noqa: BLE001 - e.g. CUDA out of memory: report, then exit
@@ -201,6 +201,15 @@ class Worker:
         except ImportError:  # the fake engine on a host without torch
             engine.run_forever()
 
+    def _in_loop(self, fn, *args) -> None:
+        """Hand `fn` to the event loop from the engine thread. Once the loop has closed (the worker
+        is exiting: its proxy stopped it during boot, say) nobody is left to tell: it is dropped,
+        not raised in the engine thread."""
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:
+            pass
+
     def _became_ready(self, ready: Ready) -> None:
         self.ready = ready
         # the engine's figures (weights, KV slots) with it, not a heartbeat interval later
@@ -214,7 +223,7 @@ class Worker:
             self.fatal = fatal
             self._write(protocol.encode(fatal))
             self.done.set()
-        self.loop.call_soon_threadsafe(report)
+        self._in_loop(report)
 
     def _emit(self, frames: list) -> None:
         """The engine thread's frames, straight into the proxy's socket (a step's plain tokens as

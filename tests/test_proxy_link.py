@@ -71,3 +71,21 @@ def test_a_proxy_that_stops_reading_is_cut_off_at_the_bound(monkeypatch):
         ours.close()
         proxy.close()
     asyncio.run(main())
+
+
+def test_a_write_after_the_event_loop_closed_drops_instead_of_raising():
+    """The engine thread may write while the worker is exiting (its proxy stopped it during boot):
+    with the loop gone nothing can send the rest, so the link closes quietly - an exception there
+    would end the engine thread with a traceback on the proxy's stderr."""
+    loop = asyncio.new_event_loop()
+    ours, proxy = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        link = ProxyLink(loop, ours.fileno())
+        loop.close()
+        link.write(b"x" * (1 << 20))  # more than the socket takes at once: the rest needs the loop
+        assert link.closed
+        link.write(b"more")  # and later writes are dropped too
+    finally:
+        ours.close()
+        proxy.close()
