@@ -36,7 +36,6 @@ from backend.fused import FusedPieces
 from backend.manifest import ManifestError, has_manifest, verify_manifest
 from backend.protocol import Generate, SamplingParams, TokenLogprob, WorkerSettings
 from backend import sampling
-from backend.sampling import sample
 from backend.scheduler import BatchEngine, RequestError, EngineSequence
 from backend.textstream import IncrementalDetokenizer
 
@@ -834,8 +833,8 @@ class TransformersEngine(BatchEngine):
         top_p = self._to_device([p.top_p for p in params], torch.float32)
         seeds = self._to_device([s.seed for s in seqs])
         positions = self._to_device([len(s.generated) + offset for s in seqs])
-        return sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params),
-                      self._sample_without_top_p, self._token_keys)
+        return sampling.sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params),
+                               self._sample_without_top_p, self._token_keys)
 
     def _sample(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> list[int]:
         """Token ids on the host, after the host-side work some rows need (logits shaping, logprobs)."""

@@ -128,8 +128,8 @@ class Heartbeat(_Msg, tag="hb"):
     memory_bytes: int = 0  # the worker process's resident memory
     gpu_memory_bytes: int = 0  # memory torch holds on the worker's GPU
     weight_bytes: int = 0  # the model's weights as loaded (after quantisation)
-    # the engine loop's host seconds by part since the process started (BatchEngine.host_seconds:
-    # encode, prefill, launch, collect, advance, emit) and its decode steps
+    # the engine loop's host seconds by part (HOST_PARTS) since the process started
+    # (BatchEngine.host_seconds) and its decode steps
     host_seconds: dict[str, float] = {}
     decode_steps: int = 0
 

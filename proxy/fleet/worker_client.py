@@ -27,10 +27,11 @@ class RequestStream:
     timer per stream that is re-armed lazily (`wait_until`): arrivals never touch a timer.
 
     The direct path: while the consumer is parked in `wait_until` with nothing left to take, a
-    Tokens frame's text and ids may be handed to `sink` right here, in the connection's
-    `data_received`, without waking the consumer (it returns False to decline: the frame then
-    queues and wakes the consumer as usual). Order is kept: the sink only sees a frame when
-    nothing is queued before it.
+    token of a step's TokenBatch (text and ids) may be handed to `sink` by the connection's
+    `data_received`, without waking the consumer (it returns False to decline: the token then
+    queues as a Tokens frame and wakes the consumer as usual). Order is kept: the sink only sees a
+    token when nothing is queued before it. (Tokens frames - those with logprobs - always queue:
+    the streams that set a sink never ask for logprobs.)
     """
 
     __slots__ = ("id", "_items", "_waiter", "closed", "_wake_at", "_timer", "_timer_at", "sink", "last_arrival")
@@ -47,11 +48,6 @@ class RequestStream:
         self.last_arrival = 0.0  # loop time of the last frame the sink took (the consumer did not see it)
 
     def _push(self, item) -> None:
-        sink = self.sink
-        if (sink is not None and type(item) is Tokens and self._waiter is not None and not self._items
-                and sink(item.text, item.token_ids)):
-            self.last_arrival = asyncio.get_running_loop().time()
-            return
         self._items.append(item)
         waiter = self._waiter
         if waiter is not None:
@@ -155,8 +151,8 @@ class WorkerConnection(asyncio.Protocol):
         arrival = None  # loop time, read once per read: one read carries a step's tokens for many streams
         for msg in messages:
             if type(msg) is TokenBatch:
-                # The hot path: a step's tokens for many requests. RequestStream._push's direct case
-                # is inlined: a stream whose consumer is parked hands the token to its sink.
+                # The hot path: a step's tokens for many requests. The direct path (see
+                # RequestStream): a stream whose consumer is parked hands the token to its sink.
                 for rid, token_ids, text in zip(msg.ids, msg.token_ids, msg.texts):
                     stream = streams.get(rid)
                     if stream is None:

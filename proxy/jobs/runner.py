@@ -25,7 +25,7 @@ from proxy.serving.responses import ResponseFormatter
 
 log = logging.getLogger("fullpower.jobs")
 ENDPOINTS = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
-IDLE_POLL_S = (0.25, 2.0)  # without a wake-up the queue is looked at again after this long: at first, at most
+IDLE_POLL_S = (0.5, 2.0)  # without a wake-up the queue is looked at again after this long: at first, at most
 STORE_RETRY_DELAYS_S = (0.2, 1.0, 3.0)  # storing a job's outcome is tried this often, these pauses after each
 
 
@@ -90,9 +90,10 @@ class JobRunner:
                 self._abandon(job_id)
 
     async def _renew_within(self, timeout: float) -> list[tuple[str, int]]:
-        """One renewal, given up after `timeout`; returns the (job id, attempt) pairs it found lost. Not asyncio.wait_for: it would wait for the
-        cancelled call to finish cancelling, and on a dead network the driver's cancellation hangs
-        too; the call is left to end in the background instead."""
+        """One renewal, given up after `timeout`; returns the (job id, attempt) pairs it found lost.
+        Not asyncio.wait_for: it would wait for the cancelled call to finish cancelling, and on a
+        dead network the driver's cancellation hangs too; the call is left to end in the background
+        instead."""
         attempts = dict(self._attempts)
         task = asyncio.ensure_future(self.store.renew(attempts))
         done, _ = await asyncio.wait({task}, timeout=timeout)
@@ -132,9 +133,10 @@ class JobRunner:
                 task.add_done_callback(lambda _, job_id=job["id"]: self._done(job_id))
             # Jobs queued here, requeued, or announced by other hosts (LISTEN) set `wake`; the
             # looks in between are a safety net, less and less often while none is found.
+            wait_s = 0.05 if claimed else idle_s
             idle_s = IDLE_POLL_S[0] if claimed else min(idle_s * 2, IDLE_POLL_S[1])
             try:
-                await asyncio.wait_for(self.wake.wait(), 0.05 if claimed else idle_s)
+                await asyncio.wait_for(self.wake.wait(), wait_s)
             except asyncio.TimeoutError:
                 pass
 
