@@ -5,11 +5,12 @@ ids or keys."""
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 # 1 ms .. 60 s, dense around the 1.5 s P99 alert.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0,
@@ -23,7 +24,8 @@ class Metrics:
         self._children: dict = {}
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)  # process_cpu_seconds_total, memory, open fds (the CPU alert)
-        self.requests = Counter("fullpower_requests", "Requests by tier, model, HTTP status and outcome",
+        # Counted once or more per request on the event loop's thread only: LoopCounter (no lock).
+        self.requests = LoopCounter("fullpower_requests", "Requests by tier, model, HTTP status and outcome",
                                 ["tier", "model", "status", "outcome"], registry=r)
         self.duration = LoopHistogram("fullpower_request_duration_seconds", "Total time of a request", ["tier"],
                                       buckets=LATENCY_BUCKETS, registry=r)
@@ -36,7 +38,7 @@ class Metrics:
                                          buckets=FINE_BUCKETS + (10.0, 30.0, 60.0), registry=r)
         self.overhead = LoopHistogram("fullpower_proxy_overhead_seconds", "Time spent in the proxy itself",
                                       buckets=FINE_BUCKETS, registry=r)
-        self.tokens = Counter("fullpower_tokens", "Tokens processed", ["tier", "kind"], registry=r)
+        self.tokens = LoopCounter("fullpower_tokens", "Tokens processed", ["tier", "kind"], registry=r)
         self.retries = Counter("fullpower_retries", "Requests retried on another worker before the first byte",
                                ["reason"], registry=r)
         self.resumes = Counter("fullpower_stream_resumes", "Generations resumed on another worker after tokens "
@@ -48,7 +50,7 @@ class Metrics:
         self.scaling_events = Counter("fullpower_scaling_events", "Cold workers started (up) or stopped (down)",
                                       ["pool", "direction"], registry=r)
         self.config_reloads = Counter("fullpower_config_reloads", "Configuration reloads", ["result"], registry=r)
-        self.cache_requests = Counter("fullpower_cache_requests", "Answers by cache outcome (miss, hit, coalesced, "
+        self.cache_requests = LoopCounter("fullpower_cache_requests", "Answers by cache outcome (miss, hit, coalesced, "
                                       "bypass)", ["result"], registry=r)
         self.cache_evictions = Counter("fullpower_cache_evictions", "Entries evicted from the cache", ["tier"],
                                        registry=r)
@@ -64,7 +66,7 @@ class Metrics:
                                     ["tier", "limit"], registry=r)
 
         # The public listener's fast lane (proxy/http/fast_lane.py): how much it serves, how often it hands over.
-        self.fast_lane_requests = Counter("fullpower_fast_lane_requests", "Requests answered on the fast lane",
+        self.fast_lane_requests = LoopCounter("fullpower_fast_lane_requests", "Requests answered on the fast lane",
                                           registry=r)
         self.fast_lane_handovers = Counter("fullpower_fast_lane_handovers", "Connections handed from the fast "
                                            "lane to aiohttp (another endpoint or method, an unusual request)",
@@ -154,3 +156,52 @@ class _LoopHistogramChild:
     def observe(self, value: float) -> None:
         self.counts[bisect_left(self.bounds, value)] += 1  # the first bound >= value: Prometheus' `le`
         self.sum += value
+
+
+class LoopCounter:
+    """A counter of request-path events, incremented only from the event loop's thread.
+    prometheus-client's Counter takes a lock on every increment (1-2 µs, several per request,
+    ~6% of the proxy's CPU per cache hit); this one adds, and builds the same exposition
+    (`_total`, `_created`) at scrape time."""
+
+    def __init__(self, name: str, documentation: str, labelnames: list[str] = (), *,
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
+        self._children: dict[tuple[str, ...], _LoopCounterChild] = {}
+        self._unlabelled = None if self.labelnames else self.labels()
+        registry.register(self)
+
+    def inc(self, amount: float = 1) -> None:
+        """For a counter without labels."""
+        self._unlabelled.inc(amount)
+
+    def labels(self, *values: str) -> "_LoopCounterChild":
+        values = tuple(str(v) for v in values)
+        if len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name} takes labels {self.labelnames}")
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _LoopCounterChild()
+        return child
+
+    def describe(self):
+        return [CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)]
+
+    def collect(self):
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for values, child in list(self._children.items()):
+            family.add_metric(list(values), child.value, created=child.created)
+        return [family]
+
+
+class _LoopCounterChild:
+    __slots__ = ("value", "created")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1) -> None:
+        if amount < 0:
+            raise ValueError("a counter only goes up")
+        self.value += amount

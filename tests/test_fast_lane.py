@@ -145,6 +145,24 @@ def test_a_slow_head_is_closed_and_a_slow_body_gets_aiohttps_timeout(start_serve
         assert status == 408 and json.loads(data)["error"]["message"] == "The request body did not arrive in time."
 
 
+def test_each_request_moves_the_idle_deadline_and_an_idle_connection_is_closed_after_it(start_server):
+    """The keep-alive timeout counts from the last answer, not from the connection's start: requests
+    spaced closer than the timeout keep a connection open well past it; idle, it is closed."""
+    config = fake_config(fake={"output_tokens": 2})
+    config["limits"] = {"header_timeout_s": 1.0}
+    server = start_server(config)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        started = time.monotonic()
+        while time.monotonic() - started < 3.0:  # three timeouts' worth of a busy connection
+            sock.sendall(raw_request(body("keep", max_tokens=2)))
+            assert read_response(reader)[0] == 200
+            time.sleep(0.3)
+        idle_from = time.monotonic()
+        assert sock.recv(100) == b""  # then closed by the server, once idle for the timeout
+        assert 0.5 <= time.monotonic() - idle_from < 10
+
+
 def test_a_client_that_leaves_cancels_its_generation(start_server):
     server = start_server(fake_config(fake={"token_latency_ms": 100, "output_tokens": 100}))
 

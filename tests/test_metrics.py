@@ -113,3 +113,34 @@ def test_alert_rules_name_metrics_that_exist():
     for name in set(re.findall(r"fullpower_[a-z_]+", rules + dashboard)):
         base = re.sub(r"_(total|bucket|count|sum)$", "", name)
         assert f'"{base}"' in source, name
+
+
+def test_loop_counters_expose_what_prometheus_clients_counters_do():
+    """The request path's lock-free counters render exactly as prometheus-client's Counter (values,
+    names, types), so dashboards and alerts cannot tell them apart."""
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+
+    from proxy.metrics import LoopCounter
+
+    theirs_registry, ours_registry = CollectorRegistry(), CollectorRegistry()
+    theirs = Counter("x_requests", "Requests", ["tier"], registry=theirs_registry)
+    ours = LoopCounter("x_requests", "Requests", ["tier"], registry=ours_registry)
+    plain_theirs = Counter("x_plain", "Plain", registry=theirs_registry)
+    plain_ours = LoopCounter("x_plain", "Plain", registry=ours_registry)
+    for counter, plain in ((theirs, plain_theirs), (ours, plain_ours)):
+        counter.labels("premium").inc()
+        counter.labels("premium").inc(2.5)
+        counter.labels("batch").inc()
+        plain.inc(3)
+
+    def samples(registry):
+        return sorted((f.name, f.type, s.name, tuple(sorted(s.labels.items())), s.value)
+                      for f in text_string_to_metric_families(generate_latest(registry).decode())
+                      for s in f.samples if not s.name.endswith("_created"))
+
+    assert samples(ours_registry) == samples(theirs_registry)
+    assert ("x_requests", "counter", "x_requests_total", (("tier", "premium"),), 3.5) in samples(ours_registry)
+    with pytest.raises(ValueError):
+        ours.labels("premium").inc(-1)
+    with pytest.raises(ValueError):
+        ours.labels("premium", "extra")

@@ -111,3 +111,63 @@ def test_max_tokens_is_refused_or_clamped_against_the_models_context():
     small = p.plan(Principal("a", "standard"), None, chat(), context_of=lambda pool: 40)
     assert small.params.max_tokens == 40 - (40 // CHARS_PER_TOKEN + 1)  # the default, clamped
     assert p.plan(Principal("a", "standard"), None, chat()).params.max_tokens == 64  # no worker ready yet
+
+
+def body(**fields) -> bytes:
+    return msgspec.json.encode({"model": "big-model", "messages": [{"role": "user", "content": "x" * 40}],
+                                **fields})
+
+
+def test_a_repeated_cacheable_body_reuses_its_plans_while_the_live_inputs_agree():
+    p = planner()
+    who = Principal("a", "standard")
+    seen = []
+    greedy = body(temperature=0)
+    first = p.plan_body(who, None, "", greedy, ChatCompletionRequest, parsed=seen.append)
+    again = p.plan_body(who, None, "", greedy, ChatCompletionRequest, parsed=seen.append)
+    assert again[0] is first[0]  # remembered, not planned again
+    assert seen == ["big-model", "big-model"]  # the record learns the model either way
+    # what the repeat is keyed on: another key, X-Priority or Cache-Control is planned on its own
+    assert p.plan_body(Principal("b", "standard"), None, "", greedy, ChatCompletionRequest)[0] is not first[0]
+    batch = p.plan_body(who, "batch", "", greedy, ChatCompletionRequest)[0]
+    assert batch.tier == "batch"
+    no_store = p.plan_body(who, None, "no-store", greedy, ChatCompletionRequest)[0]
+    assert not no_store.cache_write and first[0].cache_write
+    # live inputs asked again: degradation's choice of pool and the workers' context length
+    degraded = p.plan_body(who, None, "", greedy, ChatCompletionRequest, choose_pool=lambda tier, pool: "small")[0]
+    assert degraded.pool == "small" and degraded.cache_key != first[0].cache_key
+    assert degraded.params.temperature == 0  # the request's own temperature, planned for the new pool
+    long_context = p.plan_body(who, None, "", greedy, ChatCompletionRequest, context_of=lambda pool: 30)[0]
+    assert long_context.params.max_tokens == 30 - (40 // CHARS_PER_TOKEN + 1)  # the default, clamped anew
+    assert p.plan_body(who, None, "", greedy, ChatCompletionRequest, context_of=lambda pool: 30)[0] is long_context
+    # a reload forgets every remembered plan
+    p.reconfigure(TIERS, POOLS, Cache(), Timeouts(first_token_s=1.0, idle_s=2.0), max_tokens_default=64)
+    reloaded = p.plan_body(who, None, "", greedy, ChatCompletionRequest)[0]
+    assert reloaded is not first[0] and reloaded.first_token_s == 1.0
+
+
+def test_only_repeatable_cacheable_plans_are_remembered_and_the_memory_is_bounded():
+    from proxy.serving import plan as plan_module
+
+    p = planner()
+    who = Principal("a", "standard")
+
+    def remembered(raw: bytes) -> bool:
+        return (p.plan_body(who, None, "", raw, ChatCompletionRequest)[0]
+                is p.plan_body(who, None, "", raw, ChatCompletionRequest)[0])
+
+    assert not remembered(body(temperature=0.8))  # sampled: never cached, so never remembered
+    sampled_choices = body(temperature=0.8, seed=None, n=2)
+    assert not remembered(sampled_choices)
+    assert remembered(body(temperature=0, n=2))  # greedy choices are all the same plan
+    big = body(temperature=0, messages=[{"role": "user", "content": "y" * plan_module.REPEAT_MAX_BODY_BYTES}])
+    assert not remembered(big)
+    for i in range(3000):  # far more than fit: the remembered bytes stay within the bound
+        p.plan_body(who, None, "", body(temperature=0, messages=[{"role": "user", "content": f"{i:04d}" * 500}]),
+                    ChatCompletionRequest)
+    assert p._repeated.currsize <= plan_module.REPEAT_MEMORY_BYTES
+    assert len(p._repeated) < 3000
+    # a body that does not parse is refused every time, and never remembered
+    for _ in range(2):
+        with pytest.raises(InvalidRequest):
+            p.plan_body(who, None, "", b"{not json", ChatCompletionRequest)

@@ -46,7 +46,8 @@ Handler = Callable[["FastRequest"], Awaitable[web.StreamResponse]]
 HEAD_END = b"\r\n\r\n"
 # Headers whose presence sends a request to aiohttp: their semantics are aiohttp's to keep.
 _HAND_OVER_HEADERS = frozenset({b"transfer-encoding", b"expect", b"upgrade"})
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+_LANE_HEADERS = frozenset({"Content-Length", "Connection", "Date", "Server"})  # the lane writes these itself
 
 
 class FastLane:
@@ -59,7 +60,8 @@ class FastLane:
         self.routes = routes
         self.served = metrics.fast_lane_requests
         self.handovers = metrics.fast_lane_handovers
-        self.server_header = b"Server: " + server_header.encode()
+        self.server_header = server_header
+        self._status_lines: dict[int, str] = {}
         self.run = run
         self.limits = limits  # the live limits (a reload may change the body bounds)
         self.max_header_count = max_header_count
@@ -67,13 +69,23 @@ class FastLane:
         self.header_timeout_s = header_timeout_s
         # A head is handed to aiohttp long before this: it cannot be valid for aiohttp's limits.
         self.max_head_bytes = max_header_bytes * (max_header_count + 2)
-        self._date = (0, b"")
+        self._date = (0, "")
 
-    def date(self) -> bytes:
+    def date_line(self) -> str:
+        """The Date header's line, made once a second."""
         now = int(time.time())
         if now != self._date[0]:
-            self._date = (now, formatdate(now, usegmt=True).encode())
+            self._date = (now, f"Date: {formatdate(now, usegmt=True)}\r\n")
         return self._date[1]
+
+    def status_line(self, status: int) -> str:
+        """The status line and the Server header's line, made once per status."""
+        line = self._status_lines.get(status)
+        if line is None:
+            line = f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}\r\nServer: {self.server_header}\r\n"
+            if len(self._status_lines) < 1000:  # bounded: statuses are three digits
+                self._status_lines[status] = line
+        return line
 
 
 class _Head:
@@ -112,7 +124,9 @@ class FastLaneConnection(asyncio.Protocol):
         self._remote = ""
         self._buf = bytearray()
         self._busy: asyncio.Task | None = None  # the request being served
-        self._timer: asyncio.TimerHandle | None = None  # the head's (and idle keep-alive's) or the body's timeout
+        # the head's (and idle keep-alive's) or the body's timeout: a deadline, and the timer that wakes it
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
         # the parsed head of the request whose body is still arriving (parsed once, however many reads)
         self._waiting: tuple | None = None
         self._head_sent = False  # the current request's response head went out (a stream's)
@@ -163,7 +177,7 @@ class FastLaneConnection(asyncio.Protocol):
         return None  # close; a request in flight is cancelled (as on aiohttp's lane)
 
     def connection_lost(self, exc) -> None:
-        self._cancel_timer()
+        self._stop_timer()
         self._manager.connection_lost(self, exc)
         self.resume_writing()  # a writer waiting to drain finds the transport closing
         if self._busy is not None:
@@ -295,22 +309,23 @@ class FastLaneConnection(asyncio.Protocol):
         return self._head(response, keep_alive, len(body)) + body
 
     def _head(self, response, keep_alive: bool, length: int | None = None) -> bytes:
-        status = response.status
-        lines = [b"HTTP/1.1 %d %b" % (status, _REASONS.get(status, b"Unknown")), self._lane.server_header]
+        lane = self._lane
+        lines = [lane.status_line(response.status)]  # ends with the Server header's line
         for name, value in response.headers.items():
-            if name not in ("Content-Length", "Connection", "Date", "Server"):
-                lines.append(f"{name}: {value}".encode("utf-8", "surrogateescape"))
+            if name not in _LANE_HEADERS:
+                lines.append(f"{name}: {value}\r\n")
         if length is not None:
-            lines.append(b"Content-Length: %d" % length)
-        lines.append(b"Date: " + self._lane.date())
+            lines.append(f"Content-Length: {length}\r\n")
+        lines.append(lane.date_line())
         if not keep_alive:
-            lines.append(b"Connection: close")
-        return b"\r\n".join(lines) + HEAD_END
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("utf-8", "surrogateescape")
 
     # --- handing over and timers --------------------------------------------------------------
     def _hand_over(self) -> None:
         """From this request on, aiohttp serves the connection (every byte of the request included)."""
-        self._cancel_timer()
+        self._stop_timer()
         self._lane.handovers.inc()
         transport, data = self.transport, bytes(self._buf)
         self._buf = bytearray()
@@ -322,17 +337,37 @@ class FastLaneConnection(asyncio.Protocol):
         if data:
             handler.data_received(data)
 
+    # The connection's one timeout is a deadline, and the timer only wakes it: a keep-alive
+    # connection moves its deadline on every request, and making a new timer each time cost ~3% of
+    # the proxy's CPU per cache hit. The timer that is already set wakes up, finds the deadline
+    # moved and sleeps again until it.
     def _arm(self, timeout_s: float) -> None:
-        self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(timeout_s, self._on_timeout)
+        loop = asyncio.get_running_loop()
+        self._deadline = deadline = loop.time() + timeout_s
+        if self._timer is None or self._timer.when() > deadline:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(deadline, self._on_timeout)
 
     def _cancel_timer(self) -> None:
+        self._deadline = None  # the timer, if set, wakes to nothing
+
+    def _stop_timer(self) -> None:
+        """For good: the connection closed or left the lane."""
+        self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
     def _on_timeout(self) -> None:
         self._timer = None
+        if self._deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._deadline:
+            self._timer = loop.call_at(self._deadline, self._on_timeout)
+            return
+        self._deadline = None
         if self._busy is not None or self.transport is None:
             return
         if self._waiting is not None:

@@ -38,6 +38,11 @@ class FastRequest(dict):
     def transport(self) -> asyncio.Transport | None:
         return self._conn.transport
 
+    def json_response(self, body: bytes, headers: dict[str, str]) -> "LaneResponse":
+        """A whole JSON answer (aiohttp's web.Response elsewhere); `headers` becomes the response's."""
+        headers["Content-Type"] = "application/json"
+        return LaneResponse(body, headers)
+
     def stream_response(self, headers: dict[str, str]) -> "LaneStreamResponse":
         """What http/sse.py opens an event stream with (aiohttp's web.StreamResponse elsewhere)."""
         return LaneStreamResponse(self._conn, headers)
@@ -48,6 +53,24 @@ class FastRequest(dict):
 
     async def read(self) -> bytes:
         return self._body
+
+
+class LaneResponse:
+    """A whole answer the connection writes in one go: the part of aiohttp's web.Response that the
+    request context and the lane use (status, body, headers, force_close). Its headers are a plain
+    dict written in the canonical spelling of each name (as the handlers write them)."""
+
+    __slots__ = ("body", "headers", "keep_alive")
+    status = 200
+    prepared = False
+
+    def __init__(self, body: bytes, headers: dict[str, str]) -> None:
+        self.body = body
+        self.headers = headers
+        self.keep_alive: bool | None = None
+
+    def force_close(self) -> None:
+        self.keep_alive = False
 
 
 class LaneStreamResponse:

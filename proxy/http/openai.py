@@ -19,8 +19,8 @@ from proxy.metrics import Metrics
 from proxy.serving.auth import Authenticator
 from proxy.serving.answer import Answer
 from proxy.serving.core import ServingCore
-from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest, parse
-from proxy.serving.plan import Planner, RequestPlan, cache_directives
+from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest
+from proxy.serving.plan import Planner, RequestPlan
 from proxy.serving.record import RequestRecord
 from proxy.serving.responses import ChoiceStream, ResponseFormatter
 from proxy.http.server import JsonBodyReader
@@ -67,13 +67,13 @@ class OpenAIHandlers:
 
     async def _serve(self, request: web.Request, kind: type) -> web.StreamResponse:
         rec: RequestRecord = request["record"]
-        principal = self.auth.authenticate(request.headers.get("Authorization"))
+        headers = request.headers
+        principal = self.auth.authenticate(headers.get("Authorization"))
         rec.key = principal.key_name
-        req = parse(await self.body.read(request), kind)
-        rec.model = req.model
-        plans = self.planner.plan_choices(principal, request.headers.get("X-Priority"), req,
-                                          cache_directives(request.headers.get("Cache-Control", "")),
-                                          choose_pool=self.core.choose_pool, context_of=self.core.context_length)
+        body = await self.body.read(request)
+        plans = self.planner.plan_body(principal, headers.get("X-Priority"), headers.get("Cache-Control", ""),
+                                       body, kind, choose_pool=self.core.choose_pool,
+                                       context_of=self.core.context_length, parsed=rec.parsed)
         plan = plans[0]
         rec.tier, rec.planned_model = plan.tier, self.planner.pools[plan.pool].model
         fmt = ResponseFormatter(plan.chat, plan.model, plan.shape, plan.params.logprobs)
@@ -81,15 +81,16 @@ class OpenAIHandlers:
             async with self.core.answer(plan, rec) as answer:
                 if plan.stream:
                     return await self._stream(request, rec, plan, answer, fmt)
-                return await self._complete(rec, [answer], fmt)
+                return await self._complete(request, rec, [answer], fmt)
         # Several choices, tool calls or logprobs: each choice is admitted and generated on its own.
         async with contextlib.AsyncExitStack() as stack:
             answers = [await stack.enter_async_context(self.core.answer(p, rec)) for p in plans]
             if plan.stream:
                 return await self._stream_choices(request, rec, plan, answers, fmt)
-            return await self._complete(rec, answers, fmt)
+            return await self._complete(request, rec, answers, fmt)
 
-    async def _complete(self, rec: RequestRecord, answers: list[Answer], fmt: ResponseFormatter) -> web.Response:
+    async def _complete(self, request: web.Request, rec: RequestRecord, answers: list[Answer],
+                        fmt: ResponseFormatter) -> web.Response:
         if len(answers) == 1:
             outcomes = [await answers[0].collect()]
         else:
@@ -97,7 +98,12 @@ class OpenAIHandlers:
         finished_at = time.monotonic()
         body = _json.encode(fmt.complete_choices(outcomes))
         rec.overhead_s = overhead_s(rec, answers[0], time.monotonic(), finished_at)
-        return web.Response(body=body, content_type="application/json", headers=response_headers(rec, answers[0]))
+        headers = response_headers(rec, answers[0])
+        # the fast lane's own response where it serves (one write, no aiohttp objects), else aiohttp's
+        lane_response = getattr(request, "json_response", None)
+        if lane_response is not None:
+            return lane_response(body, headers)
+        return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def _stream_choices(self, request: web.Request, rec: RequestRecord, plan: RequestPlan,
                               answers: list[Answer], fmt: ResponseFormatter) -> web.StreamResponse:

@@ -116,15 +116,21 @@ class ServingCore:
         """Admit (or serve from the cache, or join a flight) and yield the Answer; leaving the
         block releases everything the request holds and cancels its generation if unfinished."""
         refund = await self.rate_limit(plan.key, plan.tier, plan.cost)
-        gen = Generation(self.pools, plan.pool, plan.generate, plan.cost, first_token_s=plan.first_token_s,
-                         idle_s=plan.idle_s, keepalive_s=self.keepalive_s, budget=self.budget,
-                         max_attempts=self.max_attempts, metrics=self.metrics, on_ejection=self.on_ejection)
+        gen: Generation | None = None  # made only when this request generates (not for a hit or a join)
+
+        def generation() -> Generation:
+            nonlocal gen
+            gen = Generation(self.pools, plan.pool, plan.generate, plan.cost, first_token_s=plan.first_token_s,
+                             idle_s=plan.idle_s, keepalive_s=self.keepalive_s, budget=self.budget,
+                             max_attempts=self.max_attempts, metrics=self.metrics, on_ejection=self.on_ejection)
+            return gen
+
         self.active += 1
         try:
             if plan.cache_key is None:
-                answer, close = await self._direct(plan, gen, rec)
+                answer, close = await self._direct(plan, generation(), rec)
             else:
-                answer, close = await self._shared(plan, gen, rec)
+                answer, close = await self._shared(plan, generation, rec)
             rec.cache, rec.cache_header = answer.cache, answer.cache_header
             self.metrics.child(self.metrics.cache_requests, answer.cache).inc()
             try:
@@ -132,11 +138,13 @@ class ServingCore:
             finally:
                 close()
         except (asyncio.CancelledError, ConnectionResetError):
-            self.metrics.cancellations.labels("generating" if gen.dispatched_at else "queued").inc()
+            self.metrics.cancellations.labels("generating" if gen is not None and gen.dispatched_at
+                                              else "queued").inc()
             raise
         finally:
             self.active -= 1
-            rec.failovers = gen.failovers
+            if gen is not None:
+                rec.failovers = gen.failovers
             if refund is not None:
                 refund(plan.cost - (rec.prompt_tokens + rec.completion_tokens))
 
@@ -146,7 +154,7 @@ class ServingCore:
                         lambda: ticket.queued_s, rec, generation=gen)
         return answer, lambda: self.gate.release(ticket)
 
-    async def _shared(self, plan: RequestPlan, gen: Generation, rec: RequestRecord):
+    async def _shared(self, plan: RequestPlan, generation: Callable[[], Generation], rec: RequestRecord):
         key = plan.cache_key
         leading = False  # this host holds the cross-host single-flight lock for `key`
         if plan.cache_read:
@@ -163,6 +171,7 @@ class ServingCore:
             if cached is not None:
                 return Answer.from_cache(cached, rec, same_owner=cached.owner == plan.key), lambda: None
 
+        gen = generation()
         async def run(flight: Flight) -> None:
             try:
                 await generate(flight)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, NamedTuple
 
+import cachetools
 import msgspec
 
 from backend.protocol import ChatMessage, Generate, SamplingParams
@@ -19,10 +20,16 @@ from proxy.config import Cache, Pool, Tier, Timeouts
 from proxy.errors import InvalidRequest, NotFound
 from proxy.serving.auth import Principal
 from proxy.serving.cachekey import cache_key, shareable
-from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest
+from proxy.serving.openai_types import ChatCompletionRequest, CompletionRequest, parse
 from proxy.serving.structured import TEXT, OutputShape, output_shape
 
 CHARS_PER_TOKEN = 4  # the proxy has no tokenizer; admission estimates prompt tokens from length
+# Repeated requests (Planner.plan_body): bodies up to this size are remembered, within this many
+# bytes in all (an entry is charged twice its body - the plan holds the prompt's text again - plus
+# the plan objects' own size).
+REPEAT_MAX_BODY_BYTES = 16 * 1024
+REPEAT_MEMORY_BYTES = 8 * 1024 * 1024
+REPEAT_ENTRY_OVERHEAD = 2048
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,20 @@ class RequestPlan:
                         resume_token_ids=resume_token_ids, tools=list(self.tools))
 
 
+class _Planned(NamedTuple):
+    """A plan and the live inputs it was made with (plan_body asks them again for a repeat)."""
+    plan: RequestPlan
+    own_pool: str  # the pool the request's tier and model lead to, before degradation's choice
+    context: int | None  # the context length of plan.pool when planned
+
+
+class _Remembered(NamedTuple):
+    plans: list[RequestPlan]
+    own_pool: str
+    context: int | None
+    size: int  # what the entry is charged against REPEAT_MEMORY_BYTES
+
+
 class Planner:
     """Owns the sections of the config that shape a request: tiers, pools, cache policy, default
     output length and stream timeouts."""
@@ -74,6 +95,8 @@ class Planner:
         self.cache = cache
         self.timeouts = timeouts
         self.max_tokens_default = max_tokens_default
+        # plans of repeated cacheable requests (plan_body); a reload forgets them all
+        self._repeated = cachetools.LRUCache(REPEAT_MEMORY_BYTES, getsizeof=lambda entry: entry.size)
 
     def effective_tier(self, tier: str, requested: str | None) -> str:
         """X-Priority may lower a request's tier, never raise it."""
@@ -110,8 +133,12 @@ class Planner:
              context_of: Callable[[str], int | None] = lambda pool: None) -> RequestPlan:
         """`choose_pool(tier, pool)` may swap the pool (degradation reads live load; planning does not);
         `context_of(pool)` is the context length its ready workers report (None: none is ready)."""
+        return self._plan(principal, requested_tier, req, cache_directives, choose_pool, context_of).plan
+
+    def _plan(self, principal, requested_tier, req, cache_directives, choose_pool, context_of) -> "_Planned":
         tier = self.effective_tier(principal.tier, requested_tier)
-        pool = choose_pool(tier, self.pool_for(req.model, principal, tier))
+        own_pool = self.pool_for(req.model, principal, tier)
+        pool = choose_pool(tier, own_pool)
         pool_cfg = self.pools[pool]
         chat = isinstance(req, ChatCompletionRequest)
         messages = prompt = None
@@ -149,7 +176,7 @@ class Planner:
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             logit_bias=req.token_bias(), logprobs=logprobs, grammar=shape.grammar)
         tier_cfg = self.tiers[tier]
-        return RequestPlan(
+        return _Planned(RequestPlan(
             key=principal.key_name, tier=tier, pool=pool, model=req.model, chat=chat, params=params,
             messages=messages, prompt=prompt,
             # No request costs more than one sequence can hold: admission rests on the model's
@@ -161,7 +188,7 @@ class Planner:
             idle_s=tier_cfg.idle_s or self.timeouts.idle_s, write_timeout_s=self.timeouts.stream_write_s,
             cache_key=self._cache_key(principal, pool_cfg, chat, params, messages, prompt, tools),
             cache_read="no-cache" not in cache_directives, cache_write="no-store" not in cache_directives,
-            shape=shape, tools=tools, n=req.n or 1)
+            shape=shape, tools=tools, n=req.n or 1), own_pool, context)
 
     def plan_choices(self, principal: Principal, requested_tier: str | None,
                      req: ChatCompletionRequest | CompletionRequest, cache_directives: frozenset[str] = frozenset(),
@@ -171,17 +198,55 @@ class Planner:
         choices get consecutive seeds from the request's seed (or a random one), so they differ
         and a seeded request is reproducible; greedy choices are identical and may share one
         generation (coalescing)."""
-        first = self.plan(principal, requested_tier, req, cache_directives, choose_pool, context_of)
+        return self._plan_choices(principal, requested_tier, req, cache_directives, choose_pool, context_of)[0]
+
+    def _plan_choices(self, principal, requested_tier, req, cache_directives, choose_pool,
+                      context_of) -> tuple[list[RequestPlan], "_Planned"]:
+        planned = self._plan(principal, requested_tier, req, cache_directives, choose_pool, context_of)
+        first = planned.plan
         if first.n == 1:
-            return [first]
+            return [first], planned
         if first.params.temperature == 0:
-            return [first] * first.n
+            return [first] * first.n, planned
         base = first.params.seed if first.params.seed is not None else random.getrandbits(62)
         plans = []
         for i in range(first.n):
             params = msgspec.structs.replace(first.params, seed=(base + i) % 2**63)
             plans.append(replace(first, params=params, cache_key=self._cache_key(
                 principal, self.pools[first.pool], first.chat, params, first.messages, first.prompt, first.tools)))
+        return plans, planned
+
+    def plan_body(self, principal: Principal, requested_tier: str | None, cache_control: str, body: bytes,
+                  kind: type, choose_pool: Callable[[str, str], str] = lambda tier, pool: pool,
+                  context_of: Callable[[str], int | None] = lambda pool: None,
+                  parsed: Callable[[str], None] = lambda model: None) -> list[RequestPlan]:
+        """plan_choices for a raw request body: parse and plan it - or, for a cacheable request
+        seen before byte for byte (same key, X-Priority and Cache-Control too), take the plans made
+        then, once the live inputs of planning (the pool degradation chooses, the context length
+        its workers report) are asked again and still agree; `parsed(model)` is told the model the
+        body names once it parsed (before planning can refuse it). Parsing and planning are most of the
+        proxy's own work for a cache hit; a repeat of a cacheable request is what hits are."""
+        key = (kind, principal, requested_tier, cache_control, body)
+        remembered = self._repeated.get(key)
+        if remembered is not None:
+            first = remembered.plans[0]
+            pool = choose_pool(first.tier, remembered.own_pool)  # asked once per request, as planning does
+            if pool == first.pool and context_of(pool) == remembered.context:
+                parsed(first.model)
+                return list(remembered.plans)
+            live_choice = choose_pool
+            choose_pool = lambda tier, own: pool if own == remembered.own_pool else live_choice(tier, own)  # noqa: E731
+        req = parse(body, kind)
+        parsed(req.model)
+        plans, planned = self._plan_choices(principal, requested_tier, req, cache_directives(cache_control or ""),
+                                            choose_pool, context_of)
+        first = plans[0]
+        # Only cacheable requests are remembered (their repeats are what the cache answers), and
+        # only plans a repeat may reuse: one choice, or greedy choices (sampled ones draw seeds).
+        if (first.cache_key is not None and (first.n == 1 or first.params.temperature == 0)
+                and len(body) <= REPEAT_MAX_BODY_BYTES):
+            self._repeated[key] = _Remembered(plans, planned.own_pool, planned.context,
+                                              2 * len(body) + REPEAT_ENTRY_OVERHEAD)
         return plans
 
     @staticmethod

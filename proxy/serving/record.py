@@ -38,6 +38,10 @@ class RequestRecord:
         self.prompt_tokens = self.completion_tokens = 0
         self.failovers = 0
 
+    def parsed(self, model: str) -> None:
+        """The model the request's body names (a Planner callback: known before planning may refuse it)."""
+        self.model = model
+
     def fail(self, exc: BaseException) -> None:
         if isinstance(exc, ApiError):
             self.status = exc.status
