@@ -30,6 +30,7 @@ from pathlib import Path
 import msgspec
 
 from backend import protocol
+from backend.heap import settle_the_heap
 from backend.proxy_link import ProxyLink
 from backend.protocol import (STACK_DUMP_SIGNAL, Cancel, Detokenize, Fatal, Generate, Heartbeat, Hello, Ready,
                               Tokenize, WorkerSettings)
@@ -182,6 +183,7 @@ class Worker:
             return
         self.engine = engine
         engine.emit = self._emit
+        settle_the_heap()  # the model and the engine's buffers are made: out of the collector's sight
         log.info("engine %s ready on %s in %.1fs", engine.name, self.settings.device, time.monotonic() - started)
         ready = Ready(pid=os.getpid(), model=self.settings.model_name, device=self.settings.device,
                       engine=engine.name, max_batch_size=engine.max_batch_size, context_length=engine.context_length)

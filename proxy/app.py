@@ -14,6 +14,7 @@ import time
 import msgspec
 from aiohttp import web
 
+from backend.heap import settle_the_heap
 from proxy import systemd
 from proxy.collectors import cache_collector, jobs_collector, pool_collector
 from proxy.config import Config, ConfigError, load_config, parse_host_port
@@ -330,6 +331,7 @@ async def serve(cfg: Config, config_path: str | None = None, listen_override: st
         except StartupError as exc:
             log.error("%s; stopping what had started", exc)
             return 1
+        settle_the_heap()
         spawn(systemd.watchdog_loop(appliance.status_line))
         systemd.notify("READY=1")
         await stop.wait()

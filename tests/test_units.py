@@ -3,6 +3,8 @@ admission gate and coalescing (driven by asyncio.run, no server), and the engine
 (a toy engine, no model)."""
 
 import asyncio
+import subprocess
+import sys
 
 import pytest
 
@@ -15,6 +17,7 @@ from proxy.serving.degrade import Degrader, Load
 from proxy.serving.gate import Gate
 from proxy.serving.generation import RetryBudget
 from proxy.serving.ratelimit import KeyLimits, TokenBucket
+from tests.conftest import ROOT
 
 
 # --- degradation ------------------------------------------------------------------------------
@@ -187,3 +190,12 @@ def test_cancel_eos_and_context_limit():
     assert 1 not in done  # cancelled: no more frames
     assert done[2].code == "invalid_request" and "maximum context length" in done[2].message
     assert done[3].finish_reason == "stop" and done[3].completion_tokens == 3
+
+
+def test_settling_the_heap_freezes_what_exists_and_collects_the_young_less_often():
+    code = ("import gc; from backend.heap import settle_the_heap, GC_YOUNG_THRESHOLD; "
+            "before = gc.get_threshold(); settle_the_heap(); after = gc.get_threshold(); "
+            "assert gc.get_freeze_count() > 1000, gc.get_freeze_count(); "
+            "assert after == (GC_YOUNG_THRESHOLD, before[1], before[2]), (before, after); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
