@@ -86,14 +86,15 @@ def rss_kib(pid: int) -> int:
 class Stack:
     """The stub, nginx in front of it, and a fullpower server with fake workers."""
 
-    def __init__(self, tmp: Path, cache: bool = True) -> None:
+    def __init__(self, tmp: Path, cache: bool = True, root: Path = ROOT) -> None:
         self.tmp = tmp
         self.cache = cache
+        self.root = root  # the checkout whose fullpower runs (loadtest.bench_request_cpu compares two)
         self.procs: list[subprocess.Popen] = []
         self.stub_port, self.nginx_port, self.fp_port, self.fp_admin = (free_port() for _ in range(4))
 
     def start(self) -> None:
-        self.procs.append(subprocess.Popen([PY, "-m", "loadtest.stub", str(self.stub_port)], cwd=ROOT))
+        self.procs.append(subprocess.Popen([PY, "-m", "loadtest.stub", str(self.stub_port)], cwd=self.root))
         (self.tmp / "logs").mkdir()
         conf = self.tmp / "nginx.conf"
         conf.write_text(f"""
@@ -115,7 +116,7 @@ http {{
 }}""")
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.procs.append(subprocess.Popen([nginx, "-p", str(self.tmp), "-c", str(conf), "-g", "daemon off;"]))
-        config = yaml.safe_load((ROOT / "config/examples/bench-fake.yaml").read_text())
+        config = yaml.safe_load((self.root / "config/examples/bench-fake.yaml").read_text())
         config["listen"], config["admin_listen"] = f"127.0.0.1:{self.fp_port}", f"127.0.0.1:{self.fp_admin}"
         config["data_dir"] = str(self.tmp / "data")
         pool = config["pools"][0]
@@ -127,7 +128,7 @@ http {{
         config["cache"] = {"enabled": self.cache}
         path = self.tmp / "fullpower.yaml"
         path.write_text(yaml.safe_dump(config))
-        self.fullpower = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(path)], cwd=ROOT)
+        self.fullpower = subprocess.Popen([PY, "-m", "proxy", "serve", "--config", str(path)], cwd=self.root)
         self.procs.append(self.fullpower)
         for port in (self.stub_port, self.nginx_port, self.fp_port):
             wait_port(port)
