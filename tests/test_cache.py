@@ -44,3 +44,24 @@ def test_unusable_disk_degrades_to_memory(tmp_path, caplog):
         cache.close()
     asyncio.run(run())
     assert "disk cache unavailable" in caplog.text
+
+
+def test_a_hot_answer_is_decoded_once_and_its_prebuilt_bodies_go_with_its_entry(tmp_path):
+    async def run():
+        cache = AnswerCache(memory_bytes=100_000, disk_bytes=0, disk_dir=tmp_path, ttl_s=60)
+        await cache.put("k", answer(n=2, size=10))
+        first = await cache.get("k")
+        again = await cache.get("k")
+        assert again is first  # decoded once while the memory tier holds the same bytes
+        bodies = cache.bodies("k", first)
+        bodies["format"] = b"prebuilt"
+        assert cache.bodies("k", again) == {"format": b"prebuilt"}
+        await cache.put("k", CachedAnswer(["new"], "stop", 3, 1, "m", "w-0"))  # a new answer for the key
+        replaced = await cache.get("k")
+        assert replaced.pieces == ["new"] and replaced is not first
+        assert cache.bodies("k", replaced) == {}  # nothing pre-built from the old answer survives
+        assert cache.bodies("k", first) is None
+        await cache.clear()
+        assert await cache.get("k") is None and cache.bodies("k", replaced) is None
+        cache.close()
+    asyncio.run(run())

@@ -94,3 +94,22 @@ def test_text_stream_with_logprobs_carries_them_per_chunk():
     assert first["logprobs"]["tokens"] == ["Hel", "lo"] and first["logprobs"]["text_offset"] == [0, 3]
     second = events(stream.tokens([tokens("!", -1.0)]))[0]["choices"][0]
     assert second["logprobs"]["text_offset"] == [5]
+
+
+def test_a_prebuilt_whole_response_is_byte_for_byte_the_one_built_each_time():
+    from proxy.serving.responses import Collected
+
+    for chat in (True, False):
+        for text in ('plain', 'quotes " and \\ and \n newline', "ünïcødé ✓ 𝄞", ',"model":"trap"'):
+            outcome = Collected(text, Finished(id=0, finish_reason="length", prompt_tokens=7, completion_tokens=3))
+            fmt = ResponseFormatter(chat, 'model "x"')
+            assert fmt.prebuilt_format is not None
+            tail = fmt.complete_tail([outcome])
+            built = msgspec.json.encode(fmt.complete_choices([outcome]))
+            assert fmt.complete_from_tail(tail) == built
+            other = ResponseFormatter(chat, 'model "x"')  # another response: its own id, the same tail
+            assert other.complete_from_tail(tail) == msgspec.json.encode(other.complete_choices([outcome]))
+            assert json.loads(other.complete_from_tail(tail))["id"] != json.loads(built)["id"]
+    # tool calls draw new call ids per response, logprobs are never cached: neither is pre-built
+    assert ResponseFormatter(True, "m", OutputShape("tool_auto", "", ("get_weather",), True)).prebuilt_format is None
+    assert ResponseFormatter(False, "m", logprobs=1).prebuilt_format is None

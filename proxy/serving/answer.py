@@ -21,13 +21,16 @@ class Answer:
     """Where one request's frames come from (its own generation, a shared flight, the cache) and
     who served it. `cache` is what the X-Fullpower-Cache header says: miss, hit, coalesced, bypass."""
 
-    __slots__ = ("cache", "cache_header", "_frames", "_served_by", "_queued_s", "_rec", "_generation", "_cached")
+    __slots__ = ("cache", "cache_header", "_frames", "_served_by", "_queued_s", "_rec", "_generation", "_cached",
+                 "bodies")
 
     def __init__(self, cache: str, frames: AsyncIterator[Batch], served_by: Callable[[], tuple],
                  queued_s: Callable[[], float | None], rec: RequestRecord, same_owner: bool = True,
-                 generation: Generation | None = None, cached: CachedAnswer | None = None) -> None:
+                 generation: Generation | None = None, cached: CachedAnswer | None = None,
+                 bodies: dict | None = None) -> None:
         self._generation = generation  # its own generation (not a shared flight or the cache)
         self._cached = cached  # the cached answer `frames` replays (a hit)
+        self.bodies = bodies  # a hit's pre-built responses, kept by the cache with the entry (AnswerCache.bodies)
         self.cache = cache  # the truth, for the access log and metrics
         # What the client is told: another key's answer (shared cache scope) or generation in
         # progress must not reveal that someone else just asked the same thing.
@@ -38,10 +41,11 @@ class Answer:
         self._rec = rec
 
     @classmethod
-    def from_cache(cls, cached: CachedAnswer, rec: RequestRecord, same_owner: bool) -> "Answer":
+    def from_cache(cls, cached: CachedAnswer, rec: RequestRecord, same_owner: bool,
+                   bodies: dict | None = None) -> "Answer":
         """A cache hit: its frames replay `cached`, and collecting takes it whole."""
         return cls("hit", replay_cached(cached), lambda: ((cached.worker, cached.model), None), lambda: None, rec,
-                   same_owner=same_owner, cached=cached)
+                   same_owner=same_owner, cached=cached, bodies=bodies)
 
     @property
     def dispatched_at(self) -> float | None:

@@ -41,6 +41,21 @@ class CachedAnswer(msgspec.Struct, array_like=True):
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder(CachedAnswer).decode
+# The hot answers, decoded (see AnswerCache.decode): at most this many bytes, each entry charged
+# four times its encoded size (the decoded pieces, and up to two pre-built bodies) plus overhead.
+DECODED_MEMORY_BYTES = 8 * 1024 * 1024
+
+
+class _Decoded:
+    """A memory-tier entry decoded once, with what the HTTP layer pre-built from it."""
+
+    __slots__ = ("raw", "answer", "bodies", "size")
+
+    def __init__(self, raw: bytes, answer: CachedAnswer) -> None:
+        self.raw = raw  # the memory tier's bytes object it was decoded from (identity is the check)
+        self.answer = answer
+        self.bodies: dict = {}  # AnswerCache.bodies: pre-built responses, keyed by their format
+        self.size = 4 * len(raw) + 2 * ENTRY_OVERHEAD
 
 
 class _BytesTTLCache(cachetools.TLRUCache):
@@ -68,6 +83,8 @@ class AnswerCache:
         self._disk_down_until = 0.0
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache-disk")
         self.shared: SharedCache | None = None  # the tier shared by several hosts (Redis), when configured
+        # key -> _Decoded: a repeated hit skips the msgpack decode while its bytes are the same object
+        self._decoded = cachetools.LRUCache(DECODED_MEMORY_BYTES, getsizeof=lambda entry: entry.size)
 
     def _evicted(self) -> None:
         if self.metrics is not None:
@@ -155,14 +172,28 @@ class AnswerCache:
     def decode(self, key: str, raw: bytes | None) -> CachedAnswer | None:
         if raw is None:
             return None
+        kept = self._decoded.get(key)
+        if kept is not None and kept.raw is raw:
+            return kept.answer
         try:
-            return _decode(raw)
+            answer = _decode(raw)
         except (msgspec.DecodeError, msgspec.ValidationError):
             # An entry from another fullpower version, or corrupt: a miss, never an error.
             log.warning("unreadable cache entry %s ignored", key[:12])
             if self.memory is not None:
                 self.memory.pop(key, None)
+            self._decoded.pop(key, None)
             return None
+        kept = _Decoded(raw, answer)
+        if kept.size <= self._decoded.maxsize:
+            self._decoded[key] = kept
+        return answer
+
+    def bodies(self, key: str, answer: CachedAnswer) -> dict | None:
+        """Where the HTTP layer may keep responses pre-built from `answer` (the one `get` returned
+        for `key`), for as long as that decoded entry is kept; None when it is not."""
+        kept = self._decoded.get(key)
+        return kept.bodies if kept is not None and kept.answer is answer else None
 
     async def put(self, key: str, answer: CachedAnswer) -> None:
         raw = _encode(answer)
@@ -178,6 +209,7 @@ class AnswerCache:
         n = len(self.memory) if self.memory is not None else 0
         if self.memory is not None:
             self.memory.clear()
+        self._decoded.clear()
         if self.shared is not None:
             try:
                 n += await self.shared.clear()

@@ -169,7 +169,8 @@ class ServingCore:
                     if joined is not None:  # a local request started it while this one waited
                         return joined
             if cached is not None:
-                return Answer.from_cache(cached, rec, same_owner=cached.owner == plan.key), lambda: None
+                return (Answer.from_cache(cached, rec, same_owner=cached.owner == plan.key,
+                                          bodies=self.cache.bodies(key, cached)), lambda: None)
 
         gen = generation()
         async def run(flight: Flight) -> None:

@@ -90,6 +90,26 @@ class ResponseFormatter:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
+    @property
+    def prebuilt_format(self) -> tuple | None:
+        """What a whole response's constant part depends on, when it can be pre-built (complete_tail):
+        not with tool calls (each response draws new call ids) or logprobs (never cached)."""
+        if self.shape.tools or self.logprobs >= 0:
+            return None
+        return (self.chat, self.model, self.shape)
+
+    def complete_tail(self, outcomes: list[Collected]) -> bytes:
+        """complete_choices(outcomes) encoded, from the model on: everything but the response's own
+        id and creation time, the same for every response that carries these outcomes."""
+        whole = _json.encode(self.complete_choices(outcomes))
+        return whole[whole.index(b',"model":'):]  # the id and the object name before it cannot hold this
+
+    def complete_from_tail(self, tail: bytes) -> bytes:
+        """The whole response's JSON around a complete_tail: what _json.encode(complete_choices())
+        gives, with this response's id and creation time."""
+        kind = b"chat.completion" if self.chat else b"text_completion"
+        return b'{"id":"%s","object":"%s","created":%d%s' % (self.id.encode(), kind, self.created, tail)
+
     @staticmethod
     def usage(f: Finished) -> dict:
         return {"prompt_tokens": f.prompt_tokens, "completion_tokens": f.completion_tokens,
