@@ -15,7 +15,10 @@ GC_YOUNG_THRESHOLD = 10_000
 def settle_the_heap() -> None:
     """Once started: move everything made so far (modules, config, the model's objects) out of
     the collector's sight - it lives until the process ends, so rescanning it in every full
-    collection is wasted work - and collect the youngest generation less often."""
+    collection is wasted work - and collect the youngest generation less often. (An object made
+    before this that later dies inside a reference cycle is never reclaimed; what is made at start
+    lives as long as the process - a reload reconfigures the components in place - and anything
+    outside a cycle is freed by its reference count as always.)"""
     gc.collect()
     gc.freeze()
     _, middle, oldest = gc.get_threshold()
