@@ -269,6 +269,7 @@ class Appliance:
             self.planner.reconfigure(new.tiers, new.pools, new.cache, new.timeouts, new.limits.max_tokens_default)
             self.gate.reconfigure(new.tiers, [p.name for p in new.pools])
             self.core.reconfigure(new.tiers, new.auth.keys, new.cache, new.timeouts, new.routing)
+            self.pools.reconfigure(new.routing.slow_start_s, new.outlier.restart_after_ejections)
             if self.jobs is not None:
                 self.jobs.reconfigure(new.jobs, new.jobs_tier(), new.auth.keys)
             changes = await self.supervisor.apply(new.pools, new.workers, new.outlier, new.timeouts.drain_s)

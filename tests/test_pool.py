@@ -69,3 +69,24 @@ def test_connection_errors_need_five_in_a_row():
     assert not w.breaker.ejected
     fail(pools, w, Outcome.GONE)
     assert w.breaker.ejected
+
+
+def test_slow_start_ramps_a_new_worker_and_a_reload_can_switch_it_off():
+    now = [100.0]
+    pools = PoolState(clock=lambda: now[0], slow_start_s=10.0)
+    for i in range(2):
+        w = Replica(f"p-{i}", "p", "m", "cpu", 10, breaker=Breaker(BreakerPolicy(jitter=0.0), lambda: now[0]))
+        pools.add(w)
+        pools.starting(w, 100 + i, conn=None)
+        pools.became_ready(w, Ready(pid=1, model="m", device="cpu", engine="fake", max_batch_size=1, context_length=9))
+    old, new = pools.workers["p-0"], pools.workers["p-1"]
+    old.ready_since = 0.0  # ready long ago; p-1 just now
+    pools.pick("p")
+    assert old.weight == 1.0 and new.weight < 0.2
+    now[0] += 5.0
+    pools.pick("p")
+    assert 0.5 < new.weight < 0.6  # 10% + 90% of half the ramp
+    pools.reconfigure(slow_start_s=0.0, restart_after_ejections=3)
+    assert new.weight == 1.0 and pools.restart_after_ejections == 3
+    pools.pick("p")
+    assert new.weight == 1.0

@@ -114,6 +114,14 @@ class PoolState:
         # worker's state or of the set of workers (all of which happen in this class)
         self._ready: dict[str, list[Replica]] = {}
 
+    def reconfigure(self, slow_start_s: float, restart_after_ejections: int) -> None:
+        """Take reloaded `routing.slow_start_s` and `outlier.restart_after_ejections`."""
+        self.slow_start_s = slow_start_s
+        self.restart_after_ejections = restart_after_ejections
+        if not slow_start_s:
+            for worker in self.workers.values():
+                worker.weight = 1.0  # pick() only sets weights while slow start is on
+
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> bool:
         """Wait until `predicate()` holds (checked after every state change), at most `timeout` s."""
         loop = asyncio.get_running_loop()
@@ -163,15 +171,18 @@ class PoolState:
         return sum(w.capacity for w in ready), sum(w.token_capacity for w in ready)
 
     def pick(self, pool: str, exclude: Iterable[str] = ()) -> Replica | None:
-        skip = set(exclude)
-        ready = [w for w in self.ready(pool) if w.id not in skip]
+        ready = self.ready(pool)
+        if exclude:
+            skip = set(exclude)
+            ready = [w for w in ready if w.id not in skip]
         healthy = [w for w in ready if w.breaker.available()]
         if not healthy and ready:
             # Everything is ejected: still try the least-bad worker rather than refuse everyone.
             healthy = [min(ready, key=lambda w: (w.breaker.open_until, w.inflight))]
-        now = self.clock()
-        for w in healthy:
-            w.weight = self._slow_start_weight(w, now)
+        if self.slow_start_s:
+            now = self.clock()
+            for w in healthy:
+                w.weight = self._slow_start_weight(w, now)
         worker = routing.pick(healthy)
         if worker is not None:
             worker.breaker.on_dispatch()
