@@ -172,7 +172,8 @@ class ServingCore:
                 return (Answer.from_cache(cached, rec, same_owner=cached.owner == plan.key,
                                           bodies=self.cache.bodies(key, cached)), lambda: None)
 
-        gen = generation()
+        gen = generation()  # this request starts the flight: its generation serves everyone who joins
+
         async def run(flight: Flight) -> None:
             try:
                 await generate(flight)
