@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -27,13 +26,9 @@ import tempfile
 from pathlib import Path
 
 from loadtest.bench_proxy import ROOT, Stack, chat_body, wrk
+from loadtest.bench_stream import cpu_seconds
 
 CASES = {"nginx": 0.5, "cache_hit": 0.0, "workers": 0.5}  # case -> the request's temperature
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def children(pid: int) -> list[int]:

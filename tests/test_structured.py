@@ -110,6 +110,9 @@ def test_a_prebuilt_whole_response_is_byte_for_byte_the_one_built_each_time():
             other = ResponseFormatter(chat, 'model "x"')  # another response: its own id, the same tail
             assert other.complete_from_tail(tail) == msgspec.json.encode(other.complete_choices([outcome]))
             assert json.loads(other.complete_from_tail(tail))["id"] != json.loads(built)["id"]
+            kept: dict = {}  # what a cached answer keeps (AnswerCache.bodies): built once, then reused
+            assert fmt.complete_json([outcome], kept) == built and list(kept.values()) == [tail]
+            assert fmt.complete_json([outcome], kept) == built == fmt.complete_json([outcome])
     # tool calls draw new call ids per response, logprobs are never cached: neither is pre-built
     assert ResponseFormatter(True, "m", OutputShape("tool_auto", "", ("get_weather",), True)).prebuilt_format is None
     assert ResponseFormatter(False, "m", logprobs=1).prebuilt_format is None

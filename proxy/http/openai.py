@@ -96,17 +96,7 @@ class OpenAIHandlers:
         else:
             outcomes = await asyncio.gather(*(a.collect() for a in answers))
         finished_at = time.monotonic()
-        bodies, prebuilt = answers[0].bodies, fmt.prebuilt_format
-        if len(answers) == 1 and bodies is not None and prebuilt is not None:
-            # a cache hit: the response's constant part is built once per cached answer
-            tail = bodies.get(prebuilt)
-            if tail is None:
-                tail = fmt.complete_tail(outcomes)
-                if len(bodies) < 2:  # bounded: an answer is served in one format (its key names it)
-                    bodies[prebuilt] = tail
-            body = fmt.complete_from_tail(tail)
-        else:
-            body = _json.encode(fmt.complete_choices(outcomes))
+        body = fmt.complete_json(outcomes, answers[0].bodies)  # a cache hit's constant part is pre-built
         rec.overhead_s = overhead_s(rec, answers[0], time.monotonic(), finished_at)
         headers = response_headers(rec, answers[0])
         # the fast lane's own response where it serves (one write, no aiohttp objects), else aiohttp's

@@ -90,6 +90,20 @@ class ResponseFormatter:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
+    def complete_json(self, outcomes: list[Collected], prebuilt: dict | None = None) -> bytes:
+        """complete_choices(outcomes), encoded. `prebuilt` is where a cached answer keeps what it
+        renders to (AnswerCache.bodies): the constant part is then encoded once per answer and
+        format, and only this response's id and creation time are added each time."""
+        key = self.prebuilt_format
+        if prebuilt is None or key is None or len(outcomes) != 1:
+            return _json.encode(self.complete_choices(outcomes))
+        tail = prebuilt.get(key)
+        if tail is None:
+            tail = self.complete_tail(outcomes)
+            if len(prebuilt) < 2:  # bounded: an answer is served in one format (its cache key names it)
+                prebuilt[key] = tail
+        return self.complete_from_tail(tail)
+
     @property
     def prebuilt_format(self) -> tuple | None:
         """What a whole response's constant part depends on, when it can be pre-built (complete_tail):
