@@ -179,6 +179,17 @@ class _DecodeStep:
         self.tokens = self.host = self.event = self.ids = None
 
 
+class _SidePrefill:
+    """Arrivals prefilled beside the decode steps (TransformersEngine.prefill_beside): their rows,
+    their first tokens on the device (`tokens`) and copied to `host` behind `done` (on CUDA)."""
+
+    __slots__ = ("seqs", "slots", "tokens", "host", "done")
+
+    def __init__(self, seqs: list[EngineSequence]) -> None:
+        self.seqs, self.slots = seqs, [s.slot for s in seqs]
+        self.tokens = self.host = self.done = None
+
+
 class _PaddedPrefill:
     """A prefill of up to `rows` prompts of up to `width` tokens, over static input tensors: on
     CUDA replayed from a captured graph, elsewhere run eagerly over the same padded inputs."""
@@ -201,7 +212,9 @@ class _PaddedPrefill:
             torch.cuda.current_stream().wait_stream(side)
             torch.cuda.synchronize()
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=engine._graph_pool):
+            # a pool of their own: a prefill graph replays beside a decode graph (prefill_beside),
+            # and graphs that share a pool share their intermediate buffers
+            with torch.cuda.graph(self.graph, pool=engine._prefill_graph_pool):
                 self.out = engine._prefill_forward(self.ids, self.slots, self.last)
 
     def run(self, engine: "TransformersEngine", group: list[EngineSequence]) -> torch.Tensor:
@@ -313,6 +326,13 @@ class TransformersEngine(BatchEngine):
         # (rows, width) -> the padded prefill's static inputs and, on CUDA, its captured graph
         self._prefill_graphs: dict[tuple[int, int], "_PaddedPrefill"] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._prefill_graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        # Arrivals that fit a captured prefill graph are prefilled on a second CUDA stream while
+        # the running rows' decode steps go on (prefill_beside): a small model's decode step and
+        # prefill are each a few hundred small kernels that leave most of the GPU idle, so the two
+        # overlap instead of taking turns. Tests turn it on to run the same bookkeeping on the CPU.
+        self.overlap_prefill = self.padded_prefill and self.use_graphs and settings.overlap_prefill
+        self._side_stream = torch.cuda.Stream(d) if self.overlap_prefill else None
         self._pinned = d.type == "cuda"
         self._lltok = None  # llguidance's tokenizer, on first use (see _ll_tokenizer)
         self._executor = None  # llguidance's thread pool for many rows' masks, on first use
@@ -481,6 +501,47 @@ class TransformersEngine(BatchEngine):
         first.update(self._prefill_group(group))
         return [first[id(s)] for s in seqs]
 
+    def prefill_beside(self, seqs: list[EngineSequence]) -> "_SidePrefill | None":
+        """Prefill `seqs` on the side stream while the decode steps queued and to come run on the
+        main one; they join a later step through launch_next(joining=...), or the host's
+        first_tokens() and a fresh launch. Only groups that fit a captured prefill graph and sample
+        on the device alone.
+
+        The KV cache is shared, so: every decode step writes a key and value for each slot below
+        its row count at that slot's position, member or not - so the new rows' positions are set
+        first (to their first output position, which their own first decode step writes before
+        reading), and the prefill starts only after the steps already queued, which were launched
+        with the slots' old positions. A decode step that runs beside the prefill writes only
+        past the new prompts and reads the new rows only for output nobody keeps."""
+        if len(seqs) > PREFILL_GRAPH_ROWS or any(s.needs_host for s in seqs):
+            return None
+        padded = self._padded_prefill_for(seqs)
+        if padded is None or (self.device.type == "cuda" and padded.graph is None):
+            return None
+        for s in seqs:
+            if s.slot is None:
+                self.reserve(s)
+        joining = _SidePrefill(seqs)
+        self._pos[self._to_device(joining.slots)] = self._to_device([len(s.all_ids) for s in seqs])
+        if self._side_stream is None:  # the CPU: the same bookkeeping, one stream
+            joining.tokens = joining.host = self._sample_on_device(padded.run(self, seqs), seqs, 0)
+            return joining
+        queued = torch.cuda.Event()
+        queued.record()
+        with torch.cuda.stream(self._side_stream):
+            self._side_stream.wait_event(queued)
+            joining.tokens = self._sample_on_device(padded.run(self, seqs), seqs, 0)
+            joining.host = torch.empty(len(seqs), dtype=torch.long, pin_memory=True)
+            joining.host.copy_(joining.tokens, non_blocking=True)
+            joining.done = torch.cuda.Event()
+            joining.done.record()
+        return joining
+
+    def first_tokens(self, joining: "_SidePrefill") -> list[int]:
+        if joining.done is not None:
+            joining.done.synchronize()
+        return joining.host.tolist()
+
     def _prefill_group(self, group: list[EngineSequence]) -> dict[int, int]:
         padded = self._padded_prefill_for(group)
         logits = self._prefill_logits(group) if padded is None else padded.run(self, group)
@@ -609,6 +670,9 @@ class TransformersEngine(BatchEngine):
         for s in self._prefilling:  # rows half prefilled: the step's discarded write goes past their prefix
             if s.slot < n:
                 pos[s.slot] = s.prefilled
+        for s in self._joining_seqs():  # rows prefilled beside this step: likewise (see prefill_beside)
+            if s.slot is not None and s.slot < n:
+                pos[s.slot] = len(s.all_ids)
         self._ids[:n, 0].copy_(torch.tensor(ids, pin_memory=self._pinned), non_blocking=True)
         self._pos[:n].copy_(torch.tensor(pos, pin_memory=self._pinned), non_blocking=True)
         return self._run_step(seqs, slots, n, max(pos) + 1, offset=0)
@@ -619,18 +683,35 @@ class TransformersEngine(BatchEngine):
         the step in flight - and would undo the pipelining."""
         return torch.tensor(values, dtype=dtype, pin_memory=self._pinned).to(self.device, non_blocking=True)
 
-    def launch_next(self, step: "_DecodeStep", seqs: list[EngineSequence]) -> "_DecodeStep | None":
+    def launch_next(self, step: "_DecodeStep", seqs: list[EngineSequence],
+                    joining: "_SidePrefill | None" = None) -> "_DecodeStep | None":
         """The step after `step`, fed on the device with the tokens `step` sampled (not yet on the
         host): the GPU runs it while the host detokenises `step`. Only steps sampled on the device
-        (`step.tokens`) can be followed this way."""
+        (`step.tokens`) can be followed this way. `joining`: rows prefilled beside, whose first
+        tokens (also on the device) are their input at this step; their positions were set when
+        their prefill was queued."""
         if step.tokens is None or not seqs:
             return None
-        keep = [i for i, s in enumerate(step.seqs) if not s.done] if len(seqs) != len(step.seqs) else None
+        if len(seqs) != len(step.seqs):  # rows that ended (or end at `step`) are left out
+            members = {id(s) for s in seqs}
+            keep = [i for i, s in enumerate(step.seqs) if id(s) in members]
+        else:
+            keep = None
         slots = [step.slots[i] for i in keep] if keep is not None else step.slots
         tokens = step.tokens if keep is None else step.tokens[self._to_device(keep)]
         rows = self._to_device(slots)
         self._ids[rows, 0] = tokens
         self._pos[rows] += 1
+        if joining is not None:
+            live = [i for i, s in enumerate(joining.seqs) if not s.done]
+            if live:
+                if joining.done is not None:  # this step reads their keys and values
+                    torch.cuda.current_stream().wait_event(joining.done)
+                    joining.tokens.record_stream(torch.cuda.current_stream())
+                first = joining.tokens if len(live) == len(joining.seqs) else joining.tokens[self._to_device(live)]
+                self._ids[self._to_device([joining.slots[i] for i in live]), 0] = first
+                seqs = seqs + [joining.seqs[i] for i in live]
+                slots = slots + [joining.slots[i] for i in live]
         top = max(len(s.prompt_ids) + len(s.generated) for s in seqs)  # the new input's position, + 1
         n = _bucket(max(slots) + 1, self.max_batch_size)
         return self._run_step(seqs, slots, n, top + 1, offset=1)

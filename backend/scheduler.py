@@ -105,6 +105,9 @@ class BatchEngine:
     token_text: "list[str | None] | None" = None
     pipeline = True  # launch the next decode step before this one's tokens reach the host, when rows allow
     chunked_prefill = False  # engines that can prefill a prompt in pieces (prefill_chunk) set it
+    # Engines that can prefill arrivals beside the decode steps in flight (prefill_beside) set it;
+    # see _admit.
+    overlap_prefill = False
 
     def __init__(self, max_batch_size: int, context_length: int, eos_ids: Sequence[int]) -> None:
         self.max_batch_size = max_batch_size
@@ -126,6 +129,10 @@ class BatchEngine:
         self.admit_together = 16
         self._waiting_since = 0.0  # when the oldest waiting request arrived (monotonic)
         self._inflight = None  # a decode step launched and not yet collected (pipelining)
+        # Arrivals being prefilled beside the running rows' decode steps (an engine's handle with
+        # .seqs, from prefill_beside): they join the batch at the next step, and nothing else is
+        # admitted until they have.
+        self._joining = None
         self._stop = threading.Event()
         self.last_tick = time.monotonic()
         self.generated_tokens = 0
@@ -164,6 +171,17 @@ class BatchEngine:
 
     def reserve(self, seq: EngineSequence) -> None:
         """Give the sequence its KV cache row before its prompt is prefilled in chunks."""
+        raise NotImplementedError
+
+    def prefill_beside(self, seqs: list[EngineSequence]):
+        """Start prefilling `seqs` beside the decode steps in flight, without waiting for them or
+        for the result: a handle (with .seqs) for first_tokens() and launch_next(joining=...), or
+        None when this group cannot be (it is then prefilled the plain way). Engines that set
+        overlap_prefill implement it."""
+        return None
+
+    def first_tokens(self, joining) -> list[int]:
+        """The first token of each of a prefill_beside group's rows (waits for that prefill)."""
         raise NotImplementedError
 
     def prefill_chunk(self, seq: EngineSequence, start: int, end: int) -> int | None:
@@ -233,7 +251,10 @@ class BatchEngine:
 
     @property
     def load(self) -> tuple[int, int]:
-        return len(self._running) + len(self._prefilling), len(self._waiting)
+        return len(self._running) + len(self._prefilling) + len(self._joining_seqs()), len(self._waiting)
+
+    def _joining_seqs(self) -> list[EngineSequence]:
+        return self._joining.seqs if self._joining is not None else []
 
     # --- the loop -------------------------------------------------------------------------------
     def run_forever(self) -> None:
@@ -248,13 +269,17 @@ class BatchEngine:
         into text and frames, so the host's detokenising overlaps the device's next step. A row that
         ended at this step has run one step too many; that step's token is dropped."""
         self.last_tick = time.monotonic()
-        idle = not self._running and not self._waiting and self._inflight is None and not self._prefilling
+        idle = not self._running and not self._waiting and self._inflight is None and not self._prefilling \
+            and self._joining is None
         self._drain_inbox(block=idle)
         frames: list = []
-        if self._waiting and len(self._running) + len(self._prefilling) < self.max_batch_size \
+        # Arrivals prefilled beside an earlier step join at this one (not at the step they were
+        # admitted at: joining waits for their prefill, which would then run before that step
+        # instead of beside it).
+        joining, admitted = self._joining, None
+        if self._waiting and joining is None and len(self._running) + len(self._prefilling) < self.max_batch_size \
                 and self._admission_due():
-            self._flush(frames)  # admission sees the batch as it really is
-            self._admit(frames)
+            admitted = self._admit(frames)
         if self._prefilling:
             self._prefill_some(frames)
         if frames:
@@ -264,11 +289,23 @@ class BatchEngine:
             t0 = time.perf_counter()
             current = self._inflight if self._inflight is not None else self.launch(self._running)
             alive = [s for s in current.seqs if not s.done]
-            self._inflight = self.launch_next(current, alive) if self._can_pipeline(alive) else None
+            nxt = None
+            if self._can_pipeline(alive):
+                # rows whose token at this step is their last (max_tokens, context) are left out
+                going = [s for s in alive if self._continues(s)]
+                if not going:
+                    pass
+                elif joining is not None and all(self._continues(s) for s in joining.seqs if not s.done):
+                    nxt = self.launch_next(current, going, joining=joining)  # they join on the device
+                else:
+                    nxt = self.launch_next(current, going)
+            self._inflight = nxt
             self.host_seconds["launch"] += time.perf_counter() - t0
             self._collect_and_advance(current, frames)
         else:
             self._flush(frames)
+        if joining is not None and joining is not admitted:
+            self._join(joining, frames)
         if frames:
             self._emit_timed(frames)
 
@@ -288,17 +325,20 @@ class BatchEngine:
 
     def _can_pipeline(self, seqs: list[EngineSequence]) -> bool:
         """Whether the step after this one can be launched before this one's tokens are known:
-        every row samples on the device alone (no grammar, penalties, bias, logprobs or held EOS)
-        and none can reach max_tokens or the context at this step."""
+        every row samples on the device alone (no grammar, penalties, bias, logprobs or held
+        EOS). Rows that end at this step by length are left out of it (_continues), so that a
+        batch whose rows finish at different steps - any steady load - stays pipelined."""
         if not self.pipeline or not seqs or len(seqs) != len(self._running):
             return False
-        for s in seqs:
-            p = s.params
-            if s.needs_host:
-                return False
-            if len(s.generated) + 2 > p.max_tokens or len(s.prompt_ids) + len(s.generated) + 2 > self.context_length:
-                return False
-        return True
+        return not any(s.needs_host for s in seqs)
+
+    def _continues(self, s: EngineSequence) -> bool:
+        """A row with one token sampled and not yet on the host (the step in flight) still runs
+        after it: that token reaches neither max_tokens nor the context, and needs nothing from
+        the host."""
+        p = s.params
+        return not s.needs_host and len(s.generated) + 2 <= p.max_tokens \
+            and len(s.prompt_ids) + len(s.generated) + 2 <= self.context_length
 
     def _flush(self, frames: list) -> None:
         """Collect the step in flight, if any."""
@@ -331,9 +371,10 @@ class BatchEngine:
         """Start a decode step for `seqs`; `collect` gives its sampled token ids."""
         return _DoneStep(list(seqs), self.decode(seqs))
 
-    def launch_next(self, step, seqs: list[EngineSequence]):
+    def launch_next(self, step, seqs: list[EngineSequence], joining=None):
         """Start the step after `step` for `seqs` (a subset of its rows) from the tokens `step`
-        sampled on the device, before they are collected; None when the engine cannot."""
+        sampled on the device, before they are collected - with `joining`'s live rows too (a
+        prefill_beside handle: their first tokens, also on the device); None when the engine cannot."""
         return None
 
     def collect(self, step) -> list[int]:
@@ -354,6 +395,7 @@ class BatchEngine:
                 self._cancel(value)
             elif kind == "cancel_all":
                 live = {r.id for r in self._waiting} | {s.id for s in self._running} | {s.id for s in self._prefilling}
+                live |= {s.id for s in self._joining_seqs()}
                 for request_id in live:
                     self._cancel(request_id)
                 if value is not None:
@@ -386,16 +428,29 @@ class BatchEngine:
             self._prefilling = [s for s in self._prefilling if s.id != request_id]
             self.release(halfway)
         gone = [s for s in self._running if s.id == request_id]
+        joining = [s for s in self._joining_seqs() if s.id == request_id and not s.done]
+        if joining:  # its slot is free to reuse once the group has joined (nothing is admitted before)
+            joining[0].done = True
+            self.release(joining)
         for s in gone:
             s.done = True
         if gone:
             self._running = [s for s in self._running if s.id != request_id]
             self.release(gone)
 
-    def _admit(self, frames: list) -> None:
+    def _admit(self, frames: list):
+        """Admit what fits of the waiting requests and prefill them. Beside the running rows
+        (overlap_prefill, with a pipelined step in flight): the engine prefills them while the
+        decode steps go on and they join at the next step (returns their handle); otherwise the
+        step in flight is collected first (the batch as it really is) and they are prefilled
+        before the next decode step is launched."""
+        beside = self.overlap_prefill and self._inflight is not None \
+            and not (self.prefill_budget and self.chunked_prefill)
+        if not beside:
+            self._flush(frames)
         room = self.max_batch_size - len(self._running) - len(self._prefilling)
         if room <= 0 or not self._waiting:
-            return
+            return None
         batch, self._waiting = self._waiting[:room], self._waiting[room:]
         self._waiting_since = time.monotonic()  # those left wait for room, not for company
         seqs = []
@@ -412,18 +467,40 @@ class BatchEngine:
         t1 = time.perf_counter()
         self.host_seconds["encode"] += t1 - t0
         if not seqs:
-            return
+            return None
         if self.prefill_budget and self.chunked_prefill:
             for seq in seqs:
                 self.reserve(seq)
             self._prefilling.extend(seqs)  # prefilled by _prefill_some, a budget per step
-            return
+            return None
+        if beside:
+            self._joining = self.prefill_beside(seqs)
+            if self._joining is not None:
+                self.host_seconds["prefill"] += time.perf_counter() - t1
+                return self._joining
+            self._flush(frames)  # this group cannot: the plain way, after the step in flight
+            t1 = time.perf_counter()
         first = self.prefill(seqs)
         t2 = time.perf_counter()
         self.host_seconds["prefill"] += t2 - t1
         self._running.extend(seqs)
         self._advance(seqs, first, frames)
         self.host_seconds["advance"] += time.perf_counter() - t2
+        return None
+
+    def _join(self, joining, frames: list) -> None:
+        """Rows prefilled beside the decode steps join the running batch (on the device already, if
+        the step just launched took them): their first tokens, then each row's first frame."""
+        t0 = time.perf_counter()
+        first = self.first_tokens(joining)
+        t1 = time.perf_counter()
+        self._joining = None
+        live = [(s, t) for s, t in zip(joining.seqs, first) if not s.done]  # not cancelled meanwhile
+        if live:
+            self._running.extend(s for s, _ in live)
+            self._advance([s for s, _ in live], [t for _, t in live], frames)
+        self.host_seconds["collect"] += t1 - t0
+        self.host_seconds["advance"] += time.perf_counter() - t1
 
     def _prefill_some(self, frames: list) -> None:
         """Up to prefill_budget prompt tokens of the admitted sequences, in order: prompts that fit

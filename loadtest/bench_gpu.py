@@ -356,6 +356,35 @@ def greedy_check(engine: TransformersEngine, prompts: list[str], n: int) -> list
     return results
 
 
+def greedy_joining_check(engine: TransformersEngine, prompts: list[str], n: int) -> dict:
+    """Greedy output with rows joining a running batch: the first prompt starts alone, the others
+    arrive a few steps later (prefilled beside its decode steps where the engine does that); each
+    row's tokens against HF generate's."""
+    frames, beside = [], []
+    engine.emit = frames.extend
+    reqs = [Generate(id=20_000 + i, prompt=p, params=SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+            for i, p in enumerate(prompts)]
+    with torch.inference_mode():
+        engine.submit(reqs[0])
+        for _ in range(4):
+            engine.step()
+        for r in reqs[1:]:
+            engine.submit(r)
+        while sum(isinstance(f, Finished) for f in frames) < len(reqs):
+            engine.step()
+            beside.append(engine._joining is not None)
+    rows = []
+    for r in reqs:
+        ours = [t for f in frames if isinstance(f, Tokens) and f.id == r.id for t in f.token_ids]
+        ids = torch.tensor([engine.tokenizer(r.prompt).input_ids], device="cuda")
+        with engine.fused.paused(), torch.inference_mode():
+            ref = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                        min_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
+        same = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+        rows.append({"prompt": r.prompt[:40], "identical": ours == ref, "first_divergence": same})
+    return {"overlap_prefill": engine.overlap_prefill, "prefilled_beside": any(beside), "prompts": rows}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench_gpu", description=__doc__)
     p.add_argument("--tokenizer", type=Path, required=True)
@@ -378,6 +407,8 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-waits", default="0",
                    help="open loop: each run with arrivals waiting up to this many ms for company (comma-separated)")
     p.add_argument("--open-seconds", type=float, default=15.0)
+    p.add_argument("--overlap-prefill", default="1",
+                   help="open loop: arrivals prefilled beside the decode steps (1), between them (0), or both (0,1)")
     p.add_argument("--skip-hf", action="store_true", help="leave out plain HF generate")
     p.add_argument("--long-prompt-tokens", type=int, default=0,
                    help="open loop: also one prompt of this many tokens every --long-every seconds")
@@ -455,13 +486,19 @@ def main(argv=None) -> int:
                 rate = args.open_loop * top["tokens_per_s"] / args.new_tokens
                 for budget in [0] + [int(b) for b in args.prefill_budgets.split(",") if b]:
                     for wait_ms in [float(w) for w in args.prefill_waits.split(",") if w]:
-                        engine.prefill_budget = budget  # chunked prefill off, then on, in the same process
-                        engine.prefill_wait_s = wait_ms / 1000  # likewise arrivals waiting for company
-                        long_prompt = " word" * args.long_prompt_tokens
-                        result = run_open_loop(engine, prompt, rate, args.open_seconds, args.new_tokens,
-                                               long_prompt, args.long_every)
-                        entry["open_loop"].append(dict(result, closed_loop_concurrency=base, prefill_wait_ms=wait_ms))
-                        print(shape, "open loop", entry["open_loop"][-1], file=sys.stderr, flush=True)
+                        for overlap in [bool(int(o)) for o in args.overlap_prefill.split(",") if o]:
+                            engine.prefill_budget = budget  # chunked prefill off, then on, in the same process
+                            engine.prefill_wait_s = wait_ms / 1000  # likewise arrivals waiting for company
+                            engine.overlap_prefill = overlap and engine._side_stream is not None  # and beside
+                            long_prompt = " word" * args.long_prompt_tokens
+                            result = run_open_loop(engine, prompt, rate, args.open_seconds, args.new_tokens,
+                                                   long_prompt, args.long_every)
+                            entry["open_loop"].append(dict(result, closed_loop_concurrency=base, prefill_wait_ms=wait_ms,
+                                                           overlap_prefill=engine.overlap_prefill))
+                            print(shape, "open loop", entry["open_loop"][-1], file=sys.stderr, flush=True)
+            engine.overlap_prefill = engine._side_stream is not None
+            entry["greedy_vs_hf_joining"] = greedy_joining_check(engine, GREEDY_PROMPTS, 32)
+            print(shape, "greedy joining", entry["greedy_vs_hf_joining"], file=sys.stderr, flush=True)
             engine.prefill_wait_s = 0.0
             engine.prefill_budget = 16  # greedy equality with prompts prefilled in several chunks
             entry["greedy_vs_hf_chunked"] = greedy_check(engine, GREEDY_PROMPTS, 32)

@@ -27,8 +27,9 @@ CLIENT = r"""
 import asyncio, json, sys, time
 import aiohttp
 url, streams, duration, tokens, model = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+temperature = float(sys.argv[6])
 body = {"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": tokens,
-        "temperature": 0.7, "stream": True, "stream_options": {"include_usage": True}}
+        "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}}
 import random
 SAMPLES = 20000  # latency samples kept per client (reservoir): bounded memory, unbiased percentiles
 async def main():
@@ -80,11 +81,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def measure(url: str, server_pid: int, streams: int, duration: float, tokens: int, model: str = "fake-model",
-            key: str = "sk-test-premium", clients: int = 1) -> dict:
+            key: str = "sk-test-premium", clients: int = 1, temperature: float = 0.7) -> dict:
     """Drive a running server at `url` (process `server_pid`) from `clients` client processes
     (the streams split among them) and return the figures."""
     procs = [subprocess.Popen([PY, "-c", CLIENT.replace("sk-test-premium", key), url, str(streams // clients),
-                               str(duration + 2), str(tokens), model], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+                               str(duration + 2), str(tokens), model, str(temperature)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
              for _ in range(clients)]
     time.sleep(2)  # warm-up: every stream running before the window opens
     cpu0, t0 = cpu_seconds(server_pid), time.monotonic()
@@ -98,7 +99,8 @@ def measure(url: str, server_pid: int, streams: int, duration: float, tokens: in
         return round(values[min(len(values) - 1, int(len(values) * p / 100))] * 1000, 2) if values else None
     window = t1 - t0
     tok_s = done["tokens"] / (duration + 2)  # tokens of the streams that ended inside the client's run
-    return {"streams": streams, "clients": clients, "tokens_per_stream": tokens, "window_s": round(window, 2),
+    return {"streams": streams, "clients": clients, "tokens_per_stream": tokens, "temperature": temperature,
+            "window_s": round(window, 2),
             "delivered_tok_s": round(tok_s), "streams_done": done["streams"], "errors": done["errors"],
             "proxy_cpu_s": round(cpu1 - cpu0, 2), "proxy_core_share": round((cpu1 - cpu0) / window, 3),
             "proxy_cpu_us_per_token": round((cpu1 - cpu0) / (tok_s * window) * 1e6, 2),
@@ -134,10 +136,12 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="fake-model")
     p.add_argument("--key", default="sk-test-premium")
     p.add_argument("--clients", type=int, default=1, help="client processes the streams are split among")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="the requests' sampling temperature (0: greedy, as the engine-alone runs of bench_gpu)")
     args = p.parse_args(argv)
     if args.url:
         result = measure(args.url, args.pid, args.streams, args.duration, args.tokens, args.model, args.key,
-                         args.clients)
+                         args.clients, args.temperature)
     else:
         result = run(args.streams, args.duration, args.token_ms, args.tokens)
     result["machine"] = f"{os.cpu_count()} cores, {sys.platform}"

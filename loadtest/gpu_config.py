@@ -20,6 +20,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", type=Path, default=Path(".gpu/tokenizer"))
     p.add_argument("--shape", default="smollm2-135m", choices=sorted(MODEL_DIRS))
     p.add_argument("--prefill-wait-ms", type=float, default=0.0, help="the pool's prefill_wait_ms")
+    p.add_argument("--overlap-prefill", type=int, choices=(0, 1), default=1, help="the pool's overlap_prefill")
     args = p.parse_args(argv)
     model_dir, model_name = MODEL_DIRS[args.shape]
     if not (model_dir / "config.json").is_file():
@@ -33,7 +34,7 @@ def main(argv=None) -> int:
         "pools": [{"name": "main", "model": model_name, "model_path": str(model_dir),
                    "devices": [f"cuda:{i}" for i in range(n)], "replicas": {"hot": n}, "max_batch_size": 256,
                    "max_inflight_per_worker": 512, "max_context": 512, "verify_manifest": False,
-                   "prefill_wait_ms": args.prefill_wait_ms}],
+                   "prefill_wait_ms": args.prefill_wait_ms, "overlap_prefill": bool(args.overlap_prefill)}],
         "tiers": [{"name": "standard", "pool": "main", "max_concurrent": 512 * n, "max_queue": 1024 * n}],
         "routing": {"slow_start_s": 0},
         "auth": {"allow_anonymous": True, "anonymous_tier": "standard"}, "cache": {"enabled": False}}))

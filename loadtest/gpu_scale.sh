@@ -6,7 +6,9 @@
 # fraction (nvidia-smi's utilization, sampled every 200 ms during the run), and each worker's
 # engine-loop host time per decode step by part (loadtest.served_anatomy over two /metrics
 # scrapes). GPUS defaults to every GPU nvidia-smi lists; SHAPES to both shapes; PREFILL_WAIT_MS
-# sets the pool's prefill_wait_ms. Needs .gpu/ as gpu_stream.sh does. Writes
+# sets the pool's prefill_wait_ms, OVERLAP_PREFILL (1 or 0) its overlap_prefill; TEMPERATURE the
+# requests' temperature (default 0.7; 0 is greedy, as bench_gpu's engine-alone runs). Needs .gpu/
+# as gpu_stream.sh does. Writes
 # scale-<shape>-<n>.json, util-<shape>-<n>.csv and anatomy-<shape>-<n>.json into ${OUT:-reports}.
 set -u
 source loadtest/gpu_env.sh
@@ -14,7 +16,7 @@ GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
   model=$([ "$shape" = smollm2-135m ] && echo m135 || echo m1b)
   for n in $(printf '%s\n' 1 "$GPUS" | sort -un); do  # one run when GPUS=1
-    python3 -m loadtest.gpu_config --gpus "$n" --shape "$shape" --prefill-wait-ms "${PREFILL_WAIT_MS:-0}" --out /tmp/gpu$n.yaml
+    python3 -m loadtest.gpu_config --gpus "$n" --shape "$shape" --prefill-wait-ms "${PREFILL_WAIT_MS:-0}" --overlap-prefill "${OVERLAP_PREFILL:-1}" --out /tmp/gpu$n.yaml
     python3 -m proxy serve --config /tmp/gpu$n.yaml > "$OUT/serve-$shape-$n.log" 2>&1 &
     SERVER=$!
     for i in $(seq 1 480); do
@@ -27,7 +29,7 @@ for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
     metrics() { curl -sf -H "Authorization: Bearer $(cat /tmp/fpdata/admin.token)" http://127.0.0.1:19091/metrics; }
     metrics > /tmp/metrics-before.txt
     python3 -m loadtest.bench_stream --url http://127.0.0.1:18080 --pid $SERVER --model $model --streams $((256 * n)) \
-      --clients $((${CLIENTS_PER_GPU:-3} * n)) --duration ${DURATION:-20} --tokens 128 --out "$OUT/scale-$shape-$n.json" | tr -d '\n'; echo
+      --clients $((${CLIENTS_PER_GPU:-3} * n)) --duration ${DURATION:-20} --tokens 128 --temperature ${TEMPERATURE:-0.7} --out "$OUT/scale-$shape-$n.json" | tr -d '\n'; echo
     kill $SMI
     metrics > /tmp/metrics-after.txt
     # each worker's engine-loop host time per decode step by part, over the run

@@ -84,6 +84,10 @@ class Pool(_Base, kw_only=True):
     # once when 16 have come, when they fill the free slots, or when nothing is running. 0 = every
     # arrival is prefilled at the next step.
     prefill_wait_ms: Annotated[float, msgspec.Meta(ge=0, le=1000)] = 0.0
+    # GPU with cuda_graphs: arrivals that fit a captured prefill graph are prefilled on a second
+    # CUDA stream while the running streams' decode steps go on, and join at the next step
+    # (docs/benchmarks.md §16); false = they are prefilled between two decode steps.
+    overlap_prefill: bool = True
     verify_manifest: bool = True
     fake: FakeEngineSettings = msgspec.field(default_factory=FakeEngineSettings)
 

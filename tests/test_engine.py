@@ -285,6 +285,101 @@ def test_pipelined_steps_match_hf_generate(engine, monkeypatch):
     assert again[7][0] == out[7][0]
 
 
+def test_rows_ending_by_length_leave_the_pipeline_without_stopping_it(engine, monkeypatch):
+    """Rows that reach max_tokens at different steps (any steady load) are left out of the next
+    pipelined step instead of stopping the pipeline for every row: after the first step no step
+    is launched from the host, and greedy output is still HF's."""
+    fresh = []
+    original = engine.launch
+
+    def counting(seqs):
+        fresh.append(len(seqs))
+        return original(seqs)
+
+    monkeypatch.setattr(engine, "launch", counting)
+    reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=4 + 5 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS[:3])]
+    got = run(engine, reqs)
+    assert fresh == [3]  # the first step only; unpipelined, each row's end would launch another
+    for r in reqs:
+        ids, _, end = got[r.id]
+        assert isinstance(end, Finished) and end.finish_reason == "length"
+        assert ids == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
+
+
+@pytest.fixture
+def beside_engine(tiny_model):
+    """An engine that prefills arrivals beside the running rows' decode steps (on CUDA a second
+    stream; here the same bookkeeping on one), with its prefill_beside handles and the steps that
+    took joining rows on the device counted."""
+    engine = TransformersEngine(WorkerSettings(engine="transformers", model_name="tiny", model_path=str(tiny_model),
+                                               max_batch_size=3), padded_prefill=True)
+    engine.overlap_prefill = True
+    engine.beside, engine.joined = [], []
+    prefill_beside, launch_next = engine.prefill_beside, engine.launch_next
+
+    def counting_prefill(seqs):
+        handle = prefill_beside(seqs)
+        engine.beside.append(handle)
+        return handle
+
+    def counting_launch(step, seqs, joining=None):
+        nxt = launch_next(step, seqs, joining=joining)
+        if joining is not None and nxt is not None:
+            engine.joined.append([s.id for s in joining.seqs])
+        return nxt
+
+    engine.prefill_beside, engine.launch_next = counting_prefill, counting_launch
+    return engine
+
+
+def test_arrivals_prefilled_beside_the_running_rows_match_hf_generate(beside_engine):
+    """Arrivals admitted while a pipelined step is in flight are prefilled beside it and join the
+    batch on the device at the next step: greedy rows still give HF generate's tokens, a seeded
+    sampled row the tokens it gives alone, and every slot comes back."""
+    engine = beside_engine
+    reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=5 + 4 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS)]
+    reqs.append(Generate(id=99, prompt="A late arrival", params=SamplingParams(max_tokens=9, temperature=0.0,
+                                                                               ignore_eos=True)))
+    sampled = Generate(id=7, prompt=PROMPTS[2], params=SamplingParams(max_tokens=10, temperature=0.8, seed=5,
+                                                                       ignore_eos=True))
+    got = run(engine, reqs + [sampled])
+    assert any(h is not None for h in engine.beside) and engine.joined  # joined on the device at least once
+    for r in reqs:
+        ids, _, end = got[r.id]
+        assert isinstance(end, Finished) and end.finish_reason == "length"
+        assert ids == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
+    engine.overlap_prefill = False
+    alone = run(engine, [sampled])
+    assert alone[7][0] == got[7][0]
+    assert engine.load == (0, 0) and sorted(engine._free) == [0, 1, 2]
+
+
+def test_an_arrival_cancelled_while_prefilled_beside_never_joins(beside_engine):
+    engine = beside_engine
+    frames = []
+    engine.emit = frames.extend
+    for i in range(2):
+        engine.submit(Generate(id=i, prompt=PROMPTS[i], params=SamplingParams(max_tokens=12, temperature=0.0,
+                                                                              ignore_eos=True)))
+    for _ in range(3):
+        engine.step()  # both running, a pipelined step in flight
+    engine.submit(Generate(id=5, prompt=PROMPTS[3], params=SamplingParams(max_tokens=12, temperature=0.0)))
+    engine.step()
+    assert engine._joining is not None and [s.id for s in engine._joining.seqs] == [5]
+    engine.cancel(5)
+    frames.clear()
+    for _ in range(40):
+        if not engine._running and engine._inflight is None and engine._joining is None:
+            break
+        engine.step()
+    assert not [f for f in frames if f.id == 5]  # nothing of it went out
+    ends = [f for f in frames if isinstance(f, Finished)]
+    assert sorted(f.id for f in ends) == [0, 1] and all(f.completion_tokens == 12 for f in ends)
+    assert engine.load == (0, 0) and sorted(engine._free) == [0, 1, 2]
+
+
 def test_constrained_rows_batch_with_free_rows(engine):
     """Grammar rows (JSON schema) and unconstrained rows in one batch: every constrained answer
     parses and validates even on random weights, and the free rows decode exactly as alone."""
