@@ -5,8 +5,8 @@
 # joining a running batch; the compiled sampler's check), then `fullpower serve` with 256 greedy
 # streams (temperature 0, as the engine-alone runs) with overlap_prefill off, then on, and a
 # sampled run (temperature 0.7) with it on if time is left. Needs .gpu/ as gpu_scale.sh does.
-# Writes bench-gpu-overlap-<shape>.json and served-overlap-<shape>.tgz (gpu_scale.sh's files per
-# run) into ${OUT:-reports}. SHAPE defaults to smollm2-135m.
+# Writes bench-gpu-overlap-<shape>.json, served-overlap-<shape>.jsonl (one line per served run)
+# and served-overlap-<shape>.tgz (gpu_scale.sh's files per run) into ${OUT:-reports}. SHAPE defaults to smollm2-135m.
 set -u
 source loadtest/gpu_env.sh > /dev/null
 SHAPE=${SHAPE:-smollm2-135m}
@@ -24,6 +24,19 @@ served() {  # overlap_prefill, temperature
     timeout 110 bash loadtest/gpu_scale.sh
   pkill -f 'proxy serv[e]'; sleep 1
   for f in $SERVED/*-"$SHAPE"-1.*; do mv "$f" "${f%-1.*}-overlap$1-t$2.${f##*.}"; done
+  # the run's figures and anatomy on one line each, kept in $OUT as they come (a cut run keeps them)
+  python3 - "$SERVED" "$1" "$2" "$SHAPE" >> "$OUT/served-overlap-$SHAPE.jsonl" <<'PY'
+import json, sys
+d, overlap, temp, shape = sys.argv[1:]
+tag = f"{shape}-overlap{overlap}-t{temp}"
+row = {"overlap_prefill": overlap == "1", "temperature": float(temp)}
+for name in ("scale", "anatomy"):
+    try:
+        row[name] = json.load(open(f"{d}/{name}-{tag}.json"))
+    except (OSError, ValueError) as exc:
+        row[name] = repr(exc)
+print(json.dumps(row))
+PY
 }
 served 0 0
 served 1 0
