@@ -293,11 +293,9 @@ class BatchEngine:
             if self._can_pipeline(alive):
                 # rows whose token at this step is their last (max_tokens, context) are left out
                 going = [s for s in alive if self._continues(s)]
-                if not going:
-                    pass
-                elif joining is not None and all(self._continues(s) for s in joining.seqs if not s.done):
+                if going and joining is not None and all(self._continues(s) for s in joining.seqs if not s.done):
                     nxt = self.launch_next(current, going, joining=joining)  # they join on the device
-                else:
+                elif going:
                     nxt = self.launch_next(current, going)
             self._inflight = nxt
             self.host_seconds["launch"] += time.perf_counter() - t0
