@@ -449,6 +449,8 @@ class BatchEngine:
         room = self.max_batch_size - len(self._running) - len(self._prefilling)
         if room <= 0 or not self._waiting:
             return None
+        if beside:  # no more than one prefill graph takes; the rest come with the next group
+            room = min(room, self.admit_together)
         batch, self._waiting = self._waiting[:room], self._waiting[room:]
         self._waiting_since = time.monotonic()  # those left wait for room, not for company
         seqs = []
