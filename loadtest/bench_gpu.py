@@ -347,13 +347,18 @@ def greedy_check(engine: TransformersEngine, prompts: list[str], n: int) -> list
             while not any(isinstance(f, Finished) for f in frames):
                 engine.step()
         ours = [t for f in frames if isinstance(f, Tokens) for t in f.token_ids]
-        ids = torch.tensor([engine.tokenizer(prompt).input_ids], device="cuda")
-        with engine.fused.paused(), torch.inference_mode():  # the reference is transformers' own layers
-            ref = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                        min_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
-        same = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
-        results.append({"prompt": prompt[:40], "tokens": n, "identical": ours == ref, "first_divergence": same})
+        results.append({"prompt": prompt[:40], "tokens": n, **against_hf(engine, prompt, n, ours)})
     return results
+
+
+def against_hf(engine: TransformersEngine, prompt: str, n: int, ours: list[int]) -> dict:
+    """`ours` (n greedy tokens after `prompt`) against HF generate's, on transformers' own layers."""
+    ids = torch.tensor([engine.tokenizer(prompt).input_ids], device="cuda")
+    with engine.fused.paused(), torch.inference_mode():
+        ref = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                    min_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
+    same = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
+    return {"identical": ours == ref, "first_divergence": same}
 
 
 def greedy_joining_check(engine: TransformersEngine, prompts: list[str], n: int) -> dict:
@@ -376,12 +381,7 @@ def greedy_joining_check(engine: TransformersEngine, prompts: list[str], n: int)
     rows = []
     for r in reqs:
         ours = [t for f in frames if isinstance(f, Tokens) and f.id == r.id for t in f.token_ids]
-        ids = torch.tensor([engine.tokenizer(r.prompt).input_ids], device="cuda")
-        with engine.fused.paused(), torch.inference_mode():
-            ref = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                        min_new_tokens=n, do_sample=False)[0, ids.shape[1]:].tolist()
-        same = next((j for j, (a, b) in enumerate(zip(ours, ref)) if a != b), len(ref))
-        rows.append({"prompt": r.prompt[:40], "identical": ours == ref, "first_divergence": same})
+        rows.append({"prompt": r.prompt[:40], **against_hf(engine, r.prompt, n, ours)})
     return {"overlap_prefill": engine.overlap_prefill, "prefilled_beside": any(beside), "prompts": rows}
 
 
