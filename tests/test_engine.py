@@ -380,6 +380,35 @@ def test_an_arrival_cancelled_while_prefilled_beside_never_joins(beside_engine):
     assert engine.load == (0, 0) and sorted(engine._free) == [0, 1, 2]
 
 
+def test_a_group_prefilled_beside_is_no_larger_than_one_prefill_graph(beside_engine):
+    """More arrivals than one prefill graph takes (admit_together; 16 on CUDA) are admitted beside
+    the decode steps a graph's worth at a time - a larger group would fall back to an eager
+    prefill that stalls every stream - and all of them still finish as HF generate does."""
+    engine = beside_engine
+    engine.admit_together = 1
+    first = Generate(id=0, prompt=PROMPTS[0], params=SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True))
+    later = [Generate(id=1 + i, prompt=p, params=SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+             for i, p in enumerate(PROMPTS[1:3])]
+    frames = []
+    engine.emit = frames.extend
+    engine.submit(first)
+    for _ in range(3):
+        engine.step()  # running, a pipelined step in flight
+    for r in later:
+        engine.submit(r)
+    groups = []
+    for _ in range(60):
+        if sum(isinstance(f, Finished) for f in frames) == 3:
+            break
+        engine.step()
+        if engine._joining is not None and (not groups or groups[-1] is not engine._joining):
+            groups.append(engine._joining)
+    assert [len(g.seqs) for g in groups] == [1, 1]
+    for r in [first] + later:
+        ids = [t for f in frames if isinstance(f, Tokens) and f.id == r.id for t in f.token_ids]
+        assert ids == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
+
+
 def test_constrained_rows_batch_with_free_rows(engine):
     """Grammar rows (JSON schema) and unconstrained rows in one batch: every constrained answer
     parses and validates even on random weights, and the free rows decode exactly as alone."""
