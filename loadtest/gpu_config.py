@@ -10,7 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-MODEL_DIRS = {"smollm2-135m": (Path("/tmp/m135"), "m135"), "llama-3.2-1b": (Path("/tmp/m1b"), "m1b")}
+MODEL_DIRS = {"smollm2-135m": (Path("/tmp/m135"), "m135"), "llama-3.2-1b": (Path("/tmp/m1b"), "m1b"),
+              "llama-3.1-8b": (Path("/tmp/m8b"), "m8b")}
 
 
 def main(argv=None) -> int:

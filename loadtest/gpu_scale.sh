@@ -14,7 +14,7 @@ set -u
 source loadtest/gpu_env.sh
 GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
-  model=$([ "$shape" = smollm2-135m ] && echo m135 || echo m1b)
+  model=$(python3 -c "import sys; from loadtest.gpu_config import MODEL_DIRS; print(MODEL_DIRS[sys.argv[1]][1])" "$shape")
   for n in $(printf '%s\n' 1 "$GPUS" | sort -un); do  # one run when GPUS=1
     python3 -m loadtest.gpu_config --gpus "$n" --shape "$shape" --prefill-wait-ms "${PREFILL_WAIT_MS:-0}" --overlap-prefill "${OVERLAP_PREFILL:-1}" --out /tmp/gpu$n.yaml
     python3 -m proxy serve --config /tmp/gpu$n.yaml > "$OUT/serve-$shape-$n.log" 2>&1 &
