@@ -186,6 +186,7 @@ class _SidePrefill:
     __slots__ = ("seqs", "slots", "tokens", "host", "done")
 
     def __init__(self, seqs: list[EngineSequence]) -> None:
+        # the slots as reserved: a row cancelled before it joins gives its slot back (slot None)
         self.seqs, self.slots = seqs, [s.slot for s in seqs]
         self.tokens = self.host = self.done = None
 
@@ -513,9 +514,9 @@ class TransformersEngine(BatchEngine):
         reading), and the prefill starts only after the steps already queued, which were launched
         with the slots' old positions. A decode step that runs beside the prefill writes only
         past the new prompts and reads the new rows only for output nobody keeps."""
-        if len(seqs) > PREFILL_GRAPH_ROWS or any(s.needs_host for s in seqs):
+        if any(s.needs_host for s in seqs):
             return None
-        padded = self._padded_prefill_for(seqs)
+        padded = self._padded_prefill_for(seqs)  # None for more rows than the largest graph
         if padded is None or (self.device.type == "cuda" and padded.graph is None):
             return None
         for s in seqs:
