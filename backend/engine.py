@@ -314,13 +314,6 @@ class TransformersEngine(BatchEngine):
         # RMSNorm, the MLP's activation and the rotary embedding as fused compiled kernels (see
         # backend/fused.py): with graphs on CUDA only, where kernel count bounds the step.
         self.fused = FusedPieces(self.model)
-        # Sampling without top_p (temperature, seeds) compiled like the fused pieces: eagerly its
-        # noise is some thirty full-vocabulary passes and launches per step, outside the captured
-        # graph. Off: on the H200 it drew the same tokens but took the same GPU time as the eager
-        # sampler (1.43 against 1.45 ms per step at 256 rows; docs/benchmarks.md section 16);
-        # bench_gpu --sampling-check compares the two.
-        self.compiled_sampling = False
-        self._sample_without_top_p = sampling.sample_without_top_p
         if self.use_graphs:
             log.info("fused pieces: %d modules swapped (rotary: %s)", self.fused.apply(), self.fused.rotary_swapped)
         self._graphs: dict[tuple[int, int, bool, bool], tuple] = {}
@@ -338,7 +331,6 @@ class TransformersEngine(BatchEngine):
         self._lltok = None  # llguidance's tokenizer, on first use (see _ll_tokenizer)
         self._executor = None  # llguidance's thread pool for many rows' masks, on first use
         self._eos_tensor = torch.tensor(sorted(self.eos_ids), dtype=torch.long, device=d)
-        self._token_keys = sampling.token_keys(self.vocab_size, d)  # the sampling noise's per-token term
         self._bytes_of: dict[int, bytes] = {}  # token id -> its bytes (bounded by the vocabulary)
         # byte value -> its 8 bits, least significant first (llguidance's bitmask order)
         self._bit_table = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(d)
@@ -774,8 +766,6 @@ class TransformersEngine(BatchEngine):
                     for _ in range(min(2, self.max_batch_size))]  # one slot: prompts never come several at once
             self.prefill(rows)
             self.release(rows)
-        if self.compiled_sampling and self.use_graphs:
-            self.compile_sampling()
         if self.use_graphs:
             # Capture the common decode graphs now rather than on the first busy step.
             n = 1
@@ -793,21 +783,6 @@ class TransformersEngine(BatchEngine):
             # From here on a shape the warm-up did not compile runs uncompiled rather than
             # stalling every running stream for seconds while inductor compiles it.
             torch.compiler.set_stance("eager_on_recompile")
-
-    def compile_sampling(self) -> bool:
-        """Sample batches without top_p through torch.compile, compiled now for one row and
-        several (not on the first sampled request); eager again if the compiler cannot build it."""
-        self._sample_without_top_p = torch.compile(sampling.sample_without_top_p, dynamic=True, fullgraph=True)
-        try:
-            for n in (1, 2):
-                logits = torch.zeros((n, self.vocab_size), dtype=self.dtype, device=self.device)
-                ones = torch.ones(n, device=self.device)
-                self._sample_without_top_p(logits, ones, ones.long(), ones.long(), self._token_keys)
-        except Exception as exc:  # noqa: BLE001 - a compiler that cannot build it: sample eagerly
-            log.warning("compiled sampling off: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            self._sample_without_top_p = sampling.sample_without_top_p
-            return False
-        return True
 
     # --- constraints and sampling ----------------------------------------------------------------
     def _ll_tokenizer(self):
@@ -915,8 +890,7 @@ class TransformersEngine(BatchEngine):
         top_p = self._to_device([p.top_p for p in params], torch.float32)
         seeds = self._to_device([s.seed for s in seqs])
         positions = self._to_device([len(s.generated) + offset for s in seqs])
-        return sampling.sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params),
-                               self._sample_without_top_p, self._token_keys)
+        return sampling.sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params))
 
     def _sample(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> list[int]:
         """Token ids on the host, after the host-side work some rows need (logits shaping, logprobs)."""

@@ -1,10 +1,16 @@
 """Batched sampling on the model's device: greedy, temperature, top-p and per-request seeds in a
 few tensor operations for the whole batch.
 
-Sampled tokens use the Gumbel-max trick with noise from a counter-based hash of (seed, position,
-token id): no generator state, so any worker draws the same token for the same request at the
+A sampled token is drawn by inverse transform: one uniform number per row, a counter-based hash of
+(seed, position), is looked up in the cumulative sum of the row's probabilities (after temperature
+and top-p). No generator state, so any worker draws the same token for the same request at the
 same position (a generation resumed on another worker continues exactly), and rows with and
 without seeds mix freely in one batch.
+
+Why not Gumbel-max (what this module did before): it needs a hashed noise value for every token of
+every row, every step - on the H200 about 1.4 ms per step at 256 rows of a 49k vocabulary, more
+than half of a small model's decode step (docs/benchmarks.md section 17). One number per row and a
+softmax, a cumulative sum and a binary search are a few passes over the logits.
 """
 
 from __future__ import annotations
@@ -26,61 +32,39 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def token_keys(vocab: int, device) -> torch.Tensor:
-    """Each token id's term of the noise's hash ([vocab] int64). A tensor, not index arithmetic,
-    so that a compiled sampler does the 64-bit multiplication on loaded values (inductor would
-    fold an arange into 32-bit index maths, where the constant does not fit)."""
-    return torch.arange(vocab, device=device, dtype=torch.int64) * _M3
-
-
-def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int,
-                  keys: torch.Tensor | None = None) -> torch.Tensor:
-    """U(0,1) of shape [rows, vocab], a pure function of (seed, position, token id); `keys`:
-    token_keys(vocab) when the caller has them."""
-    base = _mix(seeds * _M1 + positions * _M2)  # [rows]
-    if keys is None:
-        keys = token_keys(vocab, seeds.device)
-    bits = _mix(base[:, None] + keys[None, :])
+def row_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """U(0,1) per row ([rows] float64), a pure function of (seed, position); never 0 or 1."""
+    bits = _mix(_mix(seeds * _M1 + positions * _M2) + _M3)
     mantissa = (bits >> 11) & ((1 << 53) - 1)
     return (mantissa.to(torch.float64) + 0.5) / float(1 << 53)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
-           positions: torch.Tensor, any_sampled: bool, any_top_p: bool, without_top_p=None,
-           keys: torch.Tensor | None = None) -> torch.Tensor:
+           positions: torch.Tensor, any_sampled: bool, any_top_p: bool) -> torch.Tensor:
     """logits [rows, vocab]; temperature, top_p [rows] float; seeds, positions [rows] int64.
     Rows with temperature 0 decode greedily. Returns token ids [rows] (on the logits' device).
-    `without_top_p`: sample_without_top_p as the caller runs it (the engine compiles it on CUDA);
-    `keys`: token_keys(vocab), when the caller keeps them."""
+    A token whose probability is 0 (masked by a grammar, cut by top-p) is never drawn."""
+    greedy = logits.argmax(dim=-1)
     if not any_sampled:
-        return logits.argmax(dim=-1)
-    if keys is None:
-        keys = token_keys(logits.shape[-1], logits.device)
-    if not any_top_p:
-        return (without_top_p or sample_without_top_p)(logits, temperature, seeds, positions, keys)
-    logprobs = _logprobs(logits, temperature)
-    sorted_lp, order = logprobs.sort(dim=-1, descending=True)
-    probs = sorted_lp.exp()
-    drop = (probs.cumsum(dim=-1) - probs) > top_p[:, None]  # keep the smallest set reaching top_p
-    sorted_lp = sorted_lp.masked_fill(drop, float("-inf"))
-    logprobs = torch.full_like(logprobs, float("-inf")).scatter_(1, order, sorted_lp)
-    return _pick(logits, logprobs, temperature, seeds, positions, keys)
-
-
-def sample_without_top_p(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
-                         positions: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """`sample` for a batch without top_p: elementwise over the vocabulary and two reductions, which
-    torch.compile fuses into a pass or two over the logits (eagerly the noise alone is some thirty
-    full-vocabulary int64 passes per step)."""
-    return _pick(logits, _logprobs(logits, temperature), temperature, seeds, positions, keys)
-
-
-def _logprobs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(logits.float() / temperature.clamp_min(1e-6)[:, None], dim=-1)
-
-
-def _pick(logits, logprobs, temperature, seeds, positions, keys) -> torch.Tensor:
-    """Gumbel-max over `logprobs` with the counter-based noise; greedy where temperature is 0."""
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds, positions, logits.shape[-1], keys))).to(logprobs.dtype)
-    sampled = (logprobs + gumbel).argmax(dim=-1)
-    return torch.where(temperature > 0, sampled, logits.argmax(dim=-1))
+        return greedy
+    probs = torch.softmax(logits.float() / temperature.clamp_min(1e-6)[:, None], dim=-1)
+    order = None
+    if any_top_p:  # keep the smallest set of most likely tokens reaching top_p (the first always)
+        ranked, ranks = probs.sort(dim=-1, descending=True)
+        ranked = ranked.masked_fill((ranked.cumsum(dim=-1) - ranked) > top_p[:, None], 0.0)
+        # rows without top_p keep the vocabulary's order: a row's draw must not depend on whether
+        # another row of its batch has top_p (a resumed generation continues in another batch)
+        nucleus = (top_p < 1)[:, None]
+        probs = torch.where(nucleus, ranked, probs)
+        order = torch.where(nucleus, ranks, torch.arange(probs.shape[-1], device=probs.device))
+    cdf = probs.cumsum(dim=-1)
+    # u * total <= total in float32 too, so the search always lands on a token of the row
+    target = (row_uniform(seeds, positions).to(torch.float32) * cdf[:, -1])[:, None]
+    picked = torch.searchsorted(cdf, target).clamp_max(probs.shape[-1] - 1)
+    # a float32 sum computed in parallel may dip by an ulp where a probability is 0: never pick such
+    # a token (a grammar forbids it), take the row's most likely one instead
+    allowed = probs.gather(1, picked) > 0
+    picked = torch.where(allowed, picked, probs.argmax(dim=-1, keepdim=True)).squeeze(1)
+    if order is not None:
+        picked = order.gather(1, picked[:, None]).squeeze(1)
+    return torch.where(temperature > 0, picked, greedy)

@@ -163,39 +163,6 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(engine):
     assert sample(1) != sample(2)
 
 
-def test_sampling_without_top_p_compiles_whole_and_draws_the_same_tokens():
-    """On CUDA the engine runs sample_without_top_p compiled (fused passes over the logits instead
-    of some thirty eager ones); traced by dynamo here - whole, with dynamic shapes - it must draw
-    exactly the eager code's tokens, and `sample` must hand batches without top_p to it."""
-    from backend import sampling
-
-    compiled = torch.compile(sampling.sample_without_top_p, backend="eager", dynamic=True, fullgraph=True)
-    gen = torch.Generator().manual_seed(0)
-    for rows in (1, 3, 8):
-        logits = torch.randn((rows, 1000), generator=gen)
-        temperature = torch.tensor([0.0, 0.7, 1.3, 0.2, 1.0, 0.0, 2.0, 0.9][:rows])
-        seeds = torch.randint(0, 2**62, (rows,), generator=gen)
-        positions = torch.arange(rows) * 7
-        keys = sampling.token_keys(1000, "cpu")
-        eager = sampling.sample_without_top_p(logits, temperature, seeds, positions, keys)
-        assert torch.equal(compiled(logits, temperature, seeds, positions, keys), eager)
-        assert torch.equal(sampling.sample(logits, temperature, torch.ones(rows), seeds, positions, True, False,
-                                           compiled), eager)
-        assert torch.equal(eager[temperature == 0], logits.argmax(-1)[temperature == 0])
-
-
-def test_a_sampler_the_compiler_cannot_build_falls_back_to_the_eager_one(engine, monkeypatch):
-    from backend import sampling
-
-    def broken(*args, **kwargs):
-        raise RuntimeError("cannot build this")
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
-    assert engine.compile_sampling() is False
-    assert engine._sample_without_top_p is sampling.sample_without_top_p
-    r = Generate(id=1, prompt="Once", params=SamplingParams(max_tokens=4, temperature=0.8, seed=3, ignore_eos=True))
-    assert len(run(engine, [r])[1][0]) == 4
-
-
 def test_stop_sequence_cuts_text_and_reports_stop(engine):
     r = Generate(id=1, prompt="x", params=SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
     full = run(engine, [r])[1][1]
