@@ -286,40 +286,102 @@ def prefill_breakdown(engine: TransformersEngine, prompt: str, rows: int, profil
     return result
 
 
+def gumbel_sample_before(logits, temperature, top_p, seeds, positions, any_sampled, any_top_p):
+    """The sampler the engine used before inverse-transform sampling (Gumbel-max with a hashed
+    noise value per row and token; top-p left out), kept here only for sampling_check's side by
+    side."""
+    from backend.sampling import _M1, _M2, _M3, _mix
+
+    greedy = logits.argmax(dim=-1)
+    if not any_sampled:
+        return greedy
+    logprobs = torch.log_softmax(logits.float() / temperature.clamp_min(1e-6)[:, None], dim=-1)
+    keys = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int64) * _M3
+    bits = _mix(_mix(seeds * _M1 + positions * _M2)[:, None] + keys[None, :])
+    noise = (((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) + 0.5) / float(1 << 53)
+    sampled = (logprobs + (-torch.log(-torch.log(noise))).to(logprobs.dtype)).argmax(dim=-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
 def sampling_check(engine: TransformersEngine, prompt: str, rows: int, new_tokens: int) -> dict:
-    """Sampling without top_p as the engine runs it on CUDA (compiled) against the eager code, in
-    one process: the same tokens for the same logits, seeds and positions; GPU time per call; and
-    the closed loop at `rows` concurrent sampled at temperature 0.7 with each."""
+    """The engine's sampler (inverse transform, one number per row) against the one before it
+    (Gumbel-max, a number per row and token), in one process: GPU time per call at `rows` rows
+    (temperature 0.7, no top-p; and with top-p 0.9), and the closed loop at `rows` concurrent
+    sampled at temperature 0.7 with each, next to the greedy closed loop."""
     from backend import sampling
 
-    eager = sampling.sample_without_top_p
-    with torch.inference_mode():
-        engine.compile_sampling()
-    compiled = engine._sample_without_top_p
+    current = sampling.sample
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn((rows, engine.vocab_size), generator=gen, device="cuda").to(engine.dtype)
     temperature = torch.full((rows,), 0.7, device="cuda")
     seeds = torch.randint(0, 2**62, (rows,), generator=gen, device="cuda")
-    same = 0
-    for position in range(32):
-        positions = torch.full((rows,), position, dtype=torch.long, device="cuda")
-        keys = engine._token_keys
-        same += int((compiled(logits, temperature, seeds, positions, keys)
-                     == eager(logits, temperature, seeds, positions, keys)).sum())
-    result = {"rows": rows, "compiled": compiled is not eager, "same_tokens": f"{same}/{32 * rows}"}
-    for name, fn in (("compiled", compiled), ("eager", eager)):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    positions = torch.full((rows,), 5, dtype=torch.long, device="cuda")
+    result = {"rows": rows}
+    with torch.inference_mode():
+        for name, fn, top_p in (("inverse_transform", current, 1.0), ("inverse_transform_top_p", current, 0.9),
+                                ("gumbel_before", gumbel_sample_before, 1.0)):
+            tops = torch.full((rows,), top_p, device="cuda")
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            fn(logits, temperature, tops, seeds, positions, True, top_p < 1)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(20):
+                fn(logits, temperature, tops, seeds, positions, True, top_p < 1)
+            end.record()
+            torch.cuda.synchronize()
+            result[f"{name}_gpu_ms"] = round(start.elapsed_time(end) / 20, 3)
+    keys = ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")
+    greedy = run_engine(engine, prompt, rows, 4 * rows, new_tokens)
+    result["greedy_closed_loop"] = {k: greedy[k] for k in keys}
+    try:
+        for name, fn in (("inverse_transform", current), ("gumbel_before", gumbel_sample_before)):
+            sampling.sample = fn  # the engine calls sampling.sample
+            run = run_engine(engine, prompt, rows, 4 * rows, new_tokens, temperature=0.7)
+            result[f"{name}_closed_loop"] = {k: run[k] for k in keys}
+    finally:
+        sampling.sample = current
+    return result
+
+
+def decode_profile(engine: TransformersEngine, batch: int, length: int = 256) -> dict:
+    """Where one decode step's GPU time goes, by kind of kernel: torch.profiler over an eager
+    decode forward at `batch` rows (the captured graph runs the same kernels), summed into matrix
+    products (with their achieved TFLOP/s against the step's weight FLOPs), attention, and the
+    rest; prints the busiest kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    engine._pos[:batch].fill_(length * 3 // 4)
+    with torch.inference_mode():
+        for _ in range(2):
+            engine._decode_forward(batch, length)
         torch.cuda.synchronize()
-        start.record()
-        for _ in range(20):
-            fn(logits, temperature, seeds, positions, engine._token_keys)
-        end.record()
-        torch.cuda.synchronize()
-        result[f"{name}_gpu_ms"] = round(start.elapsed_time(end) / 20, 3)
-        engine._sample_without_top_p = fn
-        run = run_engine(engine, prompt, rows, 4 * rows, new_tokens, temperature=0.7)
-        result[f"{name}_closed_loop"] = {k: run[k] for k in ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms", "itl_p99_ms")}
-    engine._sample_without_top_p = eager  # the engine's default
+        with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine._decode_forward(batch, length)
+            torch.cuda.synchronize()
+    kinds = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for event in prof.key_averages():
+        us = getattr(event, "self_device_time_total", None)
+        if us is None:
+            us = event.self_cuda_time_total
+        if not us or event.key.startswith(("aten::", "cuda", "Memcpy")):
+            continue
+        name = event.key.lower()
+        if any(t in name for t in ("flash", "fmha", "attention", "attn", "softmax")):  # before: fmha_cutlass...
+            kinds["attention"] += us
+        elif any(t in name for t in ("gemm", "gemv", "cutlass", "xmma", "nvjet", "cublas", "matmul")):
+            kinds["matmul"] += us
+        else:
+            kinds["other"] += us
+    # multiply-adds of the step's weights: every linear layer once per row (embeddings are a lookup)
+    linear_params = sum(m.weight.numel() for m in engine.model.modules() if isinstance(m, torch.nn.Linear))
+    flops = 2 * linear_params * batch
+    result = {"batch": batch, "length_bucket": length, **{f"{k}_ms": round(v / 1000, 3) for k, v in kinds.items()},
+              "linear_tflop": round(flops / 1e12, 3)}
+    if kinds["matmul"]:
+        result["matmul_tflops"] = round(flops / (kinds["matmul"] / 1e6) / 1e12, 1)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12)
+    print(table, file=sys.stderr, flush=True)
     return result
 
 
@@ -417,8 +479,13 @@ def main(argv=None) -> int:
                    help="also: where a wave of this many arriving prompts spends its time (comma-separated row counts)")
     p.add_argument("--profile-prefill", action="store_true",
                    help="with --prefill-rows: print torch.profiler's busiest ops of one prefill group")
+    p.add_argument("--profile-decode", action="store_true",
+                   help="one eager decode step at the largest concurrency, its GPU time by kind of kernel")
+    p.add_argument("--reuse-models", action="store_true",
+                   help="build each shape's random weights where loadtest.gpu_config keeps them (/tmp/m...), "
+                        "or use them from there, so a served run after this one does not build them again")
     p.add_argument("--sampling-check", action="store_true",
-                   help="also: sampling at temperature 0.7, compiled against eager (tokens, GPU time, closed loop)")
+                   help="also: the sampler against the one before it (GPU time per call; closed loops greedy and at 0.7)")
     p.add_argument("--greedy-variants", action="store_true",
                    help="only: greedy output against HF generate with the fused pieces and the padded prefill "
                         "graphs each on and off")
@@ -429,7 +496,14 @@ def main(argv=None) -> int:
                "transformers": __import__("transformers").__version__, "shapes": {}}
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-gpu-"))
     for shape in args.shapes.split(","):
-        model_dir = build_model(shape, args.tokenizer, tmp / shape)
+        if args.reuse_models:
+            from loadtest.gpu_config import MODEL_DIRS
+
+            model_dir = MODEL_DIRS[shape][0]
+            if not (model_dir / "config.json").is_file():
+                build_model(shape, args.tokenizer, model_dir)
+        else:
+            model_dir = build_model(shape, args.tokenizer, tmp / shape)
         concurrency = [int(c) for c in args.concurrency.split(",")]
         settings = WorkerSettings(engine="transformers", model_name=shape, model_path=str(model_dir), device="cuda:0",
                                   max_batch_size=max(concurrency), max_context=args.max_context, verify_manifest=False)
@@ -511,8 +585,18 @@ def main(argv=None) -> int:
                                                 live_prefix_attention=attention, fused_pieces=fused))
             print(shape, "breakdown", entry["step_breakdown"][-1], file=sys.stderr, flush=True)
         set_step_mode(engine, *default)
+        # the two extras below report an error of their own rather than lose the run's other figures
+        if args.profile_decode:
+            try:
+                entry["decode_profile"] = decode_profile(engine, max(concurrency))
+            except Exception as exc:  # noqa: BLE001
+                entry["decode_profile"] = repr(exc)
+            print(shape, "decode profile", entry["decode_profile"], file=sys.stderr, flush=True)
         if args.sampling_check:
-            entry["sampling_check"] = sampling_check(engine, prompt, max(concurrency), args.new_tokens)
+            try:
+                entry["sampling_check"] = sampling_check(engine, prompt, max(concurrency), args.new_tokens)
+            except Exception as exc:  # noqa: BLE001
+                entry["sampling_check"] = repr(exc)
             print(shape, "sampling", entry["sampling_check"], file=sys.stderr, flush=True)
         entry["prefill_breakdown"] = []
         for rows in [int(r) for r in args.prefill_rows.split(",") if r]:

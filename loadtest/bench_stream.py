@@ -28,7 +28,7 @@ import asyncio, json, sys, time
 import aiohttp
 url, streams, duration, tokens, model = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 temperature = float(sys.argv[6])
-body = {"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": tokens,
+body = {"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": tokens, "ignore_eos": True,
         "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}}
 import random
 SAMPLES = 20000  # latency samples kept per client (reservoir): bounded memory, unbiased percentiles
