@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
@@ -886,11 +887,14 @@ class TransformersEngine(BatchEngine):
         params = [s.params for s in seqs]
         if not any(p.temperature > 0 for p in params):
             return logits.argmax(dim=-1)
-        temperature = self._to_device([p.temperature for p in params], torch.float32)
-        top_p = self._to_device([p.top_p for p in params], torch.float32)
-        seeds = self._to_device([s.seed for s in seqs])
-        positions = self._to_device([len(s.generated) + offset for s in seqs])
-        return sampling.sample(logits, temperature, top_p, seeds, positions, True, any(p.top_p < 1 for p in params))
+        # the rows' temperatures, top-p values and uniform numbers in one copy to the device
+        per_row = np.empty((3, len(seqs)), dtype=np.float32)
+        per_row[0] = [p.temperature for p in params]
+        per_row[1] = [p.top_p for p in params]
+        per_row[2] = sampling.row_uniform_host([s.seed for s in seqs], [len(s.generated) + offset for s in seqs])
+        host = torch.from_numpy(per_row)
+        temperature, top_p, uniform = (host.pin_memory() if self._pinned else host).to(self.device, non_blocking=True)
+        return sampling.sample(logits, temperature, top_p, uniform, True, any(p.top_p < 1 for p in params))
 
     def _sample(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> list[int]:
         """Token ids on the host, after the host-side work some rows need (logits shaping, logprobs)."""

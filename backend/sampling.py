@@ -5,7 +5,10 @@ A sampled token is drawn by inverse transform: one uniform number per row, a cou
 (seed, position), is looked up in the cumulative sum of the row's probabilities (after temperature
 and top-p). No generator state, so any worker draws the same token for the same request at the
 same position (a generation resumed on another worker continues exactly), and rows with and
-without seeds mix freely in one batch.
+without seeds mix freely in one batch. The engine hashes the rows' numbers on the host
+(`row_uniform_host`, numpy: the seeds and positions are host values anyway) and uploads them with
+the temperatures and top-p values in one copy: on the device each hash step would be a kernel of
+its own, launched from Python every decode step.
 
 Why not Gumbel-max (what this module did before): it needs a hashed noise value for every token of
 every row, every step - on the H200 about 1.4 ms per step at 256 rows of a 49k vocabulary, more
@@ -15,6 +18,7 @@ softmax, a cumulative sum and a binary search are a few passes over the logits.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _M1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
@@ -39,11 +43,34 @@ def row_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return (mantissa.to(torch.float64) + 0.5) / float(1 << 53)
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor,
-           positions: torch.Tensor, any_sampled: bool, any_top_p: bool) -> torch.Tensor:
-    """logits [rows, vocab]; temperature, top_p [rows] float; seeds, positions [rows] int64.
-    Rows with temperature 0 decode greedily. Returns token ids [rows] (on the logits' device).
-    A token whose probability is 0 (masked by a grammar, cut by top-p) is never drawn."""
+_U64 = np.uint64
+
+
+def _mix_host(x: np.ndarray) -> np.ndarray:
+    """_mix on uint64 (numpy's shifts are logical and its multiplication wraps: the same bits)."""
+    x = x ^ (x >> _U64(30))
+    x = x * _U64(_M2 & (2**64 - 1))
+    x = x ^ (x >> _U64(27))
+    x = x * _U64(_M3 & (2**64 - 1))
+    return x ^ (x >> _U64(31))
+
+
+def row_uniform_host(seeds: list[int], positions: list[int]) -> np.ndarray:
+    """row_uniform on the host, bit for bit ([rows] float64)."""
+    with np.errstate(over="ignore"):
+        seeds_u = np.array(seeds, dtype=np.int64).view(np.uint64)
+        positions_u = np.array(positions, dtype=np.int64).view(np.uint64)
+        bits = _mix_host(_mix_host(seeds_u * _U64(_M1 & (2**64 - 1)) + positions_u * _U64(_M2 & (2**64 - 1)))
+                         + _U64(_M3 & (2**64 - 1)))
+    return ((bits >> _U64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor,
+           any_sampled: bool, any_top_p: bool) -> torch.Tensor:
+    """logits [rows, vocab]; temperature, top_p [rows] float; uniform [rows]: each row's
+    row_uniform(seed, position). Rows with temperature 0 decode greedily. Returns token ids [rows]
+    (on the logits' device). A token whose probability is 0 (masked by a grammar, cut by top-p) is
+    never drawn."""
     greedy = logits.argmax(dim=-1)
     if not any_sampled:
         return greedy
@@ -59,7 +86,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
         order = torch.where(nucleus, ranks, torch.arange(probs.shape[-1], device=probs.device))
     cdf = probs.cumsum(dim=-1)
     # u * total <= total in float32 too, so the search always lands on a token of the row
-    target = (row_uniform(seeds, positions).to(torch.float32) * cdf[:, -1])[:, None]
+    target = (uniform.to(torch.float32) * cdf[:, -1])[:, None]
     picked = torch.searchsorted(cdf, target).clamp_max(probs.shape[-1] - 1)
     # a float32 sum computed in parallel may dip by an ulp where a probability is 0: never pick such
     # a token (a grammar forbids it), take the row's most likely one instead

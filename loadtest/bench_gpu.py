@@ -286,18 +286,20 @@ def prefill_breakdown(engine: TransformersEngine, prompt: str, rows: int, profil
     return result
 
 
-def gumbel_sample_before(logits, temperature, top_p, seeds, positions, any_sampled, any_top_p):
+def gumbel_sample_before(logits, temperature, top_p, uniform, any_sampled, any_top_p):
     """The sampler the engine used before inverse-transform sampling (Gumbel-max with a hashed
-    noise value per row and token; top-p left out), kept here only for sampling_check's side by
-    side."""
-    from backend.sampling import _M1, _M2, _M3, _mix
+    noise value per row and token; top-p left out), kept here only for the side by side. It takes
+    sampling.sample's arguments and hashes each row's number with every token id, the same work per
+    step as before."""
+    from backend.sampling import _M3, _mix
 
     greedy = logits.argmax(dim=-1)
     if not any_sampled:
         return greedy
     logprobs = torch.log_softmax(logits.float() / temperature.clamp_min(1e-6)[:, None], dim=-1)
     keys = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int64) * _M3
-    bits = _mix(_mix(seeds * _M1 + positions * _M2)[:, None] + keys[None, :])
+    base = _mix((uniform.double() * float(1 << 53)).long())
+    bits = _mix(base[:, None] + keys[None, :])
     noise = (((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) + 0.5) / float(1 << 53)
     sampled = (logprobs + (-torch.log(-torch.log(noise))).to(logprobs.dtype)).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)
@@ -314,19 +316,19 @@ def sampling_check(engine: TransformersEngine, prompt: str, rows: int, new_token
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn((rows, engine.vocab_size), generator=gen, device="cuda").to(engine.dtype)
     temperature = torch.full((rows,), 0.7, device="cuda")
-    seeds = torch.randint(0, 2**62, (rows,), generator=gen, device="cuda")
-    positions = torch.full((rows,), 5, dtype=torch.long, device="cuda")
+    uniform = sampling.row_uniform(torch.randint(0, 2**62, (rows,), generator=gen, device="cuda"),
+                                   torch.full((rows,), 5, dtype=torch.long, device="cuda"))
     result = {"rows": rows}
     with torch.inference_mode():
         for name, fn, top_p in (("inverse_transform", current, 1.0), ("inverse_transform_top_p", current, 0.9),
                                 ("gumbel_before", gumbel_sample_before, 1.0)):
             tops = torch.full((rows,), top_p, device="cuda")
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            fn(logits, temperature, tops, seeds, positions, True, top_p < 1)
+            fn(logits, temperature, tops, uniform, True, top_p < 1)
             torch.cuda.synchronize()
             start.record()
             for _ in range(20):
-                fn(logits, temperature, tops, seeds, positions, True, top_p < 1)
+                fn(logits, temperature, tops, uniform, True, top_p < 1)
             end.record()
             torch.cuda.synchronize()
             result[f"{name}_gpu_ms"] = round(start.elapsed_time(end) / 20, 3)
