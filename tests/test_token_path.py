@@ -74,3 +74,32 @@ def test_a_slow_client_gets_merged_deltas_with_the_exact_text_and_token_counts(s
     deltas = [e for e in slow if e["choices"] and e["choices"][0]["delta"].get("content")]
     assert len(deltas) < tokens, len(deltas)  # merged: fewer events than tokens
     assert all(e["usage"] is None for e in slow[:-1])  # include_usage shape kept on merged events
+
+
+def test_plain_answers_collected_on_the_direct_path_have_the_streamed_text_exactly(start_server):
+    """A non-streaming answer takes its tokens' text on the direct path after the first ones (its
+    task wakes for the end, not per step), while tokens that arrive when the task is awake queue as
+    frames: with several long answers at once both happen many times, and each answer must still be
+    its streamed twin's text, in order, with the same token count."""
+    import concurrent.futures
+
+    tokens = 3000
+    config = fake_config(fake={"token_latency_ms": 0, "output_tokens": tokens, "context_length": tokens + 100})
+    config["cache"] = {"enabled": False}
+    server = start_server(config)
+    prompts = [f"plain answer number {i} " + "word " * i for i in range(8)]
+
+    def plain(prompt):
+        status, _, got = http_json(server.url + "/v1/chat/completions",
+                                   body(prompt, temperature=0, max_tokens=tokens),
+                                   headers={"Authorization": KEYS["standard"]}, timeout=60)
+        assert status == 200, got
+        return got
+
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(plain, prompts))
+    for prompt, got in zip(prompts, answers):
+        streamed = read_stream(server.url, body(prompt, stream=True, temperature=0, max_tokens=tokens),
+                               KEYS["standard"])
+        assert got["choices"][0]["message"]["content"] == stream_text(streamed)
+        assert got["usage"]["completion_tokens"] == tokens and got["choices"][0]["finish_reason"] == "length"
