@@ -2,7 +2,7 @@
 # Arrivals prefilled beside the decode steps (pool setting overlap_prefill), measured on one GPU in
 # one lease: the engine alone (closed loop at 256; open loop at 80% of its rate with arrivals
 # prefilled between decode steps, then beside them; greedy output against HF generate with rows
-# joining a running batch; the compiled sampler's check), then `fullpower serve` with 256 greedy
+# joining a running batch; the sampler's check against the one before it), then `fullpower serve` with 256 greedy
 # streams (temperature 0, as the engine-alone runs) with overlap_prefill off, then on, and a
 # sampled run (temperature 0.7) with it on if time is left. Needs .gpu/ as gpu_scale.sh does.
 # Writes bench-gpu-overlap-<shape>.json, served-overlap-<shape>.jsonl (one line per served run)
