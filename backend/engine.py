@@ -891,9 +891,8 @@ class TransformersEngine(BatchEngine):
         per_row = np.empty((3, len(seqs)), dtype=np.float32)
         per_row[0] = [p.temperature for p in params]
         per_row[1] = [p.top_p for p in params]
-        per_row[2] = sampling.row_uniform_host([s.seed for s in seqs], [len(s.generated) + offset for s in seqs])
-        host = torch.from_numpy(per_row)
-        temperature, top_p, uniform = (host.pin_memory() if self._pinned else host).to(self.device, non_blocking=True)
+        per_row[2] = sampling.row_uniform([s.seed for s in seqs], [len(s.generated) + offset for s in seqs])
+        temperature, top_p, uniform = self._to_device(per_row, torch.float32)
         return sampling.sample(logits, temperature, top_p, uniform, True, any(p.top_p < 1 for p in params))
 
     def _sample(self, logits: torch.Tensor, seqs: list[EngineSequence]) -> list[int]:

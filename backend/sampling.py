@@ -5,10 +5,10 @@ A sampled token is drawn by inverse transform: one uniform number per row, a cou
 (seed, position), is looked up in the cumulative sum of the row's probabilities (after temperature
 and top-p). No generator state, so any worker draws the same token for the same request at the
 same position (a generation resumed on another worker continues exactly), and rows with and
-without seeds mix freely in one batch. The engine hashes the rows' numbers on the host
-(`row_uniform_host`, numpy: the seeds and positions are host values anyway) and uploads them with
-the temperatures and top-p values in one copy: on the device each hash step would be a kernel of
-its own, launched from Python every decode step.
+without seeds mix freely in one batch. The rows' numbers are hashed on the host (`row_uniform`,
+numpy: the seeds and positions are host values anyway) and the engine uploads them with the
+temperatures and top-p values in one copy: on the device each hash step would be a kernel of its
+own, launched from Python every decode step.
 
 Why not Gumbel-max (what this module did before): it needs a hashed noise value for every token of
 every row, every step - on the H200 about 1.4 ms per step at 256 rows of a 49k vocabulary, more
@@ -21,54 +21,33 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_M1 = -7046029254386353131  # 0x9E3779B97F4A7C15 as int64
-_M2 = -4658895280553007687  # 0xBF58476D1CE4E5B9
-_M3 = -7723592293110705685  # 0x94D049BB133111EB
+# splitmix64's constants (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
+_M1, _M2, _M3 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finaliser on int64 (wrapping multiplication, logical shifts emulated)."""
-    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 (numpy's shifts are logical and its multiplication wraps)."""
+    x = x ^ (x >> np.uint64(30))
     x = x * _M2
-    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x ^ (x >> np.uint64(27))
     x = x * _M3
-    x = x ^ ((x >> 31) & ((1 << 33) - 1))
-    return x
+    return x ^ (x >> np.uint64(31))
 
 
-def row_uniform(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """U(0,1) per row ([rows] float64), a pure function of (seed, position); never 0 or 1."""
-    bits = _mix(_mix(seeds * _M1 + positions * _M2) + _M3)
-    mantissa = (bits >> 11) & ((1 << 53) - 1)
-    return (mantissa.to(torch.float64) + 0.5) / float(1 << 53)
-
-
-_U64 = np.uint64
-
-
-def _mix_host(x: np.ndarray) -> np.ndarray:
-    """_mix on uint64 (numpy's shifts are logical and its multiplication wraps: the same bits)."""
-    x = x ^ (x >> _U64(30))
-    x = x * _U64(_M2 & (2**64 - 1))
-    x = x ^ (x >> _U64(27))
-    x = x * _U64(_M3 & (2**64 - 1))
-    return x ^ (x >> _U64(31))
-
-
-def row_uniform_host(seeds: list[int], positions: list[int]) -> np.ndarray:
-    """row_uniform on the host, bit for bit ([rows] float64)."""
+def row_uniform(seeds, positions) -> np.ndarray:
+    """U(0,1) per row ([rows] float64), a pure function of (seed, position) - int64 values, as
+    lists or arrays; never 0 or 1."""
     with np.errstate(over="ignore"):
-        seeds_u = np.array(seeds, dtype=np.int64).view(np.uint64)
-        positions_u = np.array(positions, dtype=np.int64).view(np.uint64)
-        bits = _mix_host(_mix_host(seeds_u * _U64(_M1 & (2**64 - 1)) + positions_u * _U64(_M2 & (2**64 - 1)))
-                         + _U64(_M3 & (2**64 - 1)))
-    return ((bits >> _U64(11)).astype(np.float64) + 0.5) / float(1 << 53)
+        seeds_u = np.asarray(seeds, dtype=np.int64).view(np.uint64)
+        positions_u = np.asarray(positions, dtype=np.int64).view(np.uint64)
+        bits = _mix(_mix(seeds_u * _M1 + positions_u * _M2) + _M3)
+    return ((bits >> np.uint64(11)).astype(np.float64) + 0.5) / float(1 << 53)
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, uniform: torch.Tensor,
            any_sampled: bool, any_top_p: bool) -> torch.Tensor:
-    """logits [rows, vocab]; temperature, top_p [rows] float; uniform [rows]: each row's
-    row_uniform(seed, position). Rows with temperature 0 decode greedily. Returns token ids [rows]
+    """logits [rows, vocab]; temperature, top_p [rows] float; uniform [rows] on the logits' device:
+    each row's row_uniform(seed, position). Rows with temperature 0 decode greedily. Returns token ids [rows]
     (on the logits' device). A token whose probability is 0 (masked by a grammar, cut by top-p) is
     never drawn."""
     greedy = logits.argmax(dim=-1)

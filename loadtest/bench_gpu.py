@@ -291,15 +291,20 @@ def gumbel_sample_before(logits, temperature, top_p, uniform, any_sampled, any_t
     noise value per row and token; top-p left out), kept here only for the side by side. It takes
     sampling.sample's arguments and hashes each row's number with every token id, the same work per
     step as before."""
-    from backend.sampling import _M3, _mix
+    def mix(x):  # splitmix64's finaliser on int64 (logical shifts emulated), as the old sampler hashed
+        x = x ^ ((x >> 30) & ((1 << 34) - 1))
+        x = x * -4658895280553007687
+        x = x ^ ((x >> 27) & ((1 << 37) - 1))
+        x = x * -7723592293110705685
+        return x ^ ((x >> 31) & ((1 << 33) - 1))
 
     greedy = logits.argmax(dim=-1)
     if not any_sampled:
         return greedy
     logprobs = torch.log_softmax(logits.float() / temperature.clamp_min(1e-6)[:, None], dim=-1)
-    keys = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int64) * _M3
-    base = _mix((uniform.double() * float(1 << 53)).long())
-    bits = _mix(base[:, None] + keys[None, :])
+    keys = torch.arange(logits.shape[-1], device=logits.device, dtype=torch.int64) * -7723592293110705685
+    base = mix((uniform.double() * float(1 << 53)).long())
+    bits = mix(base[:, None] + keys[None, :])
     noise = (((bits >> 11) & ((1 << 53) - 1)).to(torch.float64) + 0.5) / float(1 << 53)
     sampled = (logprobs + (-torch.log(-torch.log(noise))).to(logprobs.dtype)).argmax(dim=-1)
     return torch.where(temperature > 0, sampled, greedy)
@@ -316,8 +321,8 @@ def sampling_check(engine: TransformersEngine, prompt: str, rows: int, new_token
     gen = torch.Generator(device="cuda").manual_seed(0)
     logits = torch.randn((rows, engine.vocab_size), generator=gen, device="cuda").to(engine.dtype)
     temperature = torch.full((rows,), 0.7, device="cuda")
-    uniform = sampling.row_uniform(torch.randint(0, 2**62, (rows,), generator=gen, device="cuda"),
-                                   torch.full((rows,), 5, dtype=torch.long, device="cuda"))
+    uniform = torch.from_numpy(sampling.row_uniform(torch.randint(0, 2**62, (rows,), generator=gen).tolist(),
+                                                    [5] * rows)).to("cuda")
     result = {"rows": rows}
     with torch.inference_mode():
         for name, fn, top_p in (("inverse_transform", current, 1.0), ("inverse_transform_top_p", current, 0.9),
@@ -499,11 +504,9 @@ def main(argv=None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-gpu-"))
     for shape in args.shapes.split(","):
         if args.reuse_models:
-            from loadtest.gpu_config import MODEL_DIRS
+            from loadtest.gpu_config import built_model
 
-            model_dir = MODEL_DIRS[shape][0]
-            if not (model_dir / "config.json").is_file():
-                build_model(shape, args.tokenizer, model_dir)
+            model_dir = built_model(shape, args.tokenizer)
         else:
             model_dir = build_model(shape, args.tokenizer, tmp / shape)
         concurrency = [int(c) for c in args.concurrency.split(",")]

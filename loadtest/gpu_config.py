@@ -14,6 +14,16 @@ MODEL_DIRS = {"smollm2-135m": (Path("/tmp/m135"), "m135"), "llama-3.2-1b": (Path
               "llama-3.1-8b": (Path("/tmp/m8b"), "m8b")}
 
 
+def built_model(shape: str, tokenizer: Path) -> Path:
+    """The shape's random-weight model where these scripts keep it, built on first use."""
+    model_dir = MODEL_DIRS[shape][0]
+    if not (model_dir / "config.json").is_file():
+        from loadtest.bench_gpu import build_model
+
+        build_model(shape, tokenizer, model_dir)
+    return model_dir
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.gpu_config")
     p.add_argument("--gpus", type=int, default=1)
@@ -23,11 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-wait-ms", type=float, default=0.0, help="the pool's prefill_wait_ms")
     p.add_argument("--overlap-prefill", type=int, choices=(0, 1), default=1, help="the pool's overlap_prefill")
     args = p.parse_args(argv)
-    model_dir, model_name = MODEL_DIRS[args.shape]
-    if not (model_dir / "config.json").is_file():
-        from loadtest.bench_gpu import build_model
-
-        build_model(args.shape, args.tokenizer, model_dir)
+    model_dir, model_name = built_model(args.shape, args.tokenizer), MODEL_DIRS[args.shape][1]
     n = args.gpus
     args.out.write_text(json.dumps({
         "listen": "127.0.0.1:18080", "admin_listen": "127.0.0.1:19091", "data_dir": "/tmp/fpdata",

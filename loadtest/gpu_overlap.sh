@@ -19,24 +19,9 @@ grep -E "open loop|greedy|sampling|'tokens_per_s'" "$OUT/bench-gpu-overlap-$SHAP
 tail -3 "$OUT/bench-gpu-overlap-$SHAPE.log" | cut -c1-400
 SERVED=/tmp/served-overlap
 mkdir -p $SERVED
-served() {  # overlap_prefill, temperature
-  OUT=$SERVED OVERLAP_PREFILL=$1 TEMPERATURE=$2 GPUS=1 CLIENTS_PER_GPU=8 DURATION=${DURATION:-12} SHAPES=$SHAPE \
-    timeout 110 bash loadtest/gpu_scale.sh
-  pkill -f 'proxy serv[e]'; sleep 1
-  for f in $SERVED/*-"$SHAPE"-1.*; do mv "$f" "${f%-1.*}-overlap$1-t$2.${f##*.}"; done
-  # the run's figures and anatomy on one line each, kept in $OUT as they come (a cut run keeps them)
-  python3 - "$SERVED" "$1" "$2" "$SHAPE" >> "$OUT/served-overlap-$SHAPE.jsonl" <<'PY'
-import json, sys
-d, overlap, temp, shape = sys.argv[1:]
-tag = f"{shape}-overlap{overlap}-t{temp}"
-row = {"overlap_prefill": overlap == "1", "temperature": float(temp)}
-for name in ("scale", "anatomy"):
-    try:
-        row[name] = json.load(open(f"{d}/{name}-{tag}.json"))
-    except (OSError, ValueError) as exc:
-        row[name] = repr(exc)
-print(json.dumps(row))
-PY
+served() {  # overlap_prefill (1 or 0), temperature
+  SERVED_TIMEOUT=110 served_run "$SHAPE" "$1" "$2" $SERVED "overlap$1-t$2" "$OUT/served-overlap-$SHAPE.jsonl" \
+    overlap_prefill=$([ "$1" = 1 ] && echo true || echo false) temperature="$2"
 }
 served 0 0
 served 1 0

@@ -20,22 +20,7 @@ for SHAPE in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
   grep -E "greedy|sampling|decode profile|'tokens_per_s'" "$OUT/bench-gpu-shapes-$SHAPE.log" | cut -c1-600
   tail -2 "$OUT/bench-gpu-shapes-$SHAPE.log" | cut -c1-300
   for temp in ${TEMPS:-0 0.7}; do
-    OUT=$SERVED OVERLAP_PREFILL=1 TEMPERATURE=$temp GPUS=1 CLIENTS_PER_GPU=8 DURATION=${DURATION:-12} SHAPES=$SHAPE \
-      timeout ${SERVED_TIMEOUT:-150} bash loadtest/gpu_scale.sh
-    pkill -f 'proxy serv[e]'; sleep 1
-    for f in $SERVED/*-"$SHAPE"-1.*; do mv "$f" "${f%-1.*}-t$temp.${f##*.}"; done
-    # the run's figures and anatomy on one line, kept in $OUT as they come (a cut run keeps them)
-    python3 - "$SERVED" "$temp" "$SHAPE" >> "$OUT/served-shapes-$SHAPE.jsonl" <<'PY'
-import json, sys
-d, temp, shape = sys.argv[1:]
-row = {"shape": shape, "temperature": float(temp)}
-for name in ("scale", "anatomy"):
-    try:
-        row[name] = json.load(open(f"{d}/{name}-{shape}-t{temp}.json"))
-    except (OSError, ValueError) as exc:
-        row[name] = repr(exc)
-print(json.dumps(row))
-PY
+    served_run "$SHAPE" 1 "$temp" $SERVED "t$temp" "$OUT/served-shapes-$SHAPE.jsonl" shape="$SHAPE" temperature="$temp"
     tail -5 "$SERVED/serve-$SHAPE-t$temp.log" | cut -c1-300
   done
 done

@@ -9,11 +9,15 @@ import torch
 from backend import sampling
 
 
+def _uniform(seeds, positions) -> torch.Tensor:
+    return torch.from_numpy(sampling.row_uniform(seeds, positions))
+
+
 def _draws(logits_row: list[float], temperature: float, top_p: float, n: int) -> torch.Tensor:
     """n draws for one distribution: n rows of the same logits, seeds 0..n-1."""
     logits = torch.tensor([logits_row] * n)
     return sampling.sample(logits, torch.full((n,), temperature), torch.full((n,), top_p),
-                           sampling.row_uniform(torch.arange(n) * 7919 + 11, torch.full((n,), 3)), True, top_p < 1)
+                           _uniform(torch.arange(n) * 7919 + 11, torch.full((n,), 3)), True, top_p < 1)
 
 
 def _assert_frequencies(draws: torch.Tensor, expected: torch.Tensor) -> None:
@@ -54,7 +58,7 @@ def test_forbidden_tokens_are_never_drawn():
     logits[:, 17] = -60.0  # allowed, but ~1e-26 of the mass
     for top_p in (1.0, 0.5):
         got = sampling.sample(logits, torch.full((n,), 1.3), torch.full((n,), top_p),
-                              sampling.row_uniform(torch.arange(n), torch.arange(n) % 5), True, top_p < 1)
+                              _uniform(torch.arange(n), torch.arange(n) % 5), True, top_p < 1)
         assert allowed[got].all()
 
 
@@ -62,7 +66,7 @@ def test_greedy_rows_take_the_argmax_beside_sampled_ones():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn((8, 1000), generator=gen)
     temperature = torch.tensor([0.0, 0.7, 1.3, 0.0, 1.0, 0.0, 2.0, 0.9])
-    uniform = sampling.row_uniform(torch.arange(8), torch.zeros(8, dtype=torch.long))
+    uniform = _uniform(torch.arange(8), torch.zeros(8, dtype=torch.long))
     got = sampling.sample(logits, temperature, torch.ones(8), uniform, True, False)
     greedy = temperature == 0
     assert torch.equal(got[greedy], logits.argmax(-1)[greedy])
@@ -78,7 +82,7 @@ def test_a_draw_depends_on_seed_and_position_only():
     logits = torch.randn((16, 500), generator=gen)
     temperature, top_p = torch.full((16,), 1.0), torch.tensor([1.0, 0.9] * 8)
     seeds, positions = torch.randint(0, 2**62, (16,), generator=gen), torch.arange(16) * 3
-    u = sampling.row_uniform(seeds, positions)
+    u = _uniform(seeds, positions)
     batch = sampling.sample(logits, temperature, top_p, u, True, True)
     for i in range(16):
         alone = sampling.sample(logits[i:i + 1], temperature[i:i + 1], top_p[i:i + 1], u[i:i + 1], True,
@@ -86,15 +90,29 @@ def test_a_draw_depends_on_seed_and_position_only():
         assert alone.item() == batch[i].item()
     assert ((u > 0) & (u < 1)).all()
     assert len(set(u.tolist())) == 16
-    assert not torch.equal(sampling.row_uniform(seeds, positions + 1), u)
+    assert not torch.equal(_uniform(seeds, positions + 1), u)
 
 
-def test_the_hosts_uniform_numbers_are_the_devices_bit_for_bit():
-    """The engine hashes the rows' numbers on the host (numpy); the draws stay those of
-    row_uniform, for any seed (negative, near the int64 limits) and position."""
+def _splitmix_reference(seed: int, position: int) -> float:
+    """row_uniform written out with Python integers, masked to 64 bits by hand."""
+    mask = 2**64 - 1
+
+    def mix(x):
+        x ^= x >> 30
+        x = (x * 0xBF58476D1CE4E5B9) & mask
+        x ^= x >> 27
+        x = (x * 0x94D049BB133111EB) & mask
+        return x ^ (x >> 31)
+    bits = mix((mix((seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) & mask) + 0x94D049BB133111EB) & mask)
+    return ((bits >> 11) + 0.5) / float(1 << 53)
+
+
+def test_the_uniform_numbers_are_splitmix64_bit_for_bit():
+    """The rows' numbers (hashed with numpy's wrapping uint64 arithmetic) equal the same hash in
+    Python's integers, for any seed (negative, near the int64 limits) and position."""
     gen = torch.Generator().manual_seed(3)
     seeds = torch.cat([torch.randint(-2**63, 2**63 - 1, (200,), generator=gen),
-                       torch.tensor([0, 1, -1, 2**63 - 1, -2**63])])
-    positions = torch.randint(0, 1 << 20, (205,), generator=gen)
-    host = sampling.row_uniform_host(seeds.tolist(), positions.tolist())
-    assert torch.equal(torch.from_numpy(host), sampling.row_uniform(seeds, positions))
+                       torch.tensor([0, 1, -1, 2**63 - 1, -2**63])]).tolist()
+    positions = torch.randint(0, 1 << 20, (205,), generator=gen).tolist()
+    got = sampling.row_uniform(seeds, positions).tolist()
+    assert got == [_splitmix_reference(s % 2**64, p) for s, p in zip(seeds, positions)]
