@@ -33,6 +33,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from backend import decode_attention
+from backend.fp8 import fp8_supported, quantize_fp8
 from backend.fused import FusedPieces
 from backend.manifest import ManifestError, has_manifest, verify_manifest
 from backend.protocol import Generate, SamplingParams, TokenLogprob, WorkerSettings
@@ -111,8 +112,9 @@ AttentionInterface.register(ATTENTION, slot_attention)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype activations, the KV cache and unquantised weights use (int8 computes in auto's)."""
-    if name in ("auto", "int8"):
+    """The dtype activations, the KV cache and unquantised weights use (int8 and fp8 compute in
+    auto's: fp8 quantises each layer's input itself and returns its product in this dtype)."""
+    if name in ("auto", "int8", "fp8"):
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     try:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -265,6 +267,13 @@ class TransformersEngine(BatchEngine):
         self.model.to(self.device).eval()
         if settings.dtype == "int8":
             quantize_int8(self.model)
+        elif settings.dtype == "fp8":
+            unsupported = fp8_supported(self.device)
+            if unsupported:
+                raise BootError(f"dtype fp8: {unsupported}; choose bfloat16, float16 or int8")
+            compile_quantize = settings.cuda_graphs and self.device.type == "cuda"  # as the fused pieces
+            log.info("fp8: %d linear layers quantised (W8A8, per channel and per token)",
+                     quantize_fp8(self.model, compile_quantize))
         self.weight_bytes = weight_bytes(self.model)
         log.info("model weights: %.0f MiB (%s)", self.weight_bytes / 2**20, settings.dtype)
         self.body, self.lm_head = self.model.model, self.model.lm_head

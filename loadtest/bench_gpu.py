@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from backend import decode_attention
 from backend.engine import PREFILL_TOKEN_BUDGET, TransformersEngine
+from backend.fp8 import Fp8Linear
 from backend.protocol import Finished, Generate, SamplingParams, Tokens, WorkerSettings
 from loadtest.report import write_json
 
@@ -381,7 +382,7 @@ def decode_profile(engine: TransformersEngine, batch: int, length: int = 256) ->
         else:
             kinds["other"] += us
     # multiply-adds of the step's weights: every linear layer once per row (embeddings are a lookup)
-    linear_params = sum(m.weight.numel() for m in engine.model.modules() if isinstance(m, torch.nn.Linear))
+    linear_params = sum(m.weight.numel() for m in engine.model.modules() if isinstance(m, (torch.nn.Linear, Fp8Linear)))
     flops = 2 * linear_params * batch
     result = {"batch": batch, "length_bucket": length, **{f"{k}_ms": round(v / 1000, 3) for k, v in kinds.items()},
               "linear_tflop": round(flops / 1e12, 3)}
@@ -497,9 +498,10 @@ def main(argv=None) -> int:
                    help="only: greedy output against HF generate with the fused pieces and the padded prefill "
                         "graphs each on and off")
     p.add_argument("--max-context", type=int, default=512)
+    p.add_argument("--dtype", default="auto", help="the engine's dtype (WorkerSettings.dtype): auto, fp8, ...")
     p.add_argument("--out", default="reports/bench-gpu.json")
     args = p.parse_args(argv)
-    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
                "transformers": __import__("transformers").__version__, "shapes": {}}
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-gpu-"))
     for shape in args.shapes.split(","):
@@ -511,7 +513,8 @@ def main(argv=None) -> int:
             model_dir = build_model(shape, args.tokenizer, tmp / shape)
         concurrency = [int(c) for c in args.concurrency.split(",")]
         settings = WorkerSettings(engine="transformers", model_name=shape, model_path=str(model_dir), device="cuda:0",
-                                  max_batch_size=max(concurrency), max_context=args.max_context, verify_manifest=False)
+                                  max_batch_size=max(concurrency), max_context=args.max_context, verify_manifest=False,
+                                  dtype=args.dtype)
         t0 = time.perf_counter()
         engine = TransformersEngine(settings)
         engine.warm_up()

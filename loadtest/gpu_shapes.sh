@@ -5,22 +5,28 @@
 # before it and the closed loop sampled at 0.7; with PROFILE=1 one decode step's GPU time by kind of
 # kernel), then `fullpower serve` with 256 streams at each temperature in TEMPS (default "0 0.7").
 # The random weights are built once per shape (where gpu_config keeps them) and shared by both.
-# Needs .gpu/ as gpu_scale.sh does. Writes bench-gpu-shapes-<shape>.json/.log and
-# served-shapes-<shape>.jsonl (one line per served run) into ${OUT:-reports}.
+# DTYPE (default auto) is the engine's and the pool's dtype (fp8: backend/fp8.py); other than auto it
+# is added to the files' names. Needs .gpu/ as gpu_scale.sh does. Writes bench-gpu-shapes-<shape>.json/.log
+# and served-shapes-<shape>.jsonl (one line per served run) into ${OUT:-reports}.
 set -u
 source loadtest/gpu_env.sh > /dev/null
 SERVED=/tmp/served-shapes
 mkdir -p $SERVED
+export DTYPE=${DTYPE:-auto}  # gpu_scale.sh (served_run) reads it too
 for SHAPE in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
   extra=""
   [ "${PROFILE:-0}" = 1 ] && extra="--profile-decode"
+  name=$SHAPE
+  [ "$DTYPE" != auto ] && name="$SHAPE-$DTYPE"
   timeout ${ALONE_TIMEOUT:-240} python3 -m loadtest.bench_gpu --tokenizer .gpu/tokenizer --shapes "$SHAPE" \
     --concurrency 256 --new-tokens 128 --hf-batches "" --prefill-budgets "" --reuse-models --sampling-check $extra \
-    --out "$OUT/bench-gpu-shapes-$SHAPE.json" 2> "$OUT/bench-gpu-shapes-$SHAPE.log" > /dev/null
-  grep -E "greedy|sampling|decode profile|'tokens_per_s'" "$OUT/bench-gpu-shapes-$SHAPE.log" | cut -c1-600
-  tail -2 "$OUT/bench-gpu-shapes-$SHAPE.log" | cut -c1-300
+    --dtype "$DTYPE" --out "$OUT/bench-gpu-shapes-$name.json" 2> "$OUT/bench-gpu-shapes-$name.log" > /dev/null
+  grep -E "greedy|sampling|decode profile|'tokens_per_s'" "$OUT/bench-gpu-shapes-$name.log" | cut -c1-600
+  tail -2 "$OUT/bench-gpu-shapes-$name.log" | cut -c1-300
   for temp in ${TEMPS:-0 0.7}; do
-    served_run "$SHAPE" 1 "$temp" $SERVED "t$temp" "$OUT/served-shapes-$SHAPE.jsonl" shape="$SHAPE" temperature="$temp"
-    tail -5 "$SERVED/serve-$SHAPE-t$temp.log" | cut -c1-300
+    tag="t$temp"
+    [ "$DTYPE" != auto ] && tag="t$temp-$DTYPE"
+    served_run "$SHAPE" 1 "$temp" $SERVED "$tag" "$OUT/served-shapes-$name.jsonl" shape="$SHAPE" temperature="$temp" dtype="$DTYPE"
+    tail -5 "$SERVED/serve-$SHAPE-$tag.log" | cut -c1-300
   done
 done

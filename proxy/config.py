@@ -59,8 +59,10 @@ class Pool(_Base, kw_only=True):
     devices: list[str] = msgspec.field(default_factory=lambda: ["cpu"])  # one entry per replica slot: "cpu" or "cuda:N"
     replicas: Replicas = msgspec.field(default_factory=Replicas)
     autoscale: Autoscale = msgspec.field(default_factory=Autoscale)
-    # int8: weight-only quantisation of the linear layers (torchao), computing in auto's dtype
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = "auto"
+    # int8: weight-only quantisation of the linear layers (torchao), computing in auto's dtype;
+    # fp8: float8 weights and activations in the linear layers (backend/fp8.py; GPUs of compute
+    # capability 8.9 or later, or the CPU), the rest in auto's dtype
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "fp8"] = "auto"
     max_batch_size: PosInt = 8
     # Sampling defaults for requests that leave temperature / top_p out (OpenAI's are 1.0 and 1.0).
     default_temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] = 1.0

@@ -71,7 +71,7 @@ def test_int8_without_torchao_fails_at_worker_boot_with_a_clear_message(tiny_mod
                                           dtype="int8", max_batch_size=2))
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "int8", "fp8"])
 def test_every_precision_decodes_greedily_like_its_own_reference(tiny_model, dtype):
     """The engine (slot KV cache, batching) against HF generate on the same weights, per precision."""
     import torch

@@ -1,0 +1,110 @@
+"""fp8 (W8A8 float8) linear layers, backend/fp8.py: the maths on the CPU (torch._scaled_mm through
+oneDNN, the call the GPU makes through cuBLASLt), shared quantisation of a group's input, and what
+quantize_fp8 replaces in a real model. Greedy decoding against HF generate on the same fp8 weights
+is in tests/test_precision.py; the speed on a Hopper GPU is in docs/benchmarks.md section 18."""
+
+import pytest
+import torch
+
+from backend import fp8
+from backend.fp8 import FP8, Fp8Linear, SharedInput, quantize_fp8
+
+
+def _linear(inputs: int, outputs: int, seed: int = 0) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(inputs, outputs, bias=False)
+
+
+def test_products_are_close_to_the_float_ones_and_weights_are_a_byte_each():
+    linear = _linear(256, 384)
+    layer = Fp8Linear(linear)
+    assert layer.weight.dtype is FP8 and layer.weight.element_size() == 1
+    x = torch.randn(3, 7, 256)
+    with torch.no_grad():
+        ref, got = linear(x), layer(x)
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    # e4m3 keeps 3 bits of mantissa: a few percent of the product's size, not more
+    relative = ((got - ref).norm() / ref.norm()).item()
+    assert 0 < relative < 0.06, relative
+
+
+def test_a_rows_product_does_not_depend_on_its_batch():
+    """Per-token scales: a row is quantised exactly as it is beside rows of other magnitudes (a
+    per-tensor scale would not: a large row elsewhere would coarsen this one), so its product
+    differs only by the summation order the matrix kernel picks for the batch's size."""
+    layer = Fp8Linear(_linear(128, 64))
+    row = torch.randn(1, 128)
+    batch = torch.cat([torch.randn(2, 128) * 100_000, row, torch.zeros(1, 128)])
+    (row_q, row_scale), (batch_q, batch_scale) = fp8.quantize_rows(row), fp8.quantize_rows(batch)
+    assert torch.equal(row_q[0].float(), batch_q[2].float()) and torch.equal(row_scale[0], batch_scale[2])
+    with torch.no_grad():
+        alone, beside = layer(row), layer(batch)
+    torch.testing.assert_close(alone[0], beside[2], rtol=1e-5, atol=1e-6)
+    per_tensor = (batch.abs().amax() / fp8.FP8_MAX)  # what a per-tensor scale would have done to the row
+    coarse = ((row / per_tensor).to(FP8).float() * per_tensor - row).norm() / row.norm()
+    fine = (row_q.float() * row_scale - row).norm() / row.norm()
+    assert coarse > 2 * fine  # ... which is why the scales are per row
+    assert torch.equal(beside[3], torch.zeros(64))  # a zero row: zeros, not 0/0
+
+
+def test_weights_of_very_different_channels_keep_their_own_precision():
+    linear = _linear(64, 32)
+    with torch.no_grad():
+        linear.weight[0] *= 1e-4  # a channel far smaller than the others keeps its relative precision
+    layer = Fp8Linear(linear)
+    x = torch.randn(16, 64)
+    with torch.no_grad():
+        ref, got = linear(x)[:, 0], layer(x)[:, 0]
+    assert ((got - ref).norm() / ref.norm()).item() < 0.06
+
+
+def test_a_groups_input_is_quantised_once_and_then_let_go(monkeypatch):
+    calls = []
+    real = fp8.quantize_rows
+    monkeypatch.setattr(fp8, "quantize_rows", lambda x: calls.append(x.shape) or real(x))
+    shared = SharedInput(3)
+    q, k, v = (Fp8Linear(_linear(64, 32, seed), shared) for seed in range(3))
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        outs = [layer(x) for layer in (q, k, v)]
+        assert calls == [(10, 64)]  # once for the three
+        assert torch.equal(outs[1], Fp8Linear(_linear(64, 32, 1))(x))  # the same as quantising alone
+        assert shared._quantised is None and shared._input is None  # released after the third use
+        q(torch.randn(2, 5, 64))
+        q(x)  # a new input (or the same after release) is quantised anew
+    assert calls == [(10, 64)] * 4  # the reference layer above quantised its own copy
+
+
+def test_quantize_fp8_replaces_the_decoder_layers_but_not_lm_head(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    layers = model.config.num_hidden_layers
+    assert quantize_fp8(model) == 7 * layers  # q, k, v, o, gate, up, down per layer
+    assert type(model.lm_head) is torch.nn.Linear
+    attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    assert attention.q_proj.shared is attention.k_proj.shared is attention.v_proj.shared
+    assert mlp.gate_proj.shared is mlp.up_proj.shared and mlp.down_proj.shared is not mlp.up_proj.shared
+    assert attention.o_proj.shared is not attention.q_proj.shared
+
+
+def test_fp8_on_a_gpu_without_float8_is_refused_with_the_reason(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    why = fp8.fp8_supported(torch.device("cuda:0"))
+    assert "NVIDIA A100" in why and "8.9" in why
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert fp8.fp8_supported(torch.device("cuda:0")) is None
+    assert fp8.fp8_supported(torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("dtype", ["fp8"])
+def test_the_worker_refuses_fp8_where_the_device_cannot(tiny_model, monkeypatch, dtype):
+    from backend.engine import BootError, TransformersEngine
+    from backend.protocol import WorkerSettings
+
+    monkeypatch.setattr(fp8, "fp8_supported", lambda device: "no float8 here")
+    monkeypatch.setattr("backend.engine.fp8_supported", lambda device: "no float8 here")
+    with pytest.raises(BootError, match="dtype fp8: no float8 here"):
+        TransformersEngine(WorkerSettings(engine="transformers", model_name="tiny", model_path=str(tiny_model),
+                                          dtype=dtype, max_batch_size=2))
