@@ -98,8 +98,7 @@ def test_fp8_on_a_gpu_without_float8_is_refused_with_the_reason(monkeypatch):
     assert fp8.fp8_supported(torch.device("cpu")) is None
 
 
-@pytest.mark.parametrize("dtype", ["fp8"])
-def test_the_worker_refuses_fp8_where_the_device_cannot(tiny_model, monkeypatch, dtype):
+def test_the_worker_refuses_fp8_where_the_device_cannot(tiny_model, monkeypatch):
     from backend.engine import BootError, TransformersEngine
     from backend.protocol import WorkerSettings
 
@@ -107,4 +106,27 @@ def test_the_worker_refuses_fp8_where_the_device_cannot(tiny_model, monkeypatch,
     monkeypatch.setattr("backend.engine.fp8_supported", lambda device: "no float8 here")
     with pytest.raises(BootError, match="dtype fp8: no float8 here"):
         TransformersEngine(WorkerSettings(engine="transformers", model_name="tiny", model_path=str(tiny_model),
-                                          dtype=dtype, max_batch_size=2))
+                                          dtype="fp8", max_batch_size=2))
+
+
+def test_an_fp8_engine_decodes_like_hf_generate_on_its_weights_with_joins_leaves_and_chunks(tiny_model, monkeypatch):
+    """The engine's batching with fp8 layers: rows joining and leaving, a prompt prefilled in chunks
+    between decode steps, each row's greedy output equal to HF generate's on the same fp8 model
+    (per-token scales: a row's quantisation does not depend on its batch)."""
+    from backend.engine import TransformersEngine
+    from backend.protocol import Finished, Generate, SamplingParams, WorkerSettings
+    from tests.test_engine import PROMPTS, hf_greedy, run
+
+    engine = TransformersEngine(WorkerSettings(engine="transformers", model_name="tiny", model_path=str(tiny_model),
+                                               dtype="fp8", max_batch_size=4))
+    assert isinstance(engine.model.model.layers[0].mlp.down_proj, Fp8Linear)
+    monkeypatch.setattr(engine, "prefill_budget", 5)  # the long prompt goes in over several steps
+    long_prompt = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+    reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=6 + 4 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS + [long_prompt])]
+    got = run(engine, reqs)
+    with torch.inference_mode():
+        for r in reqs:
+            ids, _, end = got[r.id]
+            assert isinstance(end, Finished) and end.finish_reason == "length"
+            assert ids == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
