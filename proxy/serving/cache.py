@@ -85,6 +85,7 @@ class AnswerCache:
         self.shared: SharedCache | None = None  # the tier shared by several hosts (Redis), when configured
         # key -> _Decoded: a repeated hit skips the msgpack decode while its bytes are the same object
         self._decoded = cachetools.LRUCache(DECODED_MEMORY_BYTES, getsizeof=lambda entry: entry.size)
+        self._last_decoded: _Decoded | None = None  # what `decode` gave last (`bodies` asks right after)
 
     def _evicted(self) -> None:
         if self.metrics is not None:
@@ -151,6 +152,7 @@ class AnswerCache:
     # --- API ------------------------------------------------------------------------------------
     async def get(self, key: str) -> CachedAnswer | None:
         """Memory, then the shared tier (another host's answers), then this host's disk."""
+        self._last_decoded = None  # set again by `decode` when this key's answer is kept decoded
         raw = self.memory.get(key) if self.memory is not None else None
         if raw is None and self.shared is not None:
             try:
@@ -174,6 +176,7 @@ class AnswerCache:
             return None
         kept = self._decoded.get(key)
         if kept is not None and kept.raw is raw:
+            self._last_decoded = kept
             return kept.answer
         try:
             answer = _decode(raw)
@@ -187,12 +190,15 @@ class AnswerCache:
         kept = _Decoded(raw, answer)
         if kept.size <= self._decoded.maxsize:
             self._decoded[key] = kept
+            self._last_decoded = kept
         return answer
 
     def bodies(self, key: str, answer: CachedAnswer) -> dict | None:
         """Where the HTTP layer may keep responses pre-built from `answer` (the one `get` returned
         for `key`), for as long as that decoded entry is kept; None when it is not."""
-        kept = self._decoded.get(key)
+        kept = self._last_decoded  # `get` (for this key) ran just before, in the same step: no second lookup
+        if kept is None or kept.answer is not answer:
+            kept = self._decoded.get(key)
         return kept.bodies if kept is not None and kept.answer is answer else None
 
     async def put(self, key: str, answer: CachedAnswer) -> None:
@@ -210,6 +216,7 @@ class AnswerCache:
         if self.memory is not None:
             self.memory.clear()
         self._decoded.clear()
+        self._last_decoded = None
         if self.shared is not None:
             try:
                 n += await self.shared.clear()

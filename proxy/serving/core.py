@@ -111,42 +111,11 @@ class ServingCore:
         return refund
 
     # --- one request ----------------------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def answer(self, plan: RequestPlan, rec: RequestRecord):
-        """Admit (or serve from the cache, or join a flight) and yield the Answer; leaving the
-        block releases everything the request holds and cancels its generation if unfinished."""
-        refund = await self.rate_limit(plan.key, plan.tier, plan.cost)
-        gen: Generation | None = None  # made only when this request generates (not for a hit or a join)
-
-        def generation() -> Generation:
-            nonlocal gen
-            gen = Generation(self.pools, plan.pool, plan.generate, plan.cost, first_token_s=plan.first_token_s,
-                             idle_s=plan.idle_s, keepalive_s=self.keepalive_s, budget=self.budget,
-                             max_attempts=self.max_attempts, metrics=self.metrics, on_ejection=self.on_ejection)
-            return gen
-
-        self.active += 1
-        try:
-            if plan.cache_key is None:
-                answer, close = await self._direct(plan, generation(), rec)
-            else:
-                answer, close = await self._shared(plan, generation, rec)
-            rec.cache, rec.cache_header = answer.cache, answer.cache_header
-            self.metrics.child(self.metrics.cache_requests, answer.cache).inc()
-            try:
-                yield answer
-            finally:
-                close()
-        except (asyncio.CancelledError, ConnectionResetError):
-            self.metrics.cancellations.labels("generating" if gen is not None and gen.dispatched_at
-                                              else "queued").inc()
-            raise
-        finally:
-            self.active -= 1
-            if gen is not None:
-                rec.failovers = gen.failovers
-            if refund is not None:
-                refund(plan.cost - (rec.prompt_tokens + rec.completion_tokens))
+    def answer(self, plan: RequestPlan, rec: RequestRecord) -> "AnswerScope":
+        """`async with core.answer(plan, rec) as answer`: admit (or serve from the cache, or join a
+        flight) and give the Answer; leaving the block releases everything the request holds and
+        cancels its generation if unfinished."""
+        return AnswerScope(self, plan, rec)
 
     async def _direct(self, plan: RequestPlan, gen: Generation, rec: RequestRecord):
         ticket = await self.gate.acquire(plan.pool, plan.tier, plan.key, plan.cost)
@@ -293,3 +262,67 @@ class ServingCore:
         await self.coalescer.close()
         if self._cache_writes:
             await asyncio.gather(*self._cache_writes, return_exceptions=True)
+
+
+class AnswerScope:
+    """One request's hold on the serving core, as an async context manager (a class rather than
+    an @asynccontextmanager generator: this runs for every request, a cache hit included, and a
+    generator-based manager costs an async generator - registered with the event loop's
+    asyncgen hooks on first use - and contextlib's frames on top, a few percent of a hit)."""
+
+    __slots__ = ("core", "plan", "rec", "refund", "gen", "close", "entered")
+
+    def __init__(self, core: ServingCore, plan: RequestPlan, rec: RequestRecord) -> None:
+        self.core, self.plan, self.rec = core, plan, rec
+        self.refund: Callable[[int], None] | None = None
+        self.gen: Generation | None = None  # made only when this request generates (not for a hit or a join)
+        self.close: Callable[[], None] | None = None
+        self.entered = False
+
+    def _generation(self) -> Generation:
+        core, plan = self.core, self.plan
+        self.gen = Generation(core.pools, plan.pool, plan.generate, plan.cost, first_token_s=plan.first_token_s,
+                              idle_s=plan.idle_s, keepalive_s=core.keepalive_s, budget=core.budget,
+                              max_attempts=core.max_attempts, metrics=core.metrics, on_ejection=core.on_ejection)
+        return self.gen
+
+    async def __aenter__(self) -> Answer:
+        core, plan, rec = self.core, self.plan, self.rec
+        self.refund = await core.rate_limit(plan.key, plan.tier, plan.cost)
+        core.active += 1
+        self.entered = True
+        try:
+            if plan.cache_key is None:
+                answer, self.close = await core._direct(plan, self._generation(), rec)
+            else:
+                answer, self.close = await core._shared(plan, self._generation, rec)
+            rec.cache, rec.cache_header = answer.cache, answer.cache_header
+            core.metrics.child(core.metrics.cache_requests, answer.cache).inc()
+        except BaseException as exc:
+            self._leave(exc)
+            raise
+        return answer
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if self.close is not None:
+                self.close()
+        finally:
+            self._leave(exc)
+        return False
+
+    def _leave(self, exc: BaseException | None) -> None:
+        """What leaving does once, however the block ends: count a cancellation, release the
+        admission count, record failovers, refund unused tokens."""
+        if not self.entered:
+            return
+        self.entered = False
+        core, rec, gen = self.core, self.rec, self.gen
+        if isinstance(exc, (asyncio.CancelledError, ConnectionResetError)):
+            core.metrics.cancellations.labels("generating" if gen is not None and gen.dispatched_at
+                                              else "queued").inc()
+        core.active -= 1
+        if gen is not None:
+            rec.failovers = gen.failovers
+        if self.refund is not None:
+            self.refund(self.plan.cost - (rec.prompt_tokens + rec.completion_tokens))
