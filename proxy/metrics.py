@@ -22,7 +22,6 @@ OUTCOMES = ("served", "shed", "timeout", "cancelled", "error", "invalid")
 class Metrics:
     def __init__(self) -> None:
         self._children: dict = {}
-        self._tiers: dict[str, TierMetrics] = {}
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)  # process_cpu_seconds_total, memory, open fds (the CPU alert)
         # Counted once or more per request on the event loop's thread only: LoopCounter (no lock).
@@ -88,15 +87,6 @@ class Metrics:
         found = self._children.get(key)
         if found is None:
             found = self._children[key] = metric.labels(*labels)
-        return found
-
-    def for_tier(self, tier: str) -> "TierMetrics":
-        """The per-tier children a request's record updates at its end, looked up once per tier
-        (each `child` lookup builds a key and hashes it: five of them per request showed in a cache
-        hit's profile). Bounded like the children: tiers come from the configuration (and "none")."""
-        found = self._tiers.get(tier)
-        if found is None:
-            found = self._tiers[tier] = TierMetrics(self, tier)
         return found
 
     def add_collector(self, collect: Callable[[], list]) -> None:
@@ -219,16 +209,3 @@ class _LoopCounterChild:
         if amount < 0:
             raise ValueError("a counter only goes up")
         self.value += amount
-
-
-class TierMetrics:
-    """A tier's children of the per-request metrics (Metrics.for_tier)."""
-
-    __slots__ = ("duration", "queue_wait", "ttft", "prompt_tokens", "completion_tokens")
-
-    def __init__(self, metrics: Metrics, tier: str) -> None:
-        self.duration = metrics.child(metrics.duration, tier)
-        self.queue_wait = metrics.child(metrics.queue_wait, tier)
-        self.ttft = metrics.child(metrics.ttft, tier)
-        self.prompt_tokens = metrics.child(metrics.tokens, tier, "prompt")
-        self.completion_tokens = metrics.child(metrics.tokens, tier, "completion")

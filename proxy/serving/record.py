@@ -62,20 +62,21 @@ class RequestRecord:
         total = time.monotonic() - self.started
         tier = self.tier or "none"
         if self.path.startswith("/v1/") and self.method == "POST":
+            child = metrics.child
             # Label values stay bounded: only models this server serves, else "unknown".
             model = self.served_model or self.planned_model or ("unknown" if self.model else "none")
-            metrics.child(metrics.requests, tier, model, str(self.status), self.outcome).inc()
-            per_tier = metrics.for_tier(tier)
-            per_tier.duration.observe(total)
+            child(metrics.requests, tier, model, str(self.status),
+                  self.outcome).inc()
+            child(metrics.duration, tier).observe(total)
             if self.queue_s is not None:
-                per_tier.queue_wait.observe(self.queue_s)
+                child(metrics.queue_wait, tier).observe(self.queue_s)
             if self.ttft_s is not None:
-                per_tier.ttft.observe(self.ttft_s)
+                child(metrics.ttft, tier).observe(self.ttft_s)
             if self.overhead_s is not None:
                 metrics.overhead.observe(self.overhead_s)
             if self.prompt_tokens or self.completion_tokens:
-                per_tier.prompt_tokens.inc(self.prompt_tokens)
-                per_tier.completion_tokens.inc(self.completion_tokens)
+                child(metrics.tokens, tier, "prompt").inc(self.prompt_tokens)
+                child(metrics.tokens, tier, "completion").inc(self.completion_tokens)
         # Probes and admin calls would drown the log: one line per API request.
         if self.path.startswith("/v1/") and access_log.isEnabledFor(logging.INFO):
             access_log.info(_json.encode({
