@@ -118,14 +118,15 @@ _GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 _compiled_quantize = None
 
 
-def compiled_quantize_rows():
+def compiled_quantize_rows(backend: str = "inductor"):
     """quantize_rows compiled by inductor into one or two kernels (made once per process). Written
     op by op it is eight kernels per group's input - ~1,000 per decode step of the 8B shape, which
-    at a microsecond or two each inside a CUDA graph would eat much of what fp8 saves."""
+    at a microsecond or two each inside a CUDA graph would eat much of what fp8 saves. `backend`
+    lets a CPU test trace the same function whole without generating kernels."""
     global _compiled_quantize
-    if _compiled_quantize is None:
-        _compiled_quantize = torch.compile(quantize_rows, dynamic=True, fullgraph=True)
-    return _compiled_quantize
+    if _compiled_quantize is None or _compiled_quantize[0] != backend:
+        _compiled_quantize = (backend, torch.compile(quantize_rows, dynamic=True, fullgraph=True, backend=backend))
+    return _compiled_quantize[1]
 
 
 def quantize_fp8(model: torch.nn.Module, compile_quantize: bool = False) -> int:
