@@ -3,7 +3,8 @@
 # serve >= 95% of the engine alone"): for each shape in SHAPES (default smollm2-135m llama-3.2-1b),
 # the engine alone (closed loop of 256 greedy, the sampler's check: its GPU time against the one
 # before it and the closed loop sampled at 0.7; with PROFILE=1 one decode step's GPU time by kind of
-# kernel), then `fullpower serve` with 256 streams at each temperature in TEMPS (default "0 0.7").
+# kernel; SAMPLING=0 leaves the sampler's check out), then `fullpower serve` with 256 streams at each
+# temperature in TEMPS (default "0 0.7"; TEMPS="" serves nothing).
 # The random weights are built once per shape (where gpu_config keeps them) and shared by both.
 # DTYPE (default auto) is the engine's and the pool's dtype (fp8: backend/fp8.py); other than auto it
 # is added to the files' names. Needs .gpu/ as gpu_scale.sh does. Writes bench-gpu-shapes-<shape>.json/.log
@@ -16,10 +17,11 @@ export DTYPE=${DTYPE:-auto}  # gpu_scale.sh (served_run) reads it too
 for SHAPE in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
   extra=""
   [ "${PROFILE:-0}" = 1 ] && extra="--profile-decode"
+  [ "${SAMPLING:-1}" = 1 ] && extra="$extra --sampling-check"
   name=$SHAPE
   [ "$DTYPE" != auto ] && name="$SHAPE-$DTYPE"
   timeout ${ALONE_TIMEOUT:-240} python3 -m loadtest.bench_gpu --tokenizer .gpu/tokenizer --shapes "$SHAPE" \
-    --concurrency 256 --new-tokens 128 --hf-batches "" --prefill-budgets "" --reuse-models --sampling-check $extra \
+    --concurrency 256 --new-tokens 128 --hf-batches "" --prefill-budgets "" --reuse-models $extra \
     --dtype "$DTYPE" --out "$OUT/bench-gpu-shapes-$name.json" 2> "$OUT/bench-gpu-shapes-$name.log" > /dev/null
   grep -E "greedy|sampling|decode profile|'tokens_per_s'" "$OUT/bench-gpu-shapes-$name.log" | cut -c1-600
   tail -2 "$OUT/bench-gpu-shapes-$name.log" | cut -c1-300
