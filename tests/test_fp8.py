@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backend import fp8
-from backend.fp8 import FP8, Fp8Linear, SharedInput, quantize_fp8
+from backend.fp8 import FP8, Fp8Linear, Fp8Merged, Fp8Slice, SharedInput, quantize_fp8
 
 
 def _linear(inputs: int, outputs: int, seed: int = 0) -> torch.nn.Linear:
@@ -69,7 +69,7 @@ def test_a_groups_input_is_quantised_once_and_then_let_go(monkeypatch):
         outs = [layer(x) for layer in (q, k, v)]
         assert calls == [(10, 64)]  # once for the three
         assert torch.equal(outs[1], Fp8Linear(_linear(64, 32, 1))(x))  # the same as quantising alone
-        assert shared._quantised is None and shared._input is None  # released after the third use
+        assert shared._result is None and shared._input is None  # released after the third use
         q(torch.randn(2, 5, 64))
         q(x)  # a new input (or the same after release) is quantised anew
     assert calls == [(10, 64)] * 4  # the reference layer above quantised its own copy
@@ -80,12 +80,59 @@ def test_quantize_fp8_replaces_the_decoder_layers_but_not_lm_head(tiny_model):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     layers = model.config.num_hidden_layers
+    config = model.config
     assert quantize_fp8(model) == 7 * layers  # q, k, v, o, gate, up, down per layer
     assert type(model.lm_head) is torch.nn.Linear
     attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    assert attention.q_proj.shared is attention.k_proj.shared is attention.v_proj.shared
-    assert mlp.gate_proj.shared is mlp.up_proj.shared and mlp.down_proj.shared is not mlp.up_proj.shared
-    assert attention.o_proj.shared is not attention.q_proj.shared
+    # q/k/v and gate/up: one stacked product each, owned by the parent; the layers are its slices
+    assert isinstance(attention.fp8_q_k_v, Fp8Merged) and isinstance(mlp.fp8_gate_up, Fp8Merged)
+    q_width, kv_width = config.hidden_size, config.num_key_value_heads * config.head_dim
+    assert [(p.start, p.stop) for p in (attention.q_proj, attention.k_proj, attention.v_proj)] == [
+        (0, q_width), (q_width, q_width + kv_width), (q_width + kv_width, q_width + 2 * kv_width)]
+    assert all(isinstance(p, Fp8Slice) and p.merged is attention.fp8_q_k_v
+               for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+    assert mlp.gate_proj.merged is mlp.up_proj.merged is mlp.fp8_gate_up
+    assert type(attention.o_proj) is Fp8Linear and type(mlp.down_proj) is Fp8Linear
+    # each weight counted once: the slices hold no parameters of their own
+    names = [name for name, _ in model.model.layers[0].named_parameters()]
+    assert "self_attn.fp8_q_k_v.weight" in names and not any("q_proj" in name for name in names)
+
+
+def test_a_merged_groups_slices_are_the_separate_layers_products_computed_once():
+    """Per-channel weight scales: the stacked weights are exactly the separate layers' quantised
+    weights, so each slice is the product the separate layer gives; the product is made once per
+    input and let go after the group's last member."""
+    linears = [_linear(64, width, seed) for seed, width in enumerate((48, 16, 16))]
+    merged = Fp8Merged(linears)
+    parts = [Fp8Slice(merged, start, stop) for start, stop in ((0, 48), (48, 64), (64, 80))]
+    products = []
+    real = merged.forward
+    merged.of.fn = lambda x: products.append(x.shape) or real(x)
+    x = torch.randn(3, 4, 64)
+    with torch.no_grad():
+        got = [part(x) for part in parts]
+        assert products == [(3, 4, 64)] and merged.of._result is None  # once; released after the third
+        for out, linear in zip(got, linears):
+            assert torch.equal(out, Fp8Linear(linear)(x))
+        parts[0](x)
+    assert products == [(3, 4, 64)] * 2  # after release, the same input is multiplied anew
+
+
+def test_a_gated_mlp_quantises_downs_input_inside_its_activation(tiny_model, monkeypatch):
+    """The MLP's swapped forward (gate_up -> SiLU * up quantised -> down) gives exactly what
+    transformers' forward over the slices gives, and down's own quantiser is not called."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    quantize_fp8(model)
+    mlp = model.model.layers[1].mlp
+    assert "forward" in vars(mlp)  # swapped on the instance
+    x = torch.randn(2, 5, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        theirs = type(mlp).forward(mlp, x)  # act_fn(gate_proj(x)) * up_proj(x) -> down_proj, op by op
+        monkeypatch.setattr(mlp.down_proj, "shared", lambda x: pytest.fail("down quantised its input again"))
+        ours = mlp(x)
+    assert ours.dtype is torch.bfloat16 and torch.equal(ours, theirs)
 
 
 def test_fp8_on_a_gpu_without_float8_is_refused_with_the_reason(monkeypatch):
@@ -140,4 +187,10 @@ def test_the_compiled_quantiser_traces_whole_and_gives_the_same_bytes():
         x = torch.randn(rows, 96) * torch.logspace(-3, 3, rows)[:, None]
         (eager_q, eager_scale), (compiled_q, compiled_scale) = fp8.quantize_rows(x), compiled(x)
         assert compiled_q.dtype is FP8 and torch.equal(compiled_q.float(), eager_q.float())
+        assert torch.equal(compiled_scale, eager_scale)
+    activation = fp8.compiled(fp8.silu_mul_quantize, backend="aot_eager")
+    for rows in (1, 7):
+        gate_up = torch.randn(rows, 2 * 48, dtype=torch.bfloat16)
+        (eager_q, eager_scale), (compiled_q, compiled_scale) = fp8.silu_mul_quantize(gate_up, 48), activation(gate_up, 48)
+        assert compiled_q.shape == (rows, 48) and torch.equal(compiled_q.float(), eager_q.float())
         assert torch.equal(compiled_scale, eager_scale)
