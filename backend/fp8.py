@@ -82,6 +82,10 @@ class OncePerInput:
         self._result = None
         self._uses = 0
 
+    def prime(self, x: torch.Tensor, result) -> None:
+        """Hand over fn(x) made elsewhere (a norm that quantises its own output in the same kernel)."""
+        self._input, self._result, self._uses = x, result, 0
+
     def __call__(self, x: torch.Tensor):
         if x is not self._input or self._result is None:
             self._input, self._uses = x, 0
@@ -181,6 +185,8 @@ class Fp8Slice(torch.nn.Module):
 # Layers that read the same input, by their names in transformers' decoder layers, and the name
 # their parent gives the merged product.
 _GROUPS = ((("q_proj", "k_proj", "v_proj"), "fp8_q_k_v"), (("gate_proj", "up_proj"), "fp8_gate_up"))
+# In a decoder layer, the norm whose output is a merged product's input: (norm, product's parent, product).
+_NORM_FEEDS = (("input_layernorm", "self_attn", "fp8_q_k_v"), ("post_attention_layernorm", "mlp", "fp8_gate_up"))
 
 
 _compiled: dict[tuple[str, str], object] = {}
@@ -261,4 +267,12 @@ def quantize_fp8(model: torch.nn.Module, compile_quantize: bool = False) -> int:
             replaced += 1
     for mlp in mlps:
         _fuse_gated_mlp(mlp, activation)
+    # Tell each norm whose output only a merged product reads where its quantised copy goes:
+    # backend/fused.py's compiled norm then quantises in the same kernel and primes it (`fp8_feeds`).
+    for layer in model.modules():
+        for norm_name, parent_name, merged_name in _NORM_FEEDS:
+            norm = getattr(layer, norm_name, None)
+            merged = getattr(getattr(layer, parent_name, None), merged_name, None)
+            if isinstance(norm, torch.nn.Module) and isinstance(merged, Fp8Merged):
+                norm.fp8_feeds = merged.shared
     return replaced

@@ -17,6 +17,10 @@ rotary embedding - each is checked on a probe input against the code it would re
 is swapped (same output, bit for bit, uncompiled). The engine uses this on CUDA with
 captured graphs; on the CPU a test runs the same plumbing with a backend that runs the traced
 graphs as they are.
+
+For an fp8 model (backend/fp8.py) a norm whose output only a merged float8 product reads (the one
+before q/k/v, the one before gate/up) also quantises that output in its kernel and hands it to the
+product (`fp8_feeds`), which saves the quantiser's kernel twice per layer.
 """
 
 from __future__ import annotations
@@ -27,12 +31,22 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from backend.fp8 import quantize_rows
+
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     x32 = x.to(torch.float32)
     x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x32.to(dtype)
+
+
+def _rms_norm_quantize(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    """RMSNorm whose output is also quantised per row for the float8 product it feeds (backend/fp8.py):
+    (the normed x, its rows as float8, their scales) from one kernel instead of the norm's and the
+    quantiser's."""
+    normed = _rms_norm(x, weight, eps)
+    return (normed, *quantize_rows(normed.reshape(-1, normed.shape[-1])))
 
 
 def _gated_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -108,12 +122,17 @@ class FusedPieces:
             options = {"emulate_precision_casts": True} if self.backend == "inductor" else None
             self._compiled = tuple(torch.compile(fn, dynamic=True, fullgraph=True, backend=self.backend,
                                                  options=options)
-                                   for fn in (_rms_norm, _gated_mlp, _rotary))
-        norm, mlp, rotary = self._compiled
+                                   for fn in (_rms_norm, _gated_mlp, _rotary, _rms_norm_quantize))
+        norm, mlp, rotary, norm_quantize = self._compiled
         for module in self.model.modules():
+            # (what replaces the forward, the module's tensors it takes, the plain function it must
+            # equal on a probe, the probe's width)
             if _is_rms_norm(module):
-                piece, args = norm, lambda m: (m.weight, m.variance_epsilon)
+                args = lambda m: (m.weight, m.variance_epsilon)
                 plain, width = _rms_norm, module.weight.shape[-1]
+                feeds = getattr(module, "fp8_feeds", None)
+                # an fp8 model's norm before q/k/v or gate/up (backend/fp8.py): normed and quantised in one
+                piece = norm if feeds is None else self._norm_priming(norm_quantize, feeds)
             elif _is_gated_mlp(module):
                 piece, args = mlp, lambda m: (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)
                 plain, width = _gated_mlp, module.gate_proj.in_features
@@ -132,6 +151,14 @@ class FusedPieces:
             home.apply_rotary_pos_emb = rotary
         self.active = True
         return len(self._swapped)
+
+    @staticmethod
+    def _norm_priming(norm_quantize, feeds):
+        def piece(x, weight, eps):
+            normed, quantised, scales = norm_quantize(x, weight, eps)
+            feeds.prime(normed, (quantised, scales))  # the product's own quantiser finds it done
+            return normed
+        return piece
 
     @contextlib.contextmanager
     def paused(self):

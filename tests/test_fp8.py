@@ -194,3 +194,35 @@ def test_the_compiled_quantiser_traces_whole_and_gives_the_same_bytes():
         (eager_q, eager_scale), (compiled_q, compiled_scale) = fp8.silu_mul_quantize(gate_up, 48), activation(gate_up, 48)
         assert compiled_q.shape == (rows, 48) and torch.equal(compiled_q.float(), eager_q.float())
         assert torch.equal(compiled_scale, eager_scale)
+
+
+def test_with_fused_pieces_the_norms_quantise_for_the_merged_products(tiny_model):
+    """backend/fused.py's norm before q/k/v and before gate/up also quantises its output (one kernel
+    on the GPU) and hands it to the merged product, whose own quantiser then never runs; greedy
+    output with rows joining and leaving stays HF generate's (traced graphs run as they are here)."""
+    from backend.engine import TransformersEngine
+    from backend.fused import FusedPieces
+    from backend.protocol import Generate, SamplingParams, WorkerSettings
+    from tests.test_engine import PROMPTS, hf_greedy, run
+
+    engine = TransformersEngine(WorkerSettings(engine="transformers", model_name="tiny", model_path=str(tiny_model),
+                                               dtype="fp8", max_batch_size=4))
+    own_quantisations = []
+    for layer in engine.model.model.layers:
+        for merged in (layer.self_attn.fp8_q_k_v, layer.mlp.fp8_gate_up):
+            real = merged.shared.fn
+            merged.shared.fn = lambda x, real=real: own_quantisations.append(x.shape) or real(x)
+    engine.fused = FusedPieces(engine.model, backend=lambda graph, inputs: graph.forward)
+    layers = engine.model.config.num_hidden_layers
+    reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=5 + 3 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS)]
+    try:
+        assert engine.fused.apply() == 2 * layers + 1  # the norms (fp8 MLPs keep their own forward)
+        got = run(engine, reqs)
+        assert own_quantisations == []
+    finally:
+        engine.fused.restore()
+    with torch.inference_mode():
+        for r in reqs:
+            assert got[r.id][0] == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
+    assert own_quantisations  # unfused (HF generate above), the products quantise for themselves
