@@ -62,6 +62,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+# How an Fp8Linear multiplies (set_recipe; docs/benchmarks.md section 18 measures them):
+# row: torch._scaled_mm with the row and channel scales, accumulating in float32;
+# row-fast: the same with use_fast_accum (Hopper's faster, less precise accumulation);
+# tensor: unit per-tensor scales (cuBLASLt), a float32 product, both scales applied after it.
+RECIPES = ("row", "row-fast", "tensor")
+
+
+def rescale_rows(product: torch.Tensor, row_scale: torch.Tensor, column_scale: torch.Tensor, dtype: torch.dtype):
+    """A float32 product of unit-scaled float8 operands times its rows' and columns' scales, in dtype."""
+    return (product * row_scale * column_scale).to(dtype)
+
+
 def silu_mul_quantize(gate_up: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A gated SiLU MLP's activation over stacked gate/up rows ([rows, 2 * width]: gate first), in
     the compute dtype as transformers' `act_fn(gate) * up` rounds it, quantised per row for down."""
@@ -129,15 +141,33 @@ class Fp8Linear(torch.nn.Module):
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.compute_dtype = linear.weight.dtype
         self.shared = shared or SharedInput(1)
+        self.recipe, self.rescale, self.unit_scale = "row", rescale_rows, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.multiply(*self.shared(x)).reshape(*x.shape[:-1], self.out_features)
 
     def multiply(self, quantised: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The product of rows already quantised (float8 [rows, in], scales [rows, 1])."""
-        out = torch._scaled_mm(quantised, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
-                               out_dtype=self.compute_dtype)
+        if self.recipe == "tensor":
+            # cuBLASLt's float8 product with unit scales, accumulated and returned in float32, then
+            # both scales applied in one compiled kernel (rescale): on Hopper torch's row-wise
+            # kernel is a CUTLASS template that runs far below cuBLAS's without fast accumulation.
+            unit = self.unit_scale
+            out = torch._scaled_mm(quantised, self.weight.t(), scale_a=unit, scale_b=unit, out_dtype=torch.float32)
+            out = self.rescale(out, scale, self.weight_scale, self.compute_dtype)
+        else:
+            out = torch._scaled_mm(quantised, self.weight.t(), scale_a=scale, scale_b=self.weight_scale,
+                                   out_dtype=self.compute_dtype, use_fast_accum=self.recipe == "row-fast")
         return out if self.bias is None else out + self.bias
+
+    def set_recipe(self, recipe: str, rescale=None) -> None:
+        """How the product is computed (RECIPES); rescale: the tensor recipe's scaling function
+        (rescale_rows as written, or a compiled one)."""
+        if recipe not in RECIPES:
+            raise ValueError(f"fp8 recipe {recipe!r}: one of {', '.join(RECIPES)}")
+        self.recipe, self.rescale = recipe, rescale or rescale_rows
+        if recipe == "tensor" and self.unit_scale is None:
+            self.unit_scale = torch.ones((), dtype=torch.float32, device=self.weight.device)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, float8 e4m3 W8A8"
@@ -232,6 +262,16 @@ def _fuse_gated_mlp(mlp: torch.nn.Module, activation) -> bool:
     if same:
         mlp.forward = lambda x: gated(x, activation)
     return same
+
+
+def set_recipe(model: torch.nn.Module, recipe: str, compile_rescale: bool = False) -> int:
+    """Every Fp8Linear of the model multiplies by `recipe` (RECIPES); returns how many. Before any
+    CUDA graph is captured: a captured step keeps the recipe it was captured with."""
+    rescale = compiled(rescale_rows) if compile_rescale else None
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    for layer in layers:
+        layer.set_recipe(recipe, rescale)
+    return len(layers)
 
 
 def quantize_fp8(model: torch.nn.Module, compile_quantize: bool = False) -> int:

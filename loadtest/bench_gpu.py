@@ -499,9 +499,12 @@ def main(argv=None) -> int:
                         "graphs each on and off")
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--dtype", default="auto", help="the engine's dtype (WorkerSettings.dtype): auto, fp8, ...")
+    p.add_argument("--fp8-recipe", default="row", choices=("row", "row-fast", "tensor"),
+                   help="with --dtype fp8: how the float8 products are computed (backend/fp8.py RECIPES)")
     p.add_argument("--out", default="reports/bench-gpu.json")
     args = p.parse_args(argv)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
+               "fp8_recipe": args.fp8_recipe if args.dtype == "fp8" else None,
                "transformers": __import__("transformers").__version__, "shapes": {}}
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-gpu-"))
     for shape in args.shapes.split(","):
@@ -517,6 +520,11 @@ def main(argv=None) -> int:
                                   dtype=args.dtype)
         t0 = time.perf_counter()
         engine = TransformersEngine(settings)
+        if args.dtype == "fp8" and args.fp8_recipe != "row":
+            from backend.fp8 import set_recipe
+
+            print(f"fp8 recipe {args.fp8_recipe}: {set_recipe(engine.model, args.fp8_recipe, engine.use_graphs)} layers",
+                  file=sys.stderr, flush=True)
         engine.warm_up()
         boot = time.perf_counter() - t0
         prompt = " word" * 128

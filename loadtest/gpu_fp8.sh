@@ -5,9 +5,12 @@
 # `fullpower serve` at temperature 0 for each dtype. Files as gpu_shapes.sh names them
 # (bench-gpu-shapes-<shape>[-<dtype>].json, served-shapes-<shape>[-<dtype>].jsonl).
 set -u
+# DTYPES may name fp8 recipes as fp8:<recipe> (row, row-fast, tensor; backend/fp8.py RECIPES).
 for dtype in ${DTYPES:-fp8 auto}; do
   temps=""
   [ "${SERVED:-0}" = 1 ] && temps=0
-  DTYPE=$dtype PROFILE=1 SAMPLING=0 TEMPS="$temps" SHAPES="${SHAPES:-llama-3.1-8b}" \
+  recipe=""
+  case $dtype in fp8:*) recipe=${dtype#fp8:}; dtype=fp8 ;; esac
+  DTYPE=$dtype FP8_RECIPE=$recipe PROFILE=1 SAMPLING=0 TEMPS="$temps" SHAPES="${SHAPES:-llama-3.1-8b}" \
     ALONE_TIMEOUT=${ALONE_TIMEOUT:-280} bash loadtest/gpu_shapes.sh
 done

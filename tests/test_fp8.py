@@ -194,6 +194,10 @@ def test_the_compiled_quantiser_traces_whole_and_gives_the_same_bytes():
         (eager_q, eager_scale), (compiled_q, compiled_scale) = fp8.silu_mul_quantize(gate_up, 48), activation(gate_up, 48)
         assert compiled_q.shape == (rows, 48) and torch.equal(compiled_q.float(), eager_q.float())
         assert torch.equal(compiled_scale, eager_scale)
+    rescale = fp8.compiled(fp8.rescale_rows, backend="aot_eager")  # the tensor recipe's scaling
+    product, rows_scale, columns_scale = torch.randn(6, 40) * 1e5, torch.rand(6, 1), torch.rand(1, 40)
+    assert torch.equal(rescale(product, rows_scale, columns_scale, torch.bfloat16),
+                       fp8.rescale_rows(product, rows_scale, columns_scale, torch.bfloat16))
 
 
 def test_with_fused_pieces_the_norms_quantise_for_the_merged_products(tiny_model):
@@ -226,3 +230,35 @@ def test_with_fused_pieces_the_norms_quantise_for_the_merged_products(tiny_model
         for r in reqs:
             assert got[r.id][0] == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
     assert own_quantisations  # unfused (HF generate above), the products quantise for themselves
+
+
+@pytest.mark.parametrize("recipe", ["row-fast", "tensor"])
+def test_every_recipe_multiplies_like_the_row_wise_one(recipe):
+    """The recipes differ in the kernel and where the scales are applied, not in the maths: the
+    products agree with the row-wise one to the compute dtype's rounding; an unknown one is refused."""
+    linear = _linear(256, 96).to(torch.bfloat16)
+    row, other = Fp8Linear(linear), Fp8Linear(linear)
+    other.set_recipe(recipe)
+    x = torch.randn(5, 256, dtype=torch.bfloat16) * torch.logspace(-2, 2, 5, dtype=torch.bfloat16)[:, None]
+    with torch.no_grad():
+        expected, got = row(x), other(x)
+    assert got.dtype is torch.bfloat16
+    torch.testing.assert_close(got, expected, rtol=2 ** -7, atol=1e-6)
+    with pytest.raises(ValueError, match="fp8 recipe 'blockwise'"):
+        other.set_recipe("blockwise")
+
+
+def test_an_engine_with_the_tensor_recipe_decodes_like_hf_generate(tiny_model):
+    from backend.engine import TransformersEngine
+    from backend.protocol import Generate, SamplingParams, WorkerSettings
+    from tests.test_engine import PROMPTS, hf_greedy, run
+
+    engine = TransformersEngine(WorkerSettings(engine="transformers", model_name="tiny", model_path=str(tiny_model),
+                                               dtype="fp8", max_batch_size=4))
+    assert fp8.set_recipe(engine.model, "tensor") == 4 * engine.model.config.num_hidden_layers  # 2 merged + o + down
+    reqs = [Generate(id=i, prompt=p, params=SamplingParams(max_tokens=4 + 3 * i, temperature=0.0, ignore_eos=True))
+            for i, p in enumerate(PROMPTS)]
+    got = run(engine, reqs)
+    with torch.inference_mode():
+        for r in reqs:
+            assert got[r.id][0] == hf_greedy(engine, r.prompt, r.params.max_tokens), r.prompt
