@@ -680,11 +680,18 @@ class TransformersEngine(BatchEngine):
         self._pos[:n].copy_(torch.tensor(pos, pin_memory=self._pinned), non_blocking=True)
         return self._run_step(seqs, slots, n, max(pos) + 1, offset=0)
 
-    def _to_device(self, values: list, dtype=torch.long) -> torch.Tensor:
-        """A small host list on the device without waiting for the device: torch.tensor(...,
+    def _to_device(self, values: "list | np.ndarray", dtype=torch.long) -> torch.Tensor:
+        """A small host list or array on the device without waiting for the device: torch.tensor(...,
         device=cuda) copies from pageable memory, which waits for every kernel queued before it -
         the step in flight - and would undo the pipelining."""
-        return torch.tensor(values, dtype=dtype, pin_memory=self._pinned).to(self.device, non_blocking=True)
+        if isinstance(values, np.ndarray):
+            # torch.tensor(ndarray, pin_memory=True) refuses numpy input ("Can't pin tensor
+            # constructed from numpy"): wrap the array, then copy it into pinned memory.
+            host = torch.from_numpy(values).to(dtype)
+            host = host.pin_memory() if self._pinned else host
+        else:
+            host = torch.tensor(values, dtype=dtype, pin_memory=self._pinned)
+        return host.to(self.device, non_blocking=True)
 
     def launch_next(self, step: "_DecodeStep", seqs: list[EngineSequence],
                     joining: "_SidePrefill | None" = None) -> "_DecodeStep | None":

@@ -163,6 +163,24 @@ def test_seeded_sampling_is_reproducible_and_seeds_differ(engine):
     assert sample(1) != sample(2)
 
 
+def test_sampled_rows_upload_their_parameters_through_pinned_memory(engine, monkeypatch):
+    """On CUDA host values go to the device from pinned memory; the sampler's per-row parameters
+    are a numpy array, which torch.tensor(..., pin_memory=True) refuses - that crashed every worker
+    serving a sampled request on the GPU. Here pinning is stood in for (the CPU has no pinned
+    allocator), so the sampler's upload runs the path the GPU runs."""
+    from types import SimpleNamespace
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.shape) or self)
+    monkeypatch.setattr(engine, "_pinned", True)
+    rows = [SimpleNamespace(params=SamplingParams(temperature=t, top_p=p), seed=seed, generated=[])
+            for seed, (t, p) in enumerate([(0.7, 1.0), (1.0, 0.9), (0.0, 1.0)])]
+    logits = torch.randn(3, engine.vocab_size)
+    chosen = engine._sample_on_device(logits, rows, 0)
+    assert pinned == [(3, 3)]  # temperatures, top-p values and uniforms, one pinned upload
+    assert chosen.shape == (3,) and chosen[2] == logits[2].argmax()  # temperature 0: the argmax
+
+
 def test_stop_sequence_cuts_text_and_reports_stop(engine):
     r = Generate(id=1, prompt="x", params=SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
     full = run(engine, [r])[1][1]
