@@ -26,7 +26,7 @@ for SHAPE in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
     --dtype "$DTYPE" --out "$OUT/bench-gpu-shapes-$name.json" 2> "$OUT/bench-gpu-shapes-$name.log" > /dev/null
   grep -E "greedy|sampling|decode profile|'tokens_per_s'" "$OUT/bench-gpu-shapes-$name.log" | cut -c1-600
   tail -2 "$OUT/bench-gpu-shapes-$name.log" | cut -c1-300
-  for temp in ${TEMPS:-0 0.7}; do
+  for temp in ${TEMPS-0 0.7}; do  # TEMPS="" (set, empty): no served run
     tag="t$temp"
     [ "$DTYPE" != auto ] && tag="t$temp-$DTYPE"
     served_run "$SHAPE" 1 "$temp" $SERVED "$tag" "$OUT/served-shapes-$name.jsonl" shape="$SHAPE" temperature="$temp" dtype="$DTYPE"
