@@ -27,8 +27,9 @@ into one kernel on CUDA with graphs: op by op it is four). lm_head and the embed
 stay in the compute dtype (the logits are where precision shows first; small models tie lm_head
 to the embeddings).
 
-Not used by hand-written fused pieces: backend/fused.py swaps only MLPs made of nn.Linear, so an
-fp8 model's MLPs keep their own forward (the norms and rotary stay fused).
+backend/fused.py's MLP piece swaps only MLPs made of nn.Linear; an fp8 model's gated MLPs get the
+forward above instead, and its norms before q/k/v and gate/up quantise their output for the
+product in the same compiled kernel (fused.py, `fp8_feeds`).
 """
 
 from __future__ import annotations
@@ -149,9 +150,10 @@ class Fp8Linear(torch.nn.Module):
     def multiply(self, quantised: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The product of rows already quantised (float8 [rows, in], scales [rows, 1])."""
         if self.recipe == "tensor":
-            # cuBLASLt's float8 product with unit scales, accumulated and returned in float32, then
-            # both scales applied in one compiled kernel (rescale): on Hopper torch's row-wise
-            # kernel is a CUTLASS template that runs far below cuBLAS's without fast accumulation.
+            # the float8 product with unit scales, accumulated and returned in float32, then both
+            # scales applied by one compiled kernel (rescale). Kept as a measured alternative: on
+            # the H100 (torch 2.11) its products took 0.33 ms less per 8B step than row's, and
+            # its rescaling 0.75 ms more (docs/benchmarks.md section 18).
             unit = self.unit_scale
             out = torch._scaled_mm(quantised, self.weight.t(), scale_a=unit, scale_b=unit, out_dtype=torch.float32)
             out = self.rescale(out, scale, self.weight_scale, self.compute_dtype)
@@ -223,8 +225,8 @@ _compiled: dict[tuple[str, str], object] = {}
 
 
 def compiled(fn, backend: str = "inductor"):
-    """fn (quantize_rows or silu_mul_quantize) compiled by inductor into one or two kernels, once per
-    process. Written op by op the quantiser is eight kernels per input - ~1,000 per decode step of
+    """fn (quantize_rows, silu_mul_quantize or rescale_rows) compiled by inductor into one or two
+    kernels, once per process. Written op by op the quantiser is eight kernels per input - ~1,000 per decode step of
     the 8B shape, which at a microsecond or two each inside a CUDA graph would eat much of what fp8
     saves. emulate_precision_casts: round to the compute dtype where the eager code does, so the
     compiled activation rounds as transformers' does. `backend` lets a CPU test trace the same
@@ -234,10 +236,6 @@ def compiled(fn, backend: str = "inductor"):
         options = {"emulate_precision_casts": True} if backend == "inductor" else None
         _compiled[key] = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend, options=options)
     return _compiled[key]
-
-
-def compiled_quantize_rows(backend: str = "inductor"):
-    return compiled(quantize_rows, backend)
 
 
 def _fuse_gated_mlp(mlp: torch.nn.Module, activation) -> bool:

@@ -182,7 +182,7 @@ def test_an_fp8_engine_decodes_like_hf_generate_on_its_weights_with_joins_leaves
 def test_the_compiled_quantiser_traces_whole_and_gives_the_same_bytes():
     """What CUDA with graphs uses (fullgraph: a graph break would be an error, not a slow path),
     traced here without generating kernels; rows of any count share one compilation."""
-    compiled = fp8.compiled_quantize_rows(backend="aot_eager")
+    compiled = fp8.compiled(fp8.quantize_rows, backend="aot_eager")
     for rows in (1, 5, 64):
         x = torch.randn(rows, 96) * torch.logspace(-3, 3, rows)[:, None]
         (eager_q, eager_scale), (compiled_q, compiled_scale) = fp8.quantize_rows(x), compiled(x)
