@@ -75,10 +75,23 @@ def rescale_rows(product: torch.Tensor, row_scale: torch.Tensor, column_scale: t
     return (product * row_scale * column_scale).to(dtype)
 
 
-def silu_mul_quantize(gate_up: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_mul(gate_up: torch.Tensor, width: int) -> torch.Tensor:
     """A gated SiLU MLP's activation over stacked gate/up rows ([rows, 2 * width]: gate first), in
-    the compute dtype as transformers' `act_fn(gate) * up` rounds it, quantised per row for down."""
-    return quantize_rows(F.silu(gate_up[:, :width]) * gate_up[:, width:])
+    the compute dtype as transformers' `act_fn(gate) * up` rounds it."""
+    return F.silu(gate_up[:, :width]) * gate_up[:, width:]
+
+
+def silu_mul_quantize(gate_up: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu_mul quantised per row for down, as one function (compiled: one fused computation)."""
+    return quantize_rows(silu_mul(gate_up, width))
+
+
+# How a gated MLP's activation reaches down's input (set_activation; the same bytes either way):
+# fused: silu_mul_quantize compiled as one function; on the H100 inductor made two kernels of it that
+#   take 31 us per 8B layer, ~3x their memory traffic (docs/benchmarks.md section 18, second pass);
+# split: silu_mul and quantize_rows compiled apart (the activation written once in the compute
+#   dtype, then the quantiser that o_proj's input uses), to measure against it.
+ACTIVATIONS = ("fused", "split")
 
 
 class OncePerInput:
@@ -225,8 +238,8 @@ _compiled: dict[tuple[str, str], object] = {}
 
 
 def compiled(fn, backend: str = "inductor"):
-    """fn (quantize_rows, silu_mul_quantize or rescale_rows) compiled by inductor into one or two
-    kernels, once per process. Written op by op the quantiser is eight kernels per input - ~1,000 per decode step of
+    """fn (quantize_rows, silu_mul_quantize, silu_mul or rescale_rows) compiled by inductor into one
+    or two kernels, once per process. Written op by op the quantiser is eight kernels per input - ~1,000 per decode step of
     the 8B shape, which at a microsecond or two each inside a CUDA graph would eat much of what fp8
     saves. emulate_precision_casts: round to the compute dtype where the eager code does, so the
     compiled activation rounds as transformers' does. `backend` lets a CPU test trace the same
@@ -238,9 +251,32 @@ def compiled(fn, backend: str = "inductor"):
     return _compiled[key]
 
 
+def _activation(kind: str, compile_it: bool):
+    """The gated activation with down's quantisation (ACTIVATIONS), eager or compiled."""
+    if kind not in ACTIVATIONS:
+        raise ValueError(f"fp8 activation {kind!r}: one of {', '.join(ACTIVATIONS)}")
+    if not compile_it:
+        return silu_mul_quantize
+    if kind == "fused":
+        return compiled(silu_mul_quantize)
+    activate, quantize = compiled(silu_mul), compiled(quantize_rows)
+    return lambda gate_up, width: quantize(activate(gate_up, width))
+
+
+def set_activation(model: torch.nn.Module, kind: str, compile_it: bool = False) -> int:
+    """Every swapped gated MLP of the model computes its activation the `kind` way (ACTIVATIONS);
+    returns how many. Before any CUDA graph is captured, as set_recipe."""
+    activation = _activation(kind, compile_it)
+    mlps = [m for m in model.modules() if "fp8_activation" in vars(m)]
+    for mlp in mlps:
+        mlp.fp8_activation = activation
+    return len(mlps)
+
+
 def _fuse_gated_mlp(mlp: torch.nn.Module, activation) -> bool:
     """Swap a gated SiLU MLP whose gate/up are one merged product for gate_up -> activation quantised
-    for down -> down, if on a probe input it gives exactly what the MLP's own forward gives."""
+    for down -> down, if on a probe input it gives exactly what the MLP's own forward gives. The
+    activation used is the MLP's `fp8_activation` attribute (set_activation changes it)."""
     merged, down = getattr(mlp, "fp8_gate_up", None), getattr(mlp, "down_proj", None)
     if not (isinstance(merged, Fp8Merged) and isinstance(down, Fp8Linear)):
         return False  # the activation is checked by the probe below (transformers has its own SiLU classes)
@@ -258,7 +294,8 @@ def _fuse_gated_mlp(mlp: torch.nn.Module, activation) -> bool:
         except Exception:  # noqa: BLE001 - an MLP of another shape or signature: not ours to swap
             same = False
     if same:
-        mlp.forward = lambda x: gated(x, activation)
+        mlp.fp8_activation = activation
+        mlp.forward = lambda x: gated(x, mlp.fp8_activation)
     return same
 
 
@@ -278,7 +315,7 @@ def quantize_fp8(model: torch.nn.Module, compile_quantize: bool = False) -> int:
     down's quantisation; returns how many layers were replaced. compile_quantize: quantise and
     activate with the compiled functions (CUDA with graphs)."""
     quantize = compiled(quantize_rows) if compile_quantize else None
-    activation = compiled(silu_mul_quantize) if compile_quantize else silu_mul_quantize
+    activation = _activation("fused", compile_quantize)
     replaced = 0
     mlps = []
     for parent in list(model.modules()):

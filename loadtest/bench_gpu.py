@@ -501,10 +501,13 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", help="the engine's dtype (WorkerSettings.dtype): auto, fp8, ...")
     p.add_argument("--fp8-recipe", default="row", choices=("row", "row-fast", "tensor"),
                    help="with --dtype fp8: how the float8 products are computed (backend/fp8.py RECIPES)")
+    p.add_argument("--fp8-activation", default="fused", choices=("fused", "split"),
+                   help="with --dtype fp8: how a gated MLP's activation is quantised for down (backend/fp8.py ACTIVATIONS)")
     p.add_argument("--out", default="reports/bench-gpu.json")
     args = p.parse_args(argv)
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
                "fp8_recipe": args.fp8_recipe if args.dtype == "fp8" else None,
+               "fp8_activation": args.fp8_activation if args.dtype == "fp8" else None,
                "transformers": __import__("transformers").__version__, "shapes": {}}
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-gpu-"))
     for shape in args.shapes.split(","):
@@ -525,6 +528,11 @@ def main(argv=None) -> int:
 
             print(f"fp8 recipe {args.fp8_recipe}: {set_recipe(engine.model, args.fp8_recipe, engine.use_graphs)} layers",
                   file=sys.stderr, flush=True)
+        if args.dtype == "fp8" and args.fp8_activation != "fused":
+            from backend.fp8 import set_activation
+
+            print(f"fp8 activation {args.fp8_activation}: "
+                  f"{set_activation(engine.model, args.fp8_activation, engine.use_graphs)} MLPs", file=sys.stderr, flush=True)
         engine.warm_up()
         boot = time.perf_counter() - t0
         prompt = " word" * 128

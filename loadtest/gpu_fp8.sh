@@ -5,12 +5,14 @@
 # `fullpower serve` at temperature 0 for each dtype. Files as gpu_shapes.sh names them
 # (bench-gpu-shapes-<shape>[-<dtype>].json, served-shapes-<shape>[-<dtype>].jsonl).
 set -u
-# DTYPES may name fp8 recipes as fp8:<recipe> (row, row-fast, tensor; backend/fp8.py RECIPES).
+# DTYPES may name an fp8 recipe and activation as fp8:<recipe>[:<activation>] (backend/fp8.py RECIPES:
+# row, row-fast, tensor; ACTIVATIONS: fused, split), e.g. DTYPES="fp8 fp8:row:split auto".
 for dtype in ${DTYPES:-fp8 auto}; do
   temps=""
   [ "${SERVED:-0}" = 1 ] && temps=0
-  recipe=""
-  case $dtype in fp8:*) recipe=${dtype#fp8:}; dtype=fp8 ;; esac
-  DTYPE=$dtype FP8_RECIPE=$recipe PROFILE=1 SAMPLING=0 TEMPS="$temps" SHAPES="${SHAPES:-llama-3.1-8b}" \
+  recipe="" activation=""
+  case $dtype in fp8:*) IFS=: read -r _ recipe activation <<< "$dtype"; dtype=fp8 ;; esac
+  [ "$recipe" = row ] && recipe=""  # the default: the files keep the plain fp8 name
+  DTYPE=$dtype FP8_RECIPE=$recipe FP8_ACTIVATION=$activation PROFILE=1 SAMPLING=0 TEMPS="$temps" SHAPES="${SHAPES:-llama-3.1-8b}" \
     ALONE_TIMEOUT=${ALONE_TIMEOUT:-280} bash loadtest/gpu_shapes.sh
 done

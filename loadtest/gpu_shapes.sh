@@ -7,7 +7,8 @@
 # temperature in TEMPS (default "0 0.7"; TEMPS="" serves nothing).
 # The random weights are built once per shape (where gpu_config keeps them) and shared by both.
 # DTYPE (default auto) is the engine's and the pool's dtype (fp8: backend/fp8.py); other than auto it
-# is added to the files' names, as is FP8_RECIPE (engine alone only: bench_gpu --fp8-recipe) where set. Needs .gpu/ as gpu_scale.sh does. Writes bench-gpu-shapes-<shape>.json/.log
+# is added to the files' names, as are FP8_RECIPE and FP8_ACTIVATION (engine alone only: bench_gpu
+# --fp8-recipe, --fp8-activation) where set. Needs .gpu/ as gpu_scale.sh does. Writes bench-gpu-shapes-<shape>.json/.log
 # and served-shapes-<shape>.jsonl (one line per served run) into ${OUT:-reports}.
 set -u
 source loadtest/gpu_env.sh > /dev/null
@@ -21,6 +22,7 @@ for SHAPE in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
   name=$SHAPE
   [ "$DTYPE" != auto ] && name="$SHAPE-$DTYPE"
   if [ -n "${FP8_RECIPE:-}" ]; then extra="$extra --fp8-recipe $FP8_RECIPE"; name="$name-$FP8_RECIPE"; fi
+  if [ -n "${FP8_ACTIVATION:-}" ]; then extra="$extra --fp8-activation $FP8_ACTIVATION"; name="$name-$FP8_ACTIVATION"; fi
   timeout ${ALONE_TIMEOUT:-240} python3 -m loadtest.bench_gpu --tokenizer .gpu/tokenizer --shapes "$SHAPE" \
     --concurrency 256 --new-tokens 128 --hf-batches "" --prefill-budgets "" --reuse-models $extra \
     --dtype "$DTYPE" --out "$OUT/bench-gpu-shapes-$name.json" 2> "$OUT/bench-gpu-shapes-$name.log" > /dev/null

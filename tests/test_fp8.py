@@ -118,6 +118,24 @@ def test_a_merged_groups_slices_are_the_separate_layers_products_computed_once()
     assert products == [(3, 4, 64)] * 2  # after release, the same input is multiplied anew
 
 
+def test_the_activation_can_be_switched_and_an_unknown_one_is_refused(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16)
+    quantize_fp8(model)
+    mlp = model.model.layers[0].mlp
+    x = torch.randn(1, 4, model.config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = mlp(x)
+        calls = []
+        assert fp8.set_activation(model, "split") == model.config.num_hidden_layers
+        real = mlp.fp8_activation
+        mlp.fp8_activation = lambda gate_up, width: calls.append(width) or real(gate_up, width)
+        assert torch.equal(mlp(x), before) and calls == [model.config.intermediate_size]  # the forward reads it
+    with pytest.raises(ValueError, match="fp8 activation 'gelu'"):
+        fp8.set_activation(model, "gelu")
+
+
 def test_a_gated_mlp_quantises_downs_input_inside_its_activation(tiny_model, monkeypatch):
     """The MLP's swapped forward (gate_up -> SiLU * up quantised -> down) gives exactly what
     transformers' forward over the slices gives, and down's own quantiser is not called."""
@@ -194,6 +212,9 @@ def test_the_compiled_quantiser_traces_whole_and_gives_the_same_bytes():
         (eager_q, eager_scale), (compiled_q, compiled_scale) = fp8.silu_mul_quantize(gate_up, 48), activation(gate_up, 48)
         assert compiled_q.shape == (rows, 48) and torch.equal(compiled_q.float(), eager_q.float())
         assert torch.equal(compiled_scale, eager_scale)
+    activate = fp8.compiled(fp8.silu_mul, backend="aot_eager")  # the split activation's first half
+    gate_up = torch.randn(5, 2 * 48, dtype=torch.bfloat16)
+    assert torch.equal(activate(gate_up, 48), fp8.silu_mul(gate_up, 48))
     rescale = fp8.compiled(fp8.rescale_rows, backend="aot_eager")  # the tensor recipe's scaling
     product, rows_scale, columns_scale = torch.randn(6, 40) * 1e5, torch.rand(6, 1), torch.rand(1, 40)
     assert torch.equal(rescale(product, rows_scale, columns_scale, torch.bfloat16),
