@@ -239,9 +239,9 @@ _compiled: dict[tuple[str, str], object] = {}
 
 def compiled(fn, backend: str = "inductor"):
     """fn (quantize_rows, silu_mul_quantize, silu_mul or rescale_rows) compiled by inductor into one
-    or two kernels, once per process. Written op by op the quantiser is eight kernels per input - ~1,000 per decode step of
-    the 8B shape, which at a microsecond or two each inside a CUDA graph would eat much of what fp8
-    saves. emulate_precision_casts: round to the compute dtype where the eager code does, so the
+    or two kernels, once per process. Written op by op the quantiser is eight kernels per input -
+    ~1,000 per decode step of the 8B shape, which at a microsecond or two each inside a CUDA graph
+    would eat much of what fp8 saves. emulate_precision_casts: round to the compute dtype where the eager code does, so the
     compiled activation rounds as transformers' does. `backend` lets a CPU test trace the same
     functions whole without generating kernels."""
     key = (fn.__name__, backend)

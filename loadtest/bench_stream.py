@@ -75,8 +75,9 @@ async def main():
                     if usage and first is not None:
                         # the stream's tokens spread evenly from its first chunk to its end; the
                         # part inside [begin, stop] counts, so a stream cut by the window counts in part
-                        inside = max(0.0, min(end, stop) - max(first, begin))
-                        done["window_tokens"] += usage["completion_tokens"] * (inside / (end - first) if end > first else float(begin <= end <= stop))
+                        span = end - first
+                        share = (min(end, stop) - max(first, begin)) / span if span > 0 else float(end <= stop)
+                        done["window_tokens"] += usage["completion_tokens"] * max(0.0, share)
                 except Exception:
                     done["errors"] += 1
     await asyncio.gather(*(one() for _ in range(streams)))
