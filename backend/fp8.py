@@ -37,6 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from backend.compiling import compile_rows
+
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # A row or channel of zeros gets this scale, not zero (a zero scale would make 0/0).
@@ -87,8 +89,9 @@ def silu_mul_quantize(gate_up: torch.Tensor, width: int) -> tuple[torch.Tensor, 
 
 
 # How a gated MLP's activation reaches down's input (set_activation; the same bytes either way):
-# fused: silu_mul_quantize compiled as one function; on the H100 inductor made two kernels of it that
-#   take 31 us per 8B layer, ~3x their memory traffic (docs/benchmarks.md section 18, second pass);
+# fused: silu_mul_quantize compiled as one function; on the H100, compiled with every size dynamic,
+#   inductor made two kernels of it that took 31 us per 8B layer, ~3x their memory traffic
+#   (docs/benchmarks.md section 18, second pass; static widths since: backend/compiling.py);
 # split: silu_mul and quantize_rows compiled apart (the activation written once in the compute
 #   dtype, then the quantiser that o_proj's input uses), to measure against it.
 ACTIVATIONS = ("fused", "split")
@@ -237,17 +240,22 @@ _NORM_FEEDS = (("input_layernorm", "self_attn", "fp8_q_k_v"), ("post_attention_l
 _compiled: dict[tuple[str, str], object] = {}
 
 
+# The arguments of each compiled function that carry rows (backend/compiling.py); others: (0,).
+_ROW_ARGS = {"rescale_rows": (0, 1)}
+
+
 def compiled(fn, backend: str = "inductor"):
     """fn (quantize_rows, silu_mul_quantize, silu_mul or rescale_rows) compiled by inductor into one
-    or two kernels, once per process. Written op by op the quantiser is eight kernels per input -
-    ~1,000 per decode step of the 8B shape, which at a microsecond or two each inside a CUDA graph
-    would eat much of what fp8 saves. emulate_precision_casts: round to the compute dtype where the eager code does, so the
-    compiled activation rounds as transformers' does. `backend` lets a CPU test trace the same
-    functions whole without generating kernels."""
+    or two kernels, once per process, dynamic in the rows and static in the widths (compile_rows).
+    Written op by op the quantiser is eight kernels per input - ~1,000 per decode step of the 8B
+    shape, which at a microsecond or two each inside a CUDA graph would eat much of what fp8 saves.
+    emulate_precision_casts: round to the compute dtype where the eager code does, so the compiled
+    activation rounds as transformers' does. `backend` lets a CPU test trace the same functions
+    whole without generating kernels."""
     key = (fn.__name__, backend)
     if key not in _compiled:
         options = {"emulate_precision_casts": True} if backend == "inductor" else None
-        _compiled[key] = torch.compile(fn, dynamic=True, fullgraph=True, backend=backend, options=options)
+        _compiled[key] = compile_rows(fn, _ROW_ARGS.get(fn.__name__, (0,)), backend=backend, options=options)
     return _compiled[key]
 
 

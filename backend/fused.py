@@ -9,9 +9,10 @@ by the GPU's bandwidth. Inductor fuses each of those pieces into one kernel. The
 transformers' own: only the forwards of the matching modules (and the rotary function the
 attention module calls) are swapped, per instance, and can be put back (`restore`).
 
-Each piece is one compiled function with dynamic shapes, its weights passed as arguments, so one
-compilation serves every layer, batch size and prompt length (compiling a module method instead
-would specialise on each module instance). Only the pieces whose maths is exactly the one written
+Each piece is one compiled function, dynamic in the rows and static in the model's widths
+(backend/compiling.py says why), its weights passed as arguments, so one compilation serves every
+layer, batch size and prompt length (compiling a module method instead would specialise on each
+module instance). Only the pieces whose maths is exactly the one written
 here are swapped: RMSNorm without offset, an MLP with SiLU gating and no biases, the rotate-half
 rotary embedding - each is checked on a probe input against the code it would replace before it
 is swapped (same output, bit for bit, uncompiled). The engine uses this on CUDA with
@@ -31,6 +32,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from backend.compiling import compile_rows
 from backend.fp8 import quantize_rows
 
 
@@ -111,18 +113,15 @@ class FusedPieces:
         if self.active:
             return len(self._swapped)
         if self._compiled is None:
-            # Each piece is compiled a few times (one row or many, one position or many; per model
-            # shape where a process builds several engines, as the GPU benchmark does): more than
-            # torch's default of 8 variants per function, past which it would raise.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            # fullgraph: a piece that does not compile whole is an error, not a silent slow path
+            # Each piece is compiled a few times (one row or many, one position or many; per width;
+            # backend/compiling.py), dynamic in the rows only.
             # emulate_precision_casts: round to the model's dtype wherever transformers' op-by-op
             # code does (inductor would otherwise keep fp32 between fused ops), so that greedy
             # output stays transformers' own.
             options = {"emulate_precision_casts": True} if self.backend == "inductor" else None
-            self._compiled = tuple(torch.compile(fn, dynamic=True, fullgraph=True, backend=self.backend,
-                                                 options=options)
-                                   for fn in (_rms_norm, _gated_mlp, _rotary, _rms_norm_quantize))
+            self._compiled = tuple(compile_rows(fn, row_args, backend=self.backend, options=options)
+                                   for fn, row_args in ((_rms_norm, (0,)), (_gated_mlp, (0,)),
+                                                        (_rotary, (0, 1, 2, 3)), (_rms_norm_quantize, (0,))))
         norm, mlp, rotary, norm_quantize = self._compiled
         for module in self.model.modules():
             # (what replaces the forward, the module's tensors it takes, the plain function it must

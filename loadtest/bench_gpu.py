@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from backend import decode_attention
+from backend import compiling, decode_attention
 from backend.engine import PREFILL_TOKEN_BUDGET, TransformersEngine
 from backend.fp8 import ACTIVATIONS, RECIPES, Fp8Linear, set_activation, set_recipe
 from backend.protocol import Finished, Generate, SamplingParams, Tokens, WorkerSettings
@@ -503,11 +503,16 @@ def main(argv=None) -> int:
                    help="with --dtype fp8: how the float8 products are computed (backend/fp8.py RECIPES)")
     p.add_argument("--fp8-activation", default="fused", choices=ACTIVATIONS,
                    help="with --dtype fp8: how a gated MLP's activation is quantised for down (backend/fp8.py ACTIVATIONS)")
+    p.add_argument("--dynamic-widths", action="store_true",
+                   help="compile the fused pieces with every size dynamic, as before backend/compiling.py "
+                        "made the widths static (to measure one against the other)")
     p.add_argument("--out", default="reports/bench-gpu.json")
     args = p.parse_args(argv)
+    compiling.all_sizes_dynamic = args.dynamic_widths
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
                "fp8_recipe": args.fp8_recipe if args.dtype == "fp8" else None,
                "fp8_activation": args.fp8_activation if args.dtype == "fp8" else None,
+               "compiled_sizes": "all dynamic" if args.dynamic_widths else "rows dynamic",
                "transformers": __import__("transformers").__version__, "shapes": {}}
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-gpu-"))
     for shape in args.shapes.split(","):
