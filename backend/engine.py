@@ -301,6 +301,7 @@ class TransformersEngine(BatchEngine):
         super().__init__(slots, max_len, sorted(eos))
         self.prefill_budget = settings.prefill_budget_tokens
         self.prefill_wait_s = settings.prefill_wait_ms / 1000
+        self.stream_interval = settings.stream_interval
         self.admit_together = PREFILL_GRAPH_ROWS  # the largest captured prefill
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._template_knows_tools = "tools" in (self.tokenizer.chat_template or "")

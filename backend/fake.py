@@ -33,6 +33,7 @@ class FakeEngine(BatchEngine):
         self.token_latency = settings.fake_token_latency_ms / 1000.0
         self.prompt_latency = settings.fake_prompt_latency_ms / 1000.0
         self.prefill_wait_s = settings.prefill_wait_ms / 1000.0
+        self.stream_interval = settings.stream_interval
         self.requests_seen = 0
         if settings.fake_boot_delay_ms:
             time.sleep(settings.fake_boot_delay_ms / 1000)  # stands in for loading a model

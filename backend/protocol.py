@@ -296,6 +296,7 @@ class WorkerSettings(msgspec.Struct, forbid_unknown_fields=True):
     prefill_budget_tokens: int = 0  # prompt tokens prefilled per step (chunked prefill); 0 = all at once
     prefill_wait_ms: float = 0.0  # how long an arrival may wait for others to prefill with while rows decode
     overlap_prefill: bool = True  # CUDA graphs: prefill arrivals on a second stream beside the decode steps
+    stream_interval: int = 1  # a request's tokens sent this many at a time (BatchEngine.stream_interval)
     # fake engine only
     fake_token_latency_ms: float = 1.0
     fake_prompt_latency_ms: float = 0.0

@@ -39,7 +39,7 @@ class EngineSequence:
     """One request's generation state inside the engine."""
 
     __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "seed", "matcher",
-                 "logprob", "done", "prefilled")
+                 "logprob", "done", "prefilled", "held_ids", "held_text", "streamed")
 
     def __init__(self, req: Generate, prompt_ids: list[int], detok: IncrementalDetokenizer) -> None:
         self.req = req
@@ -55,6 +55,10 @@ class EngineSequence:
         self.logprob = None  # the TokenLogprob of the token just sampled, when the request asked
         self.done = False  # finished or cancelled (a step in flight may still hold its row)
         self.prefilled = 0  # tokens of all_ids in the KV cache while its prompt is prefilled in chunks
+        # stream_interval: tokens made but not yet sent (sent together once there are enough)
+        self.held_ids: list[int] = []
+        self.held_text = ""
+        self.streamed = False  # a Tokens frame has gone out (the first token is never held)
 
     @property
     def id(self) -> int:
@@ -127,6 +131,10 @@ class BatchEngine:
         # when they fill the free slots, or when nothing is running. 0: admitted at every step.
         self.prefill_wait_s = 0.0
         self.admit_together = 16
+        # A request's tokens go to the proxy this many at a time (its first at once, its last with
+        # its end): fewer frames, events and socket writes per token for clients that can take
+        # their text a few tokens at a time (the pool's stream_interval). 1: every token at once.
+        self.stream_interval = 1
         self._waiting_since = 0.0  # when the oldest waiting request arrived (monotonic)
         self._inflight = None  # a decode step launched and not yet collected (pipelining)
         # Arrivals being prefilled beside the running rows' decode steps (an engine's handle with
@@ -570,7 +578,7 @@ class BatchEngine:
         windows: list = []
         table = self.token_text
         known_ids = len(table) if table is not None else 0  # an id past it (a model's padded vocabulary) is decoded
-        eos_ids, context = self.eos_ids, self.context_length
+        eos_ids, context, interval = self.eos_ids, self.context_length, self.stream_interval
         self.generated_tokens += len(seqs)
         for seq, tok in zip(seqs, next_ids):
             generated = seq.generated
@@ -617,7 +625,21 @@ class BatchEngine:
                 elif reason is not None:
                     text += stops.flush()
             if seq.logprob is None:
-                frames.append(Tokens(id=seq.id, token_ids=[tok], text=text))
+                if interval > 1:
+                    held = seq.held_ids
+                    if reason is None and seq.streamed and len(held) + 1 < interval:
+                        held.append(tok)  # not enough yet: sent with the next ones
+                        seq.held_text += text
+                        continue
+                    if held:
+                        held.append(tok)
+                        frames.append(Tokens(id=seq.id, token_ids=held, text=seq.held_text + text))
+                        seq.held_ids, seq.held_text = [], ""
+                    else:
+                        frames.append(Tokens(id=seq.id, token_ids=[tok], text=text))
+                    seq.streamed = True
+                else:
+                    frames.append(Tokens(id=seq.id, token_ids=[tok], text=text))
             else:
                 frames.append(Tokens(id=seq.id, token_ids=[tok], text=text, logprobs=[seq.logprob]))
                 seq.logprob = None

@@ -20,20 +20,14 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from loadtest.bench_proxy import ROOT, Stack, chat_body, wrk
-from loadtest.bench_stream import cpu_seconds
+from loadtest.bench_stream import children, cpu_seconds
 
 CASES = {"nginx": 0.5, "cache_hit": 0.0, "workers": 0.5}  # case -> the request's temperature
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
 
 
 def measure(root: Path, duration: float, connections: int) -> dict:

@@ -100,9 +100,12 @@ def measure(url: str, server_pid: int, streams: int, duration: float, tokens: in
                                str(duration + 2), str(tokens), model, str(temperature)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
              for _ in range(clients)]
     time.sleep(2)  # warm-up: every stream running before the window opens
+    workers = children(server_pid)  # the pool's worker processes (none when --url names a remote server)
     cpu0, t0 = cpu_seconds(server_pid), time.monotonic()
+    workers0 = sum(cpu_seconds(w) for w in workers)
     outs = [json.loads(p.communicate(timeout=duration + 120)[0]) for p in procs]
     cpu1, t1 = cpu_seconds(server_pid), time.monotonic()
+    workers1 = sum(cpu_seconds(w) for w in workers)
     done = {k: sum(o[k] for o in outs) for k in ("tokens", "streams", "errors", "window_tokens")}
     ttft = sorted(v for o in outs for v in o["ttft"])
     itl = sorted(v for o in outs for v in o["itl"])
@@ -123,21 +126,27 @@ def measure(url: str, server_pid: int, streams: int, duration: float, tokens: in
             "proxy_cpu_s": round(cpu1 - cpu0, 2), "proxy_core_share": round((cpu1 - cpu0) / window, 3),
             # None where nothing was delivered (a worker that failed every stream)
             "proxy_cpu_us_per_token": round((cpu1 - cpu0) / (tok_s * window) * 1e6, 2) if tok_s else None,
+            "workers_cpu_us_per_token": round((workers1 - workers0) / (tok_s * window) * 1e6, 2) if tok_s and workers else None,
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99)}
 
 
-def run(streams: int, duration: float, token_ms: float, tokens: int) -> dict:
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
+def run(streams: int, duration: float, token_ms: float, tokens: int, stream_interval: int = 1) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-bench-stream-"))
     config, port, _ = fake_bench_config(tmp, devices=["cpu"], replicas={"hot": 1}, max_batch_size=streams,
-                                        max_inflight_per_worker=streams,
+                                        max_inflight_per_worker=streams, stream_interval=stream_interval,
                                         fake={"token_latency_ms": token_ms, "output_tokens": tokens})
     config["cache"] = {"enabled": False}
     for tier in config["tiers"]:
         tier.update(max_concurrent=streams, max_queue=streams)
     server = start_server(config, tmp / "c.yaml", port)
     try:
-        return {"token_ms": token_ms, **measure(f"http://127.0.0.1:{port}", server.pid, streams, duration, tokens)}
+        return {"token_ms": token_ms, "stream_interval": stream_interval, **measure(f"http://127.0.0.1:{port}", server.pid, streams, duration, tokens)}
     finally:
         server.terminate()
         server.wait(60)
@@ -149,6 +158,8 @@ def main(argv=None) -> int:
     p.add_argument("--duration", type=float, default=15.0)
     p.add_argument("--token-ms", type=float, default=5.0)
     p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="the pool's stream_interval: tokens per event after the first (started server only)")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--url", help="measure this running server instead of starting one (with --pid)")
     p.add_argument("--pid", type=int, help="the running server's process id")
@@ -162,7 +173,7 @@ def main(argv=None) -> int:
         result = measure(args.url, args.pid, args.streams, args.duration, args.tokens, args.model, args.key,
                          args.clients, args.temperature)
     else:
-        result = run(args.streams, args.duration, args.token_ms, args.tokens)
+        result = run(args.streams, args.duration, args.token_ms, args.tokens, args.stream_interval)
     result["machine"] = f"{os.cpu_count()} cores, {sys.platform}"
     text = json.dumps(result, indent=2)
     print(text)

@@ -90,6 +90,12 @@ class Pool(_Base, kw_only=True):
     # CUDA stream while the running streams' decode steps go on, and join at the next step
     # (docs/benchmarks.md §16); false = they are prefilled between two decode steps.
     overlap_prefill: bool = True
+    # A stream's tokens are sent this many at a time - its first at once (time to first token), its
+    # last with its end: each costs the worker a frame entry and the proxy an event and a socket
+    # write, so 2-4 cuts their CPU per token about that much (docs/benchmarks.md §5) for text that
+    # arrives a few tokens at a time (at most interval - 1 steps later). Requests that ask for
+    # logprobs get every token at once. 1 = every token as it is made.
+    stream_interval: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
     verify_manifest: bool = True
     fake: FakeEngineSettings = msgspec.field(default_factory=FakeEngineSettings)
 

@@ -662,3 +662,48 @@ def test_fused_pieces_leave_alone_a_module_whose_maths_differs():
     assert "forward" not in vars(model["offset"]) and "forward" not in vars(model["mlp"])
     assert not fused.rotary_swapped
     fused.restore()
+
+
+def test_stream_interval_sends_tokens_in_groups_and_keeps_text_stops_and_logprobs(engine):
+    """stream_interval 4: a request's first token goes at once, then four at a time, the rest with its
+    end - the same ids and text as one at a time; a stop sequence still cuts the text where it
+    did; a request for logprobs still gets each token (and its logprob) at once."""
+    def requests():
+        return [Generate(id=1, prompt="x", params=SamplingParams(max_tokens=11, temperature=0.0, ignore_eos=True)),
+                Generate(id=2, prompt="abc", params=SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True,
+                                                                   logprobs=0))]
+
+    def frames_of(reqs):
+        frames: list = []
+        engine.emit = frames.extend
+        for r in reqs:
+            engine.submit(r)
+        for _ in range(200):
+            if sum(isinstance(f, Finished) for f in frames) == len(reqs):
+                return frames
+            engine.step()
+        raise AssertionError("requests never finished")
+
+    def tokens(frames, rid):
+        return [f for f in frames if isinstance(f, Tokens) and f.id == rid]
+
+    one_at_a_time = frames_of(requests())
+    engine.stream_interval = 4
+    grouped = frames_of(requests())
+    assert [len(f.token_ids) for f in tokens(grouped, 1)] == [1, 4, 4, 2]
+    for rid in (1, 2):
+        assert [t for f in tokens(grouped, rid) for t in f.token_ids] == \
+            [t for f in tokens(one_at_a_time, rid) for t in f.token_ids]
+        assert "".join(f.text for f in tokens(grouped, rid)) == "".join(f.text for f in tokens(one_at_a_time, rid))
+    assert [len(f.token_ids) for f in tokens(grouped, 2)] == [1] * 9
+    assert all(len(f.logprobs) == 1 for f in tokens(grouped, 2))
+    last = [f for f in grouped if f.id == 1][-2:]  # the last group, then the end
+    assert isinstance(last[0], Tokens) and isinstance(last[1], Finished) and last[1].completion_tokens == 11
+
+    full = "".join(f.text for f in tokens(one_at_a_time, 1))
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop.strip(), full
+    stopped = frames_of([Generate(id=3, prompt="x", params=SamplingParams(max_tokens=11, temperature=0.0,
+                                                                          ignore_eos=True, stop=[stop]))])
+    assert "".join(f.text for f in tokens(stopped, 3)) == full[: full.index(stop)]
+    assert [f for f in stopped if isinstance(f, Finished)][0].finish_reason == "stop"

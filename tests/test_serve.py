@@ -148,3 +148,22 @@ def test_status_command_prints_the_pool(fake_server):
     data = json.loads(js.stdout)
     assert {w["id"] for w in data["workers"]} == {"main-0", "main-1"}
     assert all({"pid", "device", "model", "state", "inflight", "restarts"} <= set(w) for w in data["workers"])
+
+
+def test_a_pool_with_a_stream_interval_streams_tokens_a_few_at_a_time(start_server):
+    """stream_interval: 4 (the pool's setting, passed to its workers): the first token's event at
+    once, then one event per four tokens, the last group with the end - the same text and usage as
+    the plain answer."""
+    server = start_server(fake_config(stream_interval=4))
+    body = {"model": "fake-model", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+    status, _, plain = chat(server, body)
+    assert status == 200, plain
+    events = sse_events(server, "/v1/chat/completions",
+                        {**body, "stream": True, "stream_options": {"include_usage": True}})
+    content = [e["choices"][0]["delta"].get("content") for e in events if e["choices"] and
+               e["choices"][0]["delta"].get("content")]
+    # 16 words and the end of sequence: 1 at once, then 4 + 4 + 4, then 3 words with the end
+    assert len(content) == 5
+    assert "".join(content) == plain["choices"][0]["message"]["content"]
+    assert events[-1]["usage"]["completion_tokens"] == plain["usage"]["completion_tokens"] == 17
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"] and e["choices"][0]["finish_reason"]] == ["stop"]

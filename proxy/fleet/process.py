@@ -106,7 +106,7 @@ def worker_settings(pool: Pool, workers: Workers, data_dir: Path, device: str) -
         verify_manifest=pool.verify_manifest, cpu_threads=pool.cpu_threads, max_context=pool.max_context,
         kv_cache_fraction=pool.kv_cache_fraction, cuda_graphs=pool.cuda_graphs,
         prefill_budget_tokens=pool.prefill_budget_tokens, prefill_wait_ms=pool.prefill_wait_ms,
-        overlap_prefill=pool.overlap_prefill,
+        overlap_prefill=pool.overlap_prefill, stream_interval=pool.stream_interval,
         fake_token_latency_ms=f.token_latency_ms, fake_prompt_latency_ms=f.prompt_latency_ms,
         fake_output_tokens=f.output_tokens, fake_context_length=f.context_length,
         fake_fail_every=f.fail_every, fake_hang_after=f.hang_after, fake_exit_after=f.exit_after,

@@ -35,7 +35,7 @@ def _process_settings(pool: Pool) -> tuple:
     """The pool settings a running worker process was started with (changing them needs a restart)."""
     return (pool.engine, pool.model, pool.model_path, pool.dtype, pool.max_batch_size, pool.cpu_threads,
             pool.max_context, pool.kv_cache_fraction, pool.cuda_graphs, pool.prefill_budget_tokens, pool.prefill_wait_ms,
-            pool.overlap_prefill, pool.verify_manifest,
+            pool.overlap_prefill, pool.stream_interval, pool.verify_manifest,
             msgspec.structs.astuple(pool.fake))
 
 
