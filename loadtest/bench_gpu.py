@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from backend import compiling, decode_attention
 from backend.engine import PREFILL_TOKEN_BUDGET, TransformersEngine
-from backend.fp8 import ACTIVATIONS, RECIPES, Fp8Linear, set_activation, set_recipe
+from backend.fp8 import ACTIVATIONS, DEFAULT_RECIPE, RECIPES, Fp8Linear, set_activation, set_recipe
 from backend.protocol import Finished, Generate, SamplingParams, Tokens, WorkerSettings
 from loadtest.report import write_json
 
@@ -499,7 +499,7 @@ def main(argv=None) -> int:
                         "graphs each on and off")
     p.add_argument("--max-context", type=int, default=512)
     p.add_argument("--dtype", default="auto", help="the engine's dtype (WorkerSettings.dtype): auto, fp8, ...")
-    p.add_argument("--fp8-recipe", default="row", choices=RECIPES,
+    p.add_argument("--fp8-recipe", default=DEFAULT_RECIPE, choices=RECIPES,
                    help="with --dtype fp8: how the float8 products are computed (backend/fp8.py RECIPES)")
     p.add_argument("--fp8-activation", default="fused", choices=ACTIVATIONS,
                    help="with --dtype fp8: how a gated MLP's activation is quantised for down (backend/fp8.py ACTIVATIONS)")
@@ -528,7 +528,7 @@ def main(argv=None) -> int:
                                   dtype=args.dtype)
         t0 = time.perf_counter()
         engine = TransformersEngine(settings)
-        if args.dtype == "fp8" and args.fp8_recipe != "row":
+        if args.dtype == "fp8" and args.fp8_recipe != DEFAULT_RECIPE:
             print(f"fp8 recipe {args.fp8_recipe}: {set_recipe(engine.model, args.fp8_recipe, engine.use_graphs)} layers",
                   file=sys.stderr, flush=True)
         if args.dtype == "fp8" and args.fp8_activation != "fused":

@@ -34,6 +34,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-wait-ms", type=float, default=0.0, help="the pool's prefill_wait_ms")
     p.add_argument("--overlap-prefill", type=int, choices=(0, 1), default=1, help="the pool's overlap_prefill")
     p.add_argument("--dtype", default="auto", help="the pool's dtype")
+    p.add_argument("--stream-interval", type=int, default=1, help="the pool's stream_interval")
     args = p.parse_args(argv)
     model_dir, model_name = built_model(args.shape, args.tokenizer), MODEL_DIRS[args.shape][1]
     n = args.gpus
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
         "pools": [{"name": "main", "model": model_name, "model_path": str(model_dir),
                    "devices": [f"cuda:{i}" for i in range(n)], "replicas": {"hot": n}, "max_batch_size": 256,
                    "max_inflight_per_worker": 512, "max_context": 512, "verify_manifest": False, "dtype": args.dtype,
-                   "prefill_wait_ms": args.prefill_wait_ms, "overlap_prefill": bool(args.overlap_prefill)}],
+                   "prefill_wait_ms": args.prefill_wait_ms, "overlap_prefill": bool(args.overlap_prefill),
+                   "stream_interval": args.stream_interval}],
         "tiers": [{"name": "standard", "pool": "main", "max_concurrent": 512 * n, "max_queue": 1024 * n}],
         "routing": {"slow_start_s": 0},
         "auth": {"allow_anonymous": True, "anonymous_tier": "standard"}, "cache": {"enabled": False}}))

@@ -8,7 +8,7 @@
 # scrapes). GPUS defaults to every GPU nvidia-smi lists; SHAPES to both shapes; PREFILL_WAIT_MS
 # sets the pool's prefill_wait_ms, OVERLAP_PREFILL (1 or 0) its overlap_prefill; TEMPERATURE the
 # requests' temperature (default 0.7; 0 is greedy, as bench_gpu's engine-alone runs); DTYPE the
-# pool's dtype (default auto). Needs .gpu/
+# pool's dtype (default auto), STREAM_INTERVAL its stream_interval (default 1). Needs .gpu/
 # as gpu_stream.sh does. Writes
 # scale-<shape>-<n>.json, util-<shape>-<n>.csv and anatomy-<shape>-<n>.json into ${OUT:-reports}.
 set -u
@@ -17,7 +17,7 @@ GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
   model=$(python3 -c "import sys; from loadtest.gpu_config import MODEL_DIRS; print(MODEL_DIRS[sys.argv[1]][1])" "$shape")
   for n in $(printf '%s\n' 1 "$GPUS" | sort -un); do  # one run when GPUS=1
-    python3 -m loadtest.gpu_config --gpus "$n" --shape "$shape" --prefill-wait-ms "${PREFILL_WAIT_MS:-0}" --overlap-prefill "${OVERLAP_PREFILL:-1}" --dtype "${DTYPE:-auto}" --out /tmp/gpu$n.yaml
+    python3 -m loadtest.gpu_config --gpus "$n" --shape "$shape" --prefill-wait-ms "${PREFILL_WAIT_MS:-0}" --overlap-prefill "${OVERLAP_PREFILL:-1}" --dtype "${DTYPE:-auto}" --stream-interval "${STREAM_INTERVAL:-1}" --out /tmp/gpu$n.yaml
     python3 -m proxy serve --config /tmp/gpu$n.yaml > "$OUT/serve-$shape-$n.log" 2>&1 &
     SERVER=$!
     for i in $(seq 1 480); do

@@ -259,6 +259,8 @@ def test_every_recipe_multiplies_like_the_row_wise_one(recipe):
     products agree with the row-wise one to the compute dtype's rounding; an unknown one is refused."""
     linear = _linear(256, 96).to(torch.bfloat16)
     row, other = Fp8Linear(linear), Fp8Linear(linear)
+    assert row.recipe == fp8.DEFAULT_RECIPE == "row-fast"
+    row.set_recipe("row")
     other.set_recipe(recipe)
     x = torch.randn(5, 256, dtype=torch.bfloat16) * torch.logspace(-2, 2, 5, dtype=torch.bfloat16)[:, None]
     with torch.no_grad():
