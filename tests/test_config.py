@@ -60,6 +60,8 @@ BAD = {
     "redis url of another kind": (_set(["shared"], {"redis_url": "http://cache:6379"}), "shared.redis_url: expected"),
     "bad advertise address": (_set(["shared"], {"redis_url": "redis://r:6379/0", "advertise": "nohostport"}),
                               "shared.advertise: expected HOST:PORT"),
+    "stream interval of zero": (_set(["pools", 0, "stream_interval"], 0), "pools[0].stream_interval: Expected `int` >= 1"),
+    "stream interval past its bound": (_set(["pools", 0, "stream_interval"], 65), "pools[0].stream_interval: Expected `int` <= 64"),
     "burst below one": (lambda c: c["auth"]["keys"][0].update(requests_per_second=5, requests_burst=0),
                         "auth.keys[0].requests_burst:"),
 }
