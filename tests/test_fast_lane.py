@@ -192,3 +192,51 @@ def test_a_body_in_several_reads_is_served_on_the_lane(server):
     assert status == 200 and json.loads(data)["choices"][0]["message"]["content"]
     after = served_on_lane(server)
     assert (after[0] - before[0], after[1] - before[1]) == (1, 0), (before, after)
+
+
+def test_a_streams_head_leaves_with_its_first_events_and_its_last_chunk_with_the_end():
+    """Writes of a stream on the lane: the head goes out with the first events (one send, not two),
+    the last events with the body's end, and a second end writes nothing."""
+    import asyncio
+
+    from proxy.http.fast_lane import FastLaneConnection
+    from proxy.http.fast_lane_request import LaneStreamResponse
+
+    class Lane:  # what the connection asks of its lane for a head
+        @staticmethod
+        def status_line(status):
+            return f"HTTP/1.1 {status} OK\r\nServer: test\r\n"
+
+        @staticmethod
+        def date_line():
+            return "Date: today\r\n"
+
+    class Transport:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, data):
+            self.writes.append(bytes(data))
+
+        def is_closing(self):
+            return False
+
+    conn = FastLaneConnection(Lane(), manager=None, make_handler=None)
+    conn.transport = transport = Transport()
+
+    async def stream():
+        response = LaneStreamResponse(conn, {"Content-Type": "text/event-stream"})
+        await response.prepare(None)
+        assert transport.writes == []  # the head waits for the body's first write
+        await response.write(b"data: a\n\n")
+        await response.write_eof(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    response = asyncio.run(stream())
+    assert response.finished
+    assert len(transport.writes) == 2
+    head, first = transport.writes[0].split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK") and b"Transfer-Encoding: chunked" in head
+    assert first == b"9\r\ndata: a\n\n\r\n"
+    assert transport.writes[1] == b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"

@@ -130,6 +130,7 @@ class FastLaneConnection(asyncio.Protocol):
         # the parsed head of the request whose body is still arriving (parsed once, however many reads)
         self._waiting: tuple | None = None
         self._head_sent = False  # the current request's response head went out (a stream's)
+        self._unsent_head: bytes | None = None  # a stream's head, until its first body write (write_head)
         self._closing = False  # close once the current request is answered
         self._paused = False  # reading paused: the client is far ahead of its answers
         self._drained: asyncio.Future | None = None  # set while the transport is above its high-water mark
@@ -163,14 +164,18 @@ class FastLaneConnection(asyncio.Protocol):
         """Write, then wait while the client is behind (the caller bounds the wait: SseWriter)."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionResetError("the client went away")
+        if self._unsent_head is not None:
+            data, self._unsent_head = self._unsent_head + data, None
         self.transport.write(data)
         if self._drained is not None:
             await asyncio.shield(self._drained)
 
     def write_head(self, response) -> None:
-        """The status line and headers of a response whose body follows in chunks."""
+        """The status line and headers of a response whose body follows in chunks: held until the
+        body's first write (the handlers write their first events in the same step), so that both
+        leave in one send."""
         keep_alive = response.keep_alive is not False and not self._closing
-        self.transport.write(self._head(response, keep_alive))
+        self._unsent_head = self._head(response, keep_alive)
         self._head_sent = True
 
     def eof_received(self) -> None:
@@ -238,7 +243,7 @@ class FastLaneConnection(asyncio.Protocol):
         del buf[:head_len + length]
         self._cancel_timer()
         self._waiting = None
-        self._head_sent = False
+        self._head_sent, self._unsent_head = False, None
         request = FastRequest("POST", path, headers, self._remote, body, self)  # the lane serves POSTs only
         self._busy = asyncio.get_running_loop().create_task(self._serve(handler, request))
 

@@ -100,8 +100,8 @@ class LaneStreamResponse:
             await self._conn.write(b"%x\r\n%b\r\n" % (len(data), data))
 
     async def write_eof(self, data: bytes = b"") -> None:
-        if data:
-            await self.write(data)
-        if not self.finished:
-            self.finished = True
-            await self._conn.write(b"0\r\n\r\n")
+        """The last chunk (if any) and the end of the body, in one write; again: nothing."""
+        if self.finished:
+            return
+        self.finished = True
+        await self._conn.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data) if data else b"0\r\n\r\n")

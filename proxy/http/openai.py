@@ -221,8 +221,8 @@ class OpenAIHandlers:
                         if include_usage:
                             out.append(_sse(fmt.usage_chunk(finished)))
                         out.append(b"data: [DONE]\n\n")
-                    if out:
-                        await sse.write(out[0] if len(out) == 1 else b"".join(out))
+                    if out:  # the last events and the end of the body leave in one write
+                        await sse.write(out[0] if len(out) == 1 else b"".join(out), end=finished is not None)
                     if not direct_on and finished is None and request.transport is not None:
                         # from the first token on (`last` is set), tokens may take the direct path
                         transport = request.transport

@@ -94,7 +94,7 @@ class ResponsesHandlers:
                             out.extend(events)
                             store(body, turn)
                     if out:
-                        await sse.write(b"".join(out))
+                        await sse.write(b"".join(out), end=batch is not None and end is not None)
             except ApiError as exc:
                 if response is None:
                     raise

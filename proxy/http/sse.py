@@ -59,17 +59,20 @@ class SseWriter:
         self.timeout_s = timeout_s
         self.behind = False  # the last write found bytes the client had not taken yet
 
-    async def write(self, data: bytes | None) -> None:
-        """One write (None: the end of the stream)."""
+    async def write(self, data: bytes | None, end: bool = False) -> None:
+        """One write (None: the end of the stream; end: these are its last bytes, sent with the end
+        in one write where the response can - the fast lane's can). Ending twice is harmless."""
         transport = self.request.transport
         response = self.response
         self.behind = transport is not None and transport.get_write_buffer_size() > 0
-        if transport is not None and not self.behind and (data is None or len(data) < FAST_WRITE_BYTES):
-            await (response.write_eof() if data is None else response.write(data))
+        if data is None:
+            data, end = b"", True
+        if transport is not None and not self.behind and len(data) < FAST_WRITE_BYTES:
+            await (response.write_eof(data) if end else response.write(data))
             return
         try:
             async with asyncio.timeout(self.timeout_s):
-                await (response.write_eof() if data is None else response.write(data))
+                await (response.write_eof(data) if end else response.write(data))
         except TimeoutError:
             if self.request.transport is not None:
                 self.request.transport.abort()
