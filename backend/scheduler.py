@@ -39,7 +39,7 @@ class EngineSequence:
     """One request's generation state inside the engine."""
 
     __slots__ = ("req", "prompt_ids", "generated", "detok", "stops", "params", "slot", "seed", "matcher",
-                 "logprob", "done", "prefilled", "held_ids", "held_text", "streamed")
+                 "logprob", "done", "prefilled", "held_ids", "held_text")
 
     def __init__(self, req: Generate, prompt_ids: list[int], detok: IncrementalDetokenizer) -> None:
         self.req = req
@@ -58,7 +58,6 @@ class EngineSequence:
         # stream_interval: tokens made but not yet sent (sent together once there are enough)
         self.held_ids: list[int] = []
         self.held_text = ""
-        self.streamed = False  # a Tokens frame has gone out (the first token is never held)
 
     @property
     def id(self) -> int:
@@ -625,19 +624,16 @@ class BatchEngine:
                 elif reason is not None:
                     text += stops.flush()
             if seq.logprob is None:
-                if interval > 1:
-                    held = seq.held_ids
-                    if reason is None and seq.streamed and len(held) + 1 < interval:
-                        held.append(tok)  # not enough yet: sent with the next ones
-                        seq.held_text += text
-                        continue
-                    if held:
-                        held.append(tok)
-                        frames.append(Tokens(id=seq.id, token_ids=held, text=seq.held_text + text))
-                        seq.held_ids, seq.held_text = [], ""
-                    else:
-                        frames.append(Tokens(id=seq.id, token_ids=[tok], text=text))
-                    seq.streamed = True
+                held = seq.held_ids
+                if (interval > 1 and reason is None and len(held) + 1 < interval
+                        and len(seq.generated) > len(seq.req.resume_token_ids) + 1):
+                    held.append(tok)  # not enough yet (and not this attempt's first): sent with the next
+                    seq.held_text += text
+                    continue
+                if held:
+                    held.append(tok)
+                    frames.append(Tokens(id=seq.id, token_ids=held, text=seq.held_text + text))
+                    seq.held_ids, seq.held_text = [], ""
                 else:
                     frames.append(Tokens(id=seq.id, token_ids=[tok], text=text))
             else:

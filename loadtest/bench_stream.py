@@ -92,6 +92,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """The process's direct children (a server's worker processes)."""
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in out]
+
+
 def measure(url: str, server_pid: int, streams: int, duration: float, tokens: int, model: str = "fake-model",
             key: str = "sk-test-premium", clients: int = 1, temperature: float = 0.7) -> dict:
     """Drive a running server at `url` (process `server_pid`) from `clients` client processes
@@ -129,11 +135,6 @@ def measure(url: str, server_pid: int, streams: int, duration: float, tokens: in
             "workers_cpu_us_per_token": round((workers1 - workers0) / (tok_s * window) * 1e6, 2) if tok_s and workers else None,
             "ttft_p50_ms": pct(ttft, 50), "ttft_p99_ms": pct(ttft, 99),
             "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99)}
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    return [int(p) for p in out]
 
 
 def run(streams: int, duration: float, token_ms: float, tokens: int, stream_interval: int = 1) -> dict:

@@ -12,7 +12,6 @@ for dtype in ${DTYPES:-fp8 auto}; do
   [ "${SERVED:-0}" = 1 ] && temps=${SERVED_TEMPS:-0}
   recipe="" activation=""
   case $dtype in fp8:*) IFS=: read -r _ recipe activation <<< "$dtype"; dtype=fp8 ;; esac
-  [ "$recipe" = row-fast ] && recipe=""  # the default (backend/fp8.py DEFAULT_RECIPE): the files keep the plain fp8 name
   DTYPE=$dtype FP8_RECIPE=$recipe FP8_ACTIVATION=$activation PROFILE=1 SAMPLING=0 TEMPS="$temps" SHAPES="${SHAPES:-llama-3.1-8b}" \
     ALONE_TIMEOUT=${ALONE_TIMEOUT:-280} bash loadtest/gpu_shapes.sh
 done

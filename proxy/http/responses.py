@@ -84,6 +84,7 @@ class ResponsesHandlers:
                     if response is None:
                         response, sse = await open_event_stream(request, rec, answer, plan.write_timeout_s)
                         out.extend(builder.start_events())
+                    end = None  # the stream's Finished frame, in the batch that ends it
                     if batch is None:
                         out.append(b": keep-alive\n\n")
                     else:
@@ -94,7 +95,7 @@ class ResponsesHandlers:
                             out.extend(events)
                             store(body, turn)
                     if out:
-                        await sse.write(b"".join(out), end=batch is not None and end is not None)
+                        await sse.write(b"".join(out), end=end is not None)
             except ApiError as exc:
                 if response is None:
                     raise
