@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from backend import decode_attention
+from backend import decode_attention, layer_kernels
 from backend.fp8 import fp8_supported, quantize_fp8
 from backend.fused import FusedPieces
 from backend.manifest import ManifestError, has_manifest, verify_manifest
@@ -83,8 +83,11 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     k_cache, v_cache = fp_step.k[module.layer_idx], fp_step.v[module.layer_idx]
     if fp_step.decode:
         rows, positions = fp_step.rows, fp_step.positions
-        k_cache[rows, :, positions] = key[:, :, 0]
-        v_cache[rows, :, positions] = value[:, :, 0]
+        if layer_kernels.usable(key) and layer_kernels.write_kv_fits(key, value, k_cache, v_cache):
+            layer_kernels.write_kv(key, value, k_cache, v_cache, rows, positions)  # one kernel for both
+        else:
+            k_cache[rows, :, positions] = key[:, :, 0]
+            v_cache[rows, :, positions] = value[:, :, 0]
         if fp_step.splits:  # only each row's live prefix (positions 0 .. its position)
             return decode_attention.decode_attention(query, k_cache, v_cache, fp_step.lengths, scaling,
                                                      fp_step.splits), None

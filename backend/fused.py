@@ -1,5 +1,6 @@
 """Fewer kernels per decode step: RMSNorm, the gated MLP's activation and the rotary embedding of
-the model's layers, each compiled by torch.compile into one or two fused kernels.
+the model's layers, each compiled by torch.compile into one or two fused kernels (the rotary
+embedding, on CUDA, a Triton kernel of backend/layer_kernels.py).
 
 Why: on the H200 the 135M shape's captured decode step at batch 256 took ~4.1 ms of GPU time for
 a few hundred microseconds of memory traffic. transformers' layers are written op by op - RMSNorm
@@ -32,6 +33,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from backend import layer_kernels
 from backend.compiling import compile_rows
 from backend.fp8 import quantize_rows
 
@@ -64,6 +66,18 @@ def _rotary(q, k, cos, sin, unsqueeze_dim=1):
     cos = cos.unsqueeze(unsqueeze_dim)
     sin = sin.unsqueeze(unsqueeze_dim)
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotary_by_kernel_where_it_fits(compiled_rotary):
+    """The rotary piece: a Triton kernel where it can run (CUDA; backend/layer_kernels.py says why
+    it is faster than the compiled one for q and k that are views of a stacked product), the
+    compiled function elsewhere. The choice is made per call, in Python, so inside a captured
+    graph it is made once, at capture."""
+    def rotary(q, k, cos, sin, unsqueeze_dim=1):
+        if layer_kernels.usable(q) and layer_kernels.rotary_fits(q, k, cos, sin, unsqueeze_dim):
+            return layer_kernels.rotary(q, k, cos, sin)
+        return compiled_rotary(q, k, cos, sin, unsqueeze_dim)
+    return rotary
 
 
 def _probe(like: torch.Tensor, *shapes: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
@@ -122,7 +136,8 @@ class FusedPieces:
             self._compiled = tuple(compile_rows(fn, row_args, backend=self.backend, options=options)
                                    for fn, row_args in ((_rms_norm, (0,)), (_gated_mlp, (0,)),
                                                         (_rotary, (0, 1, 2, 3)), (_rms_norm_quantize, (0,))))
-        norm, mlp, rotary, norm_quantize = self._compiled
+        norm, mlp, compiled_rotary, norm_quantize = self._compiled
+        rotary = _rotary_by_kernel_where_it_fits(compiled_rotary)
         for module in self.model.modules():
             # (what replaces the forward, the module's tensors it takes, the plain function it must
             # equal on a probe, the probe's width)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from backend import compiling, decode_attention
+from backend import compiling, decode_attention, layer_kernels
 from backend.engine import PREFILL_TOKEN_BUDGET, TransformersEngine
 from backend.fp8 import ACTIVATIONS, DEFAULT_RECIPE, RECIPES, Fp8Linear, set_activation, set_recipe
 from backend.protocol import Finished, Generate, SamplingParams, Tokens, WorkerSettings
@@ -506,13 +506,18 @@ def main(argv=None) -> int:
     p.add_argument("--dynamic-widths", action="store_true",
                    help="compile the fused pieces with every size dynamic, as before backend/compiling.py "
                         "made the widths static (to measure one against the other)")
+    p.add_argument("--torch-layer-pieces", action="store_true",
+                   help="the rotary embedding and the KV-cache write as torch code (compiled / index_put), "
+                        "not backend/layer_kernels.py's Triton kernels (to measure one against the other)")
     p.add_argument("--out", default="reports/bench-gpu.json")
     args = p.parse_args(argv)
     compiling.all_sizes_dynamic = args.dynamic_widths
+    layer_kernels.enabled = not args.torch_layer_pieces
     results = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
                "fp8_recipe": args.fp8_recipe if args.dtype == "fp8" else None,
                "fp8_activation": args.fp8_activation if args.dtype == "fp8" else None,
                "compiled_sizes": "all dynamic" if args.dynamic_widths else "rows dynamic",
+               "rotary_and_kv_write": "torch" if args.torch_layer_pieces else "layer_kernels",
                "transformers": __import__("transformers").__version__, "shapes": {}}
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-gpu-"))
     for shape in args.shapes.split(","):

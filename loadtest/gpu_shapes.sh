@@ -10,7 +10,9 @@
 # DTYPE (default auto) is the engine's and the pool's dtype (fp8: backend/fp8.py); other than auto it
 # is added to the files' names, as are FP8_RECIPE and FP8_ACTIVATION (engine alone only: bench_gpu
 # --fp8-recipe, --fp8-activation) where set; DYNAMIC_WIDTHS=1 (engine alone only: bench_gpu
-# --dynamic-widths) compiles the fused pieces with every size dynamic and adds -dynamic-widths. Needs .gpu/ as gpu_scale.sh does. Writes bench-gpu-shapes-<shape>.json/.log
+# --dynamic-widths) compiles the fused pieces with every size dynamic and adds -dynamic-widths;
+# TORCH_LAYER_PIECES=1 (engine alone only: bench_gpu --torch-layer-pieces) keeps the rotary and the
+# KV-cache write in torch instead of backend/layer_kernels.py and adds -torch-layer-pieces. Needs .gpu/ as gpu_scale.sh does. Writes bench-gpu-shapes-<shape>.json/.log
 # and served-shapes-<shape>.jsonl (one line per served run) into ${OUT:-reports}.
 set -u
 source loadtest/gpu_env.sh > /dev/null
@@ -26,6 +28,7 @@ for SHAPE in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
   if [ -n "${FP8_RECIPE:-}" ]; then extra="$extra --fp8-recipe $FP8_RECIPE"; name="$name-$FP8_RECIPE"; fi
   if [ -n "${FP8_ACTIVATION:-}" ]; then extra="$extra --fp8-activation $FP8_ACTIVATION"; name="$name-$FP8_ACTIVATION"; fi
   if [ "${DYNAMIC_WIDTHS:-0}" = 1 ]; then extra="$extra --dynamic-widths"; name="$name-dynamic-widths"; fi
+  if [ "${TORCH_LAYER_PIECES:-0}" = 1 ]; then extra="$extra --torch-layer-pieces"; name="$name-torch-layer-pieces"; fi
   [ "${ALONE:-1}" = 1 ] && timeout ${ALONE_TIMEOUT:-240} python3 -m loadtest.bench_gpu --tokenizer .gpu/tokenizer --shapes "$SHAPE" \
     --concurrency 256 --new-tokens 128 --hf-batches "" --prefill-budgets "" --reuse-models $extra \
     --dtype "$DTYPE" --out "$OUT/bench-gpu-shapes-$name.json" 2> "$OUT/bench-gpu-shapes-$name.log" > /dev/null
