@@ -64,7 +64,7 @@ class BootError(Exception):
 class _Step:
     """What slot_attention needs for one forward pass; handed down through the model's kwargs."""
 
-    __slots__ = ("k", "v", "decode", "rows", "positions", "length", "start", "splits", "lengths")
+    __slots__ = ("k", "v", "decode", "rows", "positions", "length", "start", "splits", "lengths", "_additive_mask")
 
     def __init__(self, k, v, decode: bool, rows: torch.Tensor, positions: torch.Tensor | None = None,
                  length: int = 0, start: int = 0, splits: int = 0) -> None:
@@ -72,6 +72,17 @@ class _Step:
         self.start = start  # prefill: the position of the first new token (a later chunk of a long prompt)
         self.splits = splits  # decode: > 0 attends with the live-prefix kernel, in this many splits per row
         self.lengths = positions + 1 if splits else None  # decode: each row's live prefix, this token included
+        self._additive_mask = None
+
+    def additive_mask(self, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The step's boolean mask as SDPA turns it into an additive one (0 where attended, -inf
+        elsewhere, in the query's dtype), made once per step: given the boolean mask, SDPA makes it
+        again in every layer - a kernel per layer (3.5 us each on the H100 at the 8B shape)."""
+        if mask.dtype != torch.bool:
+            return mask
+        if self._additive_mask is None or self._additive_mask.dtype != dtype:
+            self._additive_mask = torch.where(mask, 0.0, torch.tensor(float("-inf"), dtype=dtype, device=mask.device))
+        return self._additive_mask
 
 
 def slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, fp_step: _Step = None,
@@ -93,7 +104,8 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
                                                      fp_step.splits), None
         n, length = query.shape[0], fp_step.length
         out = F.scaled_dot_product_attention(query, k_cache[:n, :, :length], v_cache[:n, :, :length],
-                                             attn_mask=attention_mask, scale=scaling, enable_gqa=True)
+                                             attn_mask=fp_step.additive_mask(attention_mask, query.dtype),
+                                             scale=scaling, enable_gqa=True)
     elif fp_step.start == 0:  # prefill from position 0: the prompt attends to itself, causally
         t = query.shape[2]
         k_cache[fp_step.rows, :, :t] = key

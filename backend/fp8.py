@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from backend.compiling import compile_rows
+from backend import layer_kernels
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -98,7 +99,9 @@ def silu_mul_quantize(gate_up: torch.Tensor, width: int) -> tuple[torch.Tensor, 
 #   (docs/benchmarks.md section 18, second pass; static widths since: backend/compiling.py);
 # split: silu_mul and quantize_rows compiled apart (the activation written once in the compute
 #   dtype, then the quantiser that o_proj's input uses), to measure against it.
-ACTIVATIONS = ("fused", "split")
+# kernel: backend/layer_kernels.py's Triton kernel, one pass over each row (where it runs: CUDA),
+#   the compiled fused function elsewhere.
+ACTIVATIONS = ("fused", "split", "kernel")
 
 
 class OncePerInput:
@@ -271,8 +274,18 @@ def _activation(kind: str, compile_it: bool):
         return silu_mul_quantize
     if kind == "fused":
         return compiled(silu_mul_quantize)
+    if kind == "kernel":
+        return _kernel_where_it_runs(compiled(silu_mul_quantize))
     activate, quantize = compiled(silu_mul), compiled(quantize_rows)
     return lambda gate_up, width: quantize(activate(gate_up, width))
+
+
+def _kernel_where_it_runs(fallback):
+    def activation(gate_up: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer_kernels.usable(gate_up) and layer_kernels.silu_mul_quantize_fits(gate_up, width):
+            return layer_kernels.silu_mul_quantize(gate_up, width, FP8, _MIN_AMAX)
+        return fallback(gate_up, width)
+    return activation
 
 
 def set_activation(model: torch.nn.Module, kind: str, compile_it: bool = False) -> int:

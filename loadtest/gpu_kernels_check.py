@@ -1,8 +1,9 @@
-"""On a GPU: backend/layer_kernels.py's rotary and KV-cache write against the torch code they replace
+"""On a GPU: backend/layer_kernels.py's rotary, KV-cache write and fp8 activation against the torch code they replace
 - bit for bit in bfloat16 (CI checks them in float32 under Triton's interpreter, whose bfloat16
 rounding is not the GPU's), and GPU time per call, each replayed in a CUDA graph as the decode step
 runs them: transformers' eager rotary, the compiled one (backend/fused.py) and the kernel; two
-index_put writes and the one kernel.
+index_put writes and the one kernel; fp8's eager SiLU-times-up quantiser, the compiled one and the
+kernel.
 
     python -m loadtest.gpu_kernels_check --out reports/gpu-kernels-check.json
 """
@@ -18,6 +19,8 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from backend import layer_kernels
 from backend.compiling import compile_rows
+from backend.fp8 import FP8, _MIN_AMAX, silu_mul_quantize
+from backend.fp8 import compiled as compiled_fp8_piece
 from backend.fused import _rotary
 
 # (name, heads, kv_heads, head dim, rows, positions): the 8B and 135M shapes' decode steps at 256
@@ -93,6 +96,28 @@ def main(argv=None) -> int:
             ok &= case["write_equal_to_index_put"]
             case["write_us"] = {"index_put_twice": gpu_us(index_put),
                                 "kernel": gpu_us(lambda: layer_kernels.write_kv(k, v, k_cache, v_cache, slot_ids, at))}
+        results["cases"].append(case)
+        print(json.dumps(case), flush=True)
+    # the fp8 activation: SiLU(gate) * up quantised per row for down, at 256 rows of each shape's width
+    compiled_activation = compiled_fp8_piece(silu_mul_quantize)
+    for name, width in (("llama-3.1-8b", 14336), ("smollm2-135m", 1536), ("llama-3.2-1b", 8192)):
+        gate_up = (torch.randn(256, 2 * width, device=device) * 4).to(dtype)
+        gate_up[3] = 0  # an all-zero row: the amax clamp
+        want, want_scales = silu_mul_quantize(gate_up, width)
+        got, scales = layer_kernels.silu_mul_quantize(gate_up, width, FP8, _MIN_AMAX)
+        fused, fused_scales = compiled_activation(gate_up, width)
+        same = lambda a, b: torch.equal(a.view(torch.uint8), b.view(torch.uint8))  # noqa: E731 - bytes, NaNs too
+        case = {"case": f"{name} fp8 activation, 256 rows", "kernel_equal_to_eager": same(got, want)
+                and torch.equal(scales, want_scales),
+                "kernel_values_differing": int((got.view(torch.uint8) != want.view(torch.uint8)).sum()),
+                "kernel_scales_differing": int((scales != want_scales).sum()),
+                "compiled_equal_to_eager": same(fused, want) and torch.equal(fused_scales, want_scales),
+                "compiled_values_differing": int((fused.view(torch.uint8) != want.view(torch.uint8)).sum()),
+                "activation_us": {"eager": gpu_us(lambda: silu_mul_quantize(gate_up, width)),
+                                  "compiled": gpu_us(lambda: compiled_activation(gate_up, width)),
+                                  "kernel": gpu_us(lambda: layer_kernels.silu_mul_quantize(gate_up, width, FP8,
+                                                                                          _MIN_AMAX))}}
+        ok &= case["kernel_equal_to_eager"]
         results["cases"].append(case)
         print(json.dumps(case), flush=True)
     results["all_equal"] = ok
