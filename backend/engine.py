@@ -81,7 +81,9 @@ class _Step:
         if mask.dtype != torch.bool:
             return mask
         if self._additive_mask is None or self._additive_mask.dtype != dtype:
-            self._additive_mask = torch.where(mask, 0.0, torch.tensor(float("-inf"), dtype=dtype, device=mask.device))
+            # (no tensor made from a Python value on the host: this runs inside graph capture)
+            additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+            self._additive_mask = additive.masked_fill_(mask.logical_not(), float("-inf"))
         return self._additive_mask
 
 
