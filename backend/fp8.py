@@ -37,8 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backend.compiling import compile_rows
 from backend import layer_kernels
+from backend.compiling import compile_rows
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448

@@ -1,5 +1,6 @@
 """Triton kernels for two small pieces of every layer of a decode step: the rotary embedding of q
-and k, and the write of the step's keys and values into the slot KV cache.
+and k, and the write of the step's keys and values into the slot KV cache (and, not used by
+default, fp8's SiLU-times-up quantiser in one pass: `silu_mul_quantize`).
 
 Why: on the H100 the 8B shape's captured fp8 decode step spent ~19 us per layer on these two
 pieces (docs/benchmarks.md section 18) for ~5 MB of memory traffic:
@@ -127,7 +128,6 @@ if triton is not None:
                  mask=live)
         tl.store(v_cache_ptr + slot * vc_slot + pos * vc_pos + heads[:, None] * vc_head + dims[None, :], value,
                  mask=live)
-
 
     @triton.jit
     def _silu_mul_quantize_kernel(gate_up_ptr, out_ptr, scale_ptr, gate_up_row, out_row, reciprocal_of_max,

@@ -140,6 +140,17 @@ class Server:
             self._log.close()
 
 
+def run_under_triton_interpreter(code: str, *args: str) -> str:
+    """Run `code` in a new Python with TRITON_INTERPRET=1 (Triton reads it when kernels are
+    defined, hence a process of its own) and return its output; fails the test on a non-zero exit.
+    How CI, which has no GPU, runs the engine's Triton kernels on the CPU."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([PYTHON, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def fake_config(**pool_overrides) -> dict:
     """The bench-fake example (two fake workers, three keyed tiers), with overrides for the pool."""
     config = yaml.safe_load((ROOT / "config/examples/bench-fake.yaml").read_text())

@@ -6,12 +6,9 @@ On a GPU they run compiled inside the captured decode graphs; CI has no GPU, so 
 The interpreter's bfloat16 matrix products are wrong (it multiplies the raw bits), so these run
 in float32; the benchmark checks bfloat16 on the GPU (greedy_vs_hf in loadtest.bench_gpu)."""
 
-import os
-import subprocess
-
 import pytest
 
-from conftest import PYTHON, ROOT
+from conftest import run_under_triton_interpreter
 
 pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -82,18 +79,10 @@ print("kernel calls", len(calls))
 """
 
 
-def _interpreted(code: str, *args: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([PYTHON, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 def test_the_kernel_matches_sdpa_over_each_rows_live_prefix_with_and_without_splits():
-    assert "checked 45" in _interpreted(KERNEL_AGAINST_SDPA)
+    assert "checked 45" in run_under_triton_interpreter(KERNEL_AGAINST_SDPA)
 
 
 def test_the_engine_with_the_kernel_still_matches_hf_generate_with_joins_and_leaves(tiny_model):
-    out = _interpreted(ENGINE_AGAINST_HF, str(tiny_model))
+    out = run_under_triton_interpreter(ENGINE_AGAINST_HF, str(tiny_model))
     assert "kernel calls" in out

@@ -8,12 +8,9 @@ The interpreter rounds float32 to bfloat16 its own way (not to nearest even as t
 do), so the rotary is compared in float32 here - which checks the order of its operations and that
 no multiply-add is fused - and in bfloat16 by the GPU benchmark (loadtest/gpu_kernels_check.py)."""
 
-import os
-import subprocess
-
 import pytest
 
-from conftest import PYTHON, ROOT
+from conftest import run_under_triton_interpreter
 
 pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -124,18 +121,10 @@ print("kernel calls", calls)
 """
 
 
-def _interpreted(code: str, *args: str) -> str:
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run([PYTHON, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 def test_the_kernels_compute_exactly_what_the_torch_code_does():
-    assert "checked 10" in _interpreted(KERNELS_AGAINST_TORCH)
+    assert "checked 10" in run_under_triton_interpreter(KERNELS_AGAINST_TORCH)
 
 
 def test_the_engine_with_the_kernels_still_matches_hf_generate_with_joins_and_leaves(tiny_model):
-    out = _interpreted(ENGINE_AGAINST_HF, str(tiny_model))
+    out = run_under_triton_interpreter(ENGINE_AGAINST_HF, str(tiny_model))
     assert "kernel calls" in out
