@@ -8,7 +8,8 @@
 # scrapes). GPUS defaults to every GPU nvidia-smi lists; SHAPES to both shapes; PREFILL_WAIT_MS
 # sets the pool's prefill_wait_ms, OVERLAP_PREFILL (1 or 0) its overlap_prefill; TEMPERATURE the
 # requests' temperature (default 0.7; 0 is greedy, as bench_gpu's engine-alone runs); DTYPE the
-# pool's dtype (default auto), STREAM_INTERVAL its stream_interval (default 1). Needs .gpu/
+# pool's dtype (default auto), STREAM_INTERVAL its stream_interval (default 1); PROXY_PROFILE=1
+# also samples the proxy with py-spy for 8 s of the run (proxy-profile-<shape>-<n>.txt, raw stacks). Needs .gpu/
 # as gpu_stream.sh does. Writes
 # scale-<shape>-<n>.json, util-<shape>-<n>.csv and anatomy-<shape>-<n>.json into ${OUT:-reports}.
 set -u
@@ -29,6 +30,9 @@ for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
     SMI=$!
     metrics() { curl -sf -H "Authorization: Bearer $(cat /tmp/fpdata/admin.token)" http://127.0.0.1:19091/metrics; }
     metrics > /tmp/metrics-before.txt
+    if [ "${PROXY_PROFILE:-0}" = 1 ]; then  # py-spy samples the proxy for 8 s inside the run's window
+      (sleep 4; /tmp/site/bin/py-spy record -p $SERVER -d 8 -r 250 -f raw --nonblocking -o "$OUT/proxy-profile-$shape-$n.txt" > /dev/null 2>&1) &
+    fi
     python3 -m loadtest.bench_stream --url http://127.0.0.1:18080 --pid $SERVER --model $model --streams $((256 * n)) \
       --clients $((${CLIENTS_PER_GPU:-3} * n)) --duration ${DURATION:-20} --tokens 128 --temperature ${TEMPERATURE:-0.7} --out "$OUT/scale-$shape-$n.json" | tr -d '\n'; echo
     kill $SMI

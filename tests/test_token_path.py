@@ -103,3 +103,54 @@ def test_plain_answers_collected_on_the_direct_path_have_the_streamed_text_exact
                                KEYS["standard"])
         assert got["choices"][0]["message"]["content"] == stream_text(streamed)
         assert got["usage"]["completion_tokens"] == tokens and got["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_streams_last_tokens_wait_for_its_end_and_other_streams_take_the_direct_path():
+    """One read from a worker carrying a step's TokenBatch and the end (Finished) of one of its
+    streams: the ending stream's last tokens queue for its consumer, which then takes them with
+    the end in one wake-up (one write to its client); the stream that goes on hands its token to
+    its direct sink."""
+    import asyncio
+
+    from backend import protocol
+    from backend.protocol import Finished, Generate, SamplingParams, TokenBatch, Tokens
+    from proxy.fleet.worker_client import WorkerConnection
+
+    class Transport:
+        def __init__(self):
+            self.sent = []
+
+        def is_closing(self):
+            return False
+
+        def write(self, data):
+            self.sent.append(data)
+
+    async def scenario():
+        conn = WorkerConnection(lambda msg: None)
+        conn.connection_made(Transport())
+        streams = {rid: conn.generate(Generate(id=rid, params=SamplingParams(), prompt="hi")) for rid in (1, 2)}
+        sunk = {1: [], 2: []}
+        for rid, stream in streams.items():
+            stream.sink = lambda text, ids, rid=rid: sunk[rid].append((text, ids)) is None
+        loop = asyncio.get_running_loop()
+        waiters = {rid: asyncio.create_task(s.wait_until(loop.time() + 30)) for rid, s in streams.items()}
+        await asyncio.sleep(0)  # both consumers parked
+
+        conn.data_received(protocol.encode_many([
+            TokenBatch(ids=[1, 2], token_ids=[[7, 8], [9]], texts=["ab", "c"]),
+            Finished(id=1, finish_reason="length", prompt_tokens=3, completion_tokens=4)]))
+        assert sunk == {1: [], 2: [("c", [9])]}
+        await asyncio.wait_for(waiters[1], 5)  # the ending stream's consumer woke, once, for both
+        assert streams[1].take() == [Tokens(id=1, token_ids=[7, 8], text="ab"),
+                                    Finished(id=1, finish_reason="length", prompt_tokens=3, completion_tokens=4)]
+        assert not waiters[2].done() and streams[2].take() == []
+
+        # a read without an end: every parked stream takes the direct path
+        conn.data_received(protocol.encode_many([TokenBatch(ids=[2], token_ids=[[10]], texts=["d"])]))
+        assert sunk[2] == [("c", [9]), ("d", [10])]
+        waiters[2].cancel()
+        for stream in streams.values():
+            stream.release()
+
+    asyncio.run(scenario())

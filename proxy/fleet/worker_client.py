@@ -31,7 +31,8 @@ class RequestStream:
     `data_received`, without waking the consumer (it returns False to decline: the token then
     queues as a Tokens frame and wakes the consumer as usual). Order is kept: the sink only sees a
     token when nothing is queued before it. (Tokens frames - those with logprobs - always queue:
-    the streams that set a sink never ask for logprobs.)
+    the streams that set a sink never ask for logprobs.) A stream's last tokens queue too when its
+    end arrives in the same read: the consumer then sends them with the end in one write.
     """
 
     __slots__ = ("id", "_items", "_waiter", "closed", "_wake_at", "_timer", "_timer_at", "sink", "last_arrival")
@@ -149,6 +150,10 @@ class WorkerConnection(asyncio.Protocol):
             return
         streams = self._streams
         arrival = None  # loop time, read once per read: one read carries a step's tokens for many streams
+        # Streams whose end (Finished) came in this read, after their last tokens: those tokens
+        # queue for the consumer instead of taking the direct path, so that it writes them with
+        # the end of the stream in one send (the consumer wakes for the end anyway).
+        ending = {msg.id for msg in messages if type(msg) is Finished} if len(messages) > 1 else ()
         for msg in messages:
             if type(msg) is TokenBatch:
                 # The hot path: a step's tokens for many requests. The direct path (see
@@ -158,7 +163,8 @@ class WorkerConnection(asyncio.Protocol):
                     if stream is None:
                         continue  # a cancelled request's late frames
                     sink = stream.sink
-                    if sink is not None and stream._waiter is not None and not stream._items and sink(text, token_ids):
+                    if (sink is not None and stream._waiter is not None and not stream._items
+                            and rid not in ending and sink(text, token_ids)):
                         if arrival is None:
                             arrival = asyncio.get_running_loop().time()
                         stream.last_arrival = arrival
