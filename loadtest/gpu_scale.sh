@@ -9,7 +9,8 @@
 # sets the pool's prefill_wait_ms, OVERLAP_PREFILL (1 or 0) its overlap_prefill; TEMPERATURE the
 # requests' temperature (default 0.7; 0 is greedy, as bench_gpu's engine-alone runs); DTYPE the
 # pool's dtype (default auto), STREAM_INTERVAL its stream_interval (default 1); PROXY_PROFILE=1
-# also samples the proxy with py-spy for 8 s of the run (proxy-profile-<shape>-<n>.txt, raw stacks). Needs .gpu/
+# also samples the proxy with py-spy for 8 s of the run (proxy-profile-<shape>-<n>.txt, raw stacks);
+# PIN_PROXY=1 runs the proxy alone on the first physical core (workers and clients on the others). Needs .gpu/
 # as gpu_stream.sh does. Writes
 # scale-<shape>-<n>.json, util-<shape>-<n>.csv and anatomy-<shape>-<n>.json into ${OUT:-reports}.
 set -u
@@ -30,10 +31,27 @@ for shape in ${SHAPES:-smollm2-135m llama-3.2-1b}; do
     SMI=$!
     metrics() { curl -sf -H "Authorization: Bearer $(cat /tmp/fpdata/admin.token)" http://127.0.0.1:19091/metrics; }
     metrics > /tmp/metrics-before.txt
+    CLIENT_CPUS=""
+    if [ "${PIN_PROXY:-0}" = 1 ]; then
+      # The proxy alone on the first physical core (its other hardware thread left idle); its workers
+      # and the clients on the other cores, so that no busy neighbour shares the proxy's core.
+      siblings=$(cat /sys/devices/system/cpu/cpu0/topology/thread_siblings_list)  # "0", "0,8", "0-1"
+      rest=$(python3 -c "
+import os, sys
+core = set()
+for part in sys.argv[1].split(','):
+    a, _, b = part.partition('-')
+    core.update(range(int(a), int(b or a) + 1))
+print(','.join(str(c) for c in sorted(os.sched_getaffinity(0)) if c not in core))" "$siblings")
+      taskset -a -p -c 0 $SERVER > /dev/null
+      for w in $(pgrep -P $SERVER); do taskset -a -p -c "$rest" $w > /dev/null; done
+      CLIENT_CPUS="taskset -c $rest"
+      echo "proxy pinned to cpu 0 (its core: $siblings); workers and clients on $rest"
+    fi
     if [ "${PROXY_PROFILE:-0}" = 1 ]; then  # py-spy samples the proxy for 8 s inside the run's window
       (sleep 4; /tmp/site/bin/py-spy record -p $SERVER -d 8 -r 250 -f raw --nonblocking -o "$OUT/proxy-profile-$shape-$n.txt" > /dev/null 2>&1) &
     fi
-    python3 -m loadtest.bench_stream --url http://127.0.0.1:18080 --pid $SERVER --model $model --streams $((256 * n)) \
+    $CLIENT_CPUS python3 -m loadtest.bench_stream --url http://127.0.0.1:18080 --pid $SERVER --model $model --streams $((256 * n)) \
       --clients $((${CLIENTS_PER_GPU:-3} * n)) --duration ${DURATION:-20} --tokens 128 --temperature ${TEMPERATURE:-0.7} --out "$OUT/scale-$shape-$n.json" | tr -d '\n'; echo
     kill $SMI
     metrics > /tmp/metrics-after.txt
