@@ -83,12 +83,19 @@ class Answer:
         parts: list[str] = []
         logprobs: list = []
         finished = None
-        direct = False
+        rec = self._rec
 
         def take_text(text: str) -> bool:
+            if rec.ttft_s is None:  # what frames() records with the first batch it sees
+                rec.ttft_s = time.monotonic() - rec.started
             parts.append(text)
             return True
 
+        # From the start, the text goes straight into `parts` as it arrives (the direct path, see
+        # RequestStream): this task wakes for the end, not for the first tokens and each step after.
+        # Order is kept: the sink only takes a token when nothing is queued before it; tokens it
+        # does not take (those with logprobs, say) come as frames.
+        self.deliver_directly(take_text)
         async with contextlib.aclosing(self.frames()) as frames:
             async for batch in frames:
                 for item in batch or ():
@@ -98,12 +105,6 @@ class Answer:
                         parts.append(item.text)
                         if item.logprobs:
                             logprobs.extend(item.logprobs)
-                if not direct and batch is not None and finished is None:
-                    # After the first tokens (frames() has recorded the time to the first one), the
-                    # rest of the text goes straight into `parts` as it arrives (the direct path, see
-                    # RequestStream): this task wakes once more, for the end, not once per step.
-                    # Order is kept: the sink only takes a token when nothing is queued before it.
-                    direct = self.deliver_directly(take_text)
         return Collected("".join(parts), finished, logprobs)
 
     def _collect_cached(self, cached: CachedAnswer) -> Collected:
