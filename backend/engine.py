@@ -96,7 +96,7 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, drop
     k_cache, v_cache = fp_step.k[module.layer_idx], fp_step.v[module.layer_idx]
     if fp_step.decode:
         rows, positions = fp_step.rows, fp_step.positions
-        if layer_kernels.usable(key) and layer_kernels.write_kv_fits(key, value, k_cache, v_cache):
+        if layer_kernels.write_kv_fits(key, value, k_cache, v_cache):
             layer_kernels.write_kv(key, value, k_cache, v_cache, rows, positions)  # one kernel for both
         else:
             k_cache[rows, :, positions] = key[:, :, 0]

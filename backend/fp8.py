@@ -282,7 +282,7 @@ def _activation(kind: str, compile_it: bool):
 
 def _kernel_where_it_runs(fallback):
     def activation(gate_up: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer_kernels.usable(gate_up) and layer_kernels.silu_mul_quantize_fits(gate_up, width):
+        if layer_kernels.silu_mul_quantize_fits(gate_up, width):
             return layer_kernels.silu_mul_quantize(gate_up, width, FP8, _MIN_AMAX)
         return fallback(gate_up, width)
     return activation

@@ -74,7 +74,7 @@ def _rotary_by_kernel_where_it_fits(compiled_rotary):
     compiled function elsewhere. The choice is made per call, in Python, so inside a captured
     graph it is made once, at capture."""
     def rotary(q, k, cos, sin, unsqueeze_dim=1):
-        if layer_kernels.usable(q) and layer_kernels.rotary_fits(q, k, cos, sin, unsqueeze_dim):
+        if layer_kernels.rotary_fits(q, k, cos, sin, unsqueeze_dim):
             return layer_kernels.rotary(q, k, cos, sin)
         return compiled_rotary(q, k, cos, sin, unsqueeze_dim)
     return rotary

@@ -22,6 +22,7 @@ Used on CUDA (inside the captured decode graphs). On the CPU they run under Trit
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -43,7 +44,7 @@ enabled = True
 
 
 def usable(tensor: torch.Tensor) -> bool:
-    """Whether these kernels can run on this tensor's device."""
+    """Whether these kernels can run on this tensor's device (each `*_fits` asks it first)."""
     return enabled and triton is not None and (tensor.is_cuda or (_INTERPRETED and tensor.device.type == "cpu"))
 
 
@@ -157,10 +158,10 @@ def _power_of_two(n: int) -> bool:
 
 
 def rotary_fits(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> bool:
-    """Whether `rotary` computes transformers' rotate-half embedding for these arguments: q and k of
-    [rows, heads, positions, dim] (unsqueeze_dim 1), cos and sin of [rows, positions, dim] in their
-    dtype, a power-of-two head dim, the last dim of each contiguous."""
-    if unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
+    """Whether `rotary` runs here and computes transformers' rotate-half embedding for these
+    arguments: q and k of [rows, heads, positions, dim] (unsqueeze_dim 1), cos and sin of [rows,
+    positions, dim] in their dtype, a power-of-two head dim, the last dim of each contiguous."""
+    if not usable(q) or unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3 or sin.shape != cos.shape:
         return False
     rows, _, positions, dim = q.shape
     return (k.shape[0] == rows and k.shape[2:] == (positions, dim) and cos.shape == (rows, positions, dim)
@@ -188,9 +189,9 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def write_kv_fits(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether `write_kv` can take a decode step's key and value ([rows, kv_heads, 1, dim]) into
-    these caches ([slots, kv_heads, positions, dim])."""
-    return (key.dim() == 4 and key.shape[2] == 1 and value.shape == key.shape and _power_of_two(key.shape[3])
+    """Whether `write_kv` runs here and can take a decode step's key and value ([rows, kv_heads, 1,
+    dim]) into these caches ([slots, kv_heads, positions, dim])."""
+    return (usable(key) and key.dim() == 4 and key.shape[2] == 1 and value.shape == key.shape and _power_of_two(key.shape[3])
             and key.dtype == value.dtype == k_cache.dtype == v_cache.dtype
             and all(t.stride(3) == 1 for t in (key, value, k_cache, v_cache)))
 
@@ -210,10 +211,18 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_ca
 
 
 def silu_mul_quantize_fits(gate_up: torch.Tensor, width: int) -> bool:
-    """Whether `silu_mul_quantize` takes these stacked gate/up rows ([rows, 2 * width], half precision,
-    each row contiguous)."""
-    return (gate_up.dim() == 2 and gate_up.shape[1] == 2 * width and gate_up.stride(1) == 1
+    """Whether `silu_mul_quantize` runs here and takes these stacked gate/up rows ([rows, 2 * width],
+    half precision, each row contiguous)."""
+    return (usable(gate_up) and gate_up.dim() == 2 and gate_up.shape[1] == 2 * width and gate_up.stride(1) == 1
             and gate_up.dtype in (torch.bfloat16, torch.float16) and width <= 65536)
+
+
+@functools.cache
+def _fp8_max_and_reciprocal(fp8_dtype: torch.dtype) -> tuple[float, float]:
+    """The float8 type's maximum and its float32 reciprocal, as torch computes it for
+    `tensor / python_float` on CUDA (once per type, not per call)."""
+    fp8_max = torch.finfo(fp8_dtype).max
+    return fp8_max, (torch.tensor(1.0, dtype=torch.float32) / torch.tensor(fp8_max, dtype=torch.float32)).item()
 
 
 def silu_mul_quantize(gate_up: torch.Tensor, width: int, fp8_dtype: torch.dtype, min_amax: float
@@ -226,9 +235,7 @@ def silu_mul_quantize(gate_up: torch.Tensor, width: int, fp8_dtype: torch.dtype,
     quantised = torch.empty((rows, width), dtype=fp8_dtype, device=gate_up.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=gate_up.device)
     if rows:
-        fp8_max = torch.finfo(fp8_dtype).max
-        # the float32 reciprocal, as torch computes it for `tensor / python_float` on CUDA
-        reciprocal = (torch.tensor(1.0, dtype=torch.float32) / torch.tensor(fp8_max, dtype=torch.float32)).item()
+        fp8_max, reciprocal = _fp8_max_and_reciprocal(fp8_dtype)
         block = triton.next_power_of_2(width)
         _silu_mul_quantize_kernel[(rows,)](
             gate_up, quantised, scales, gate_up.stride(0), quantised.stride(0), reciprocal, min_amax, fp8_max,

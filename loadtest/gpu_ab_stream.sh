@@ -10,12 +10,10 @@
 set -u
 AFTER=$PWD
 BEFORE=$(cd "${BEFORE:?BEFORE=<folder of the earlier tree>}" && pwd)
-OUT=${OUT:-reports}
+source loadtest/gpu_env.sh > /dev/null  # the carried wheels; OUT
 mkdir -p "$OUT/fake"
-OUT=$(cd "$OUT" && pwd)
+OUT=$(cd "$OUT" && pwd)  # the trees' runs write here from their own folders
 [ -e "$BEFORE/.gpu" ] || ln -s "$AFTER/.gpu" "$BEFORE/.gpu"
-python3 -m pip install -q --no-deps --no-index --no-compile --root-user-action=ignore --target /tmp/site .gpu/wheels/*.whl
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
 for args in "--tokens 128" "--tokens 128 --stream-interval 16" "--tokens 16 --stream-interval 16"; do
   for side in before after; do
     tree=$BEFORE; [ $side = after ] && tree=$AFTER

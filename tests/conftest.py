@@ -151,6 +151,20 @@ def run_under_triton_interpreter(code: str, *args: str) -> str:
     return done.stdout
 
 
+class RecordingTransport:
+    """An asyncio transport that keeps what is written to it (for protocol-level tests of the
+    proxy's connections: what goes out, in how many writes)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+
 def fake_config(**pool_overrides) -> dict:
     """The bench-fake example (two fake workers, three keyed tiers), with overrides for the pool."""
     config = yaml.safe_load((ROOT / "config/examples/bench-fake.yaml").read_text())

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import fake_config, http_json, metric_value, wait_until
+from tests.conftest import RecordingTransport, fake_config, http_json, metric_value, wait_until
 from tests.test_request_path import KEYS, body
 
 # differ between any two answers (the names must still match)
@@ -211,18 +211,8 @@ def test_a_streams_head_leaves_with_its_first_events_and_its_last_chunk_with_the
         def date_line():
             return "Date: today\r\n"
 
-    class Transport:
-        def __init__(self):
-            self.writes = []
-
-        def write(self, data):
-            self.writes.append(bytes(data))
-
-        def is_closing(self):
-            return False
-
     conn = FastLaneConnection(Lane(), manager=None, make_handler=None)
-    conn.transport = transport = Transport()
+    conn.transport = transport = RecordingTransport()
 
     async def stream():
         response = LaneStreamResponse(conn, {"Content-Type": "text/event-stream"})

@@ -1,13 +1,17 @@
 """The streaming token path: a client slower than the worker gets its pending deltas merged into
 fewer events, and still receives exactly the same text and token counts."""
 
+import asyncio
 import json
 import socket
 import time
 
 import pytest
 
-from tests.conftest import fake_config, http_json, metric_value, wait_until
+from backend import protocol
+from backend.protocol import Finished, Generate, SamplingParams, TokenBatch, Tokens
+from proxy.fleet.worker_client import WorkerConnection
+from tests.conftest import RecordingTransport, fake_config, http_json, metric_value, wait_until
 from tests.test_request_path import KEYS, body, read_stream, stream_text
 
 
@@ -110,25 +114,9 @@ def test_a_streams_last_tokens_wait_for_its_end_and_other_streams_take_the_direc
     streams: the ending stream's last tokens queue for its consumer, which then takes them with
     the end in one wake-up (one write to its client); the stream that goes on hands its token to
     its direct sink."""
-    import asyncio
-
-    from backend import protocol
-    from backend.protocol import Finished, Generate, SamplingParams, TokenBatch, Tokens
-    from proxy.fleet.worker_client import WorkerConnection
-
-    class Transport:
-        def __init__(self):
-            self.sent = []
-
-        def is_closing(self):
-            return False
-
-        def write(self, data):
-            self.sent.append(data)
-
     async def scenario():
         conn = WorkerConnection(lambda msg: None)
-        conn.connection_made(Transport())
+        conn.connection_made(RecordingTransport())
         streams = {rid: conn.generate(Generate(id=rid, params=SamplingParams(), prompt="hi")) for rid in (1, 2)}
         sunk = {1: [], 2: []}
         for rid, stream in streams.items():
