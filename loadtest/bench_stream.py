@@ -7,7 +7,9 @@ requests from a separate client process for `--duration` seconds. It reports del
 (from each stream's usage, apportioned over the stream's life so that streams the window cuts
 count in part; `completed_tok_s` counts only streams that ended inside it), the proxy process's
 CPU time over the window (utime + stime from /proc, so the client and worker are not counted),
-and their ratio: **µs of proxy CPU per token**.
+and their ratio: **µs of proxy CPU per token** (`proxy_system_fraction`: the kernel's part of it).
+`--perf FILE` also samples the proxy with `perf record` over the window, to read where its CPU goes
+(`perf report -i FILE --no-children --sort dso,symbol -g none`).
 The same worker driven straight over the worker protocol gives the ceiling (`direct_tok_s`).
 Loopback only; bounded in time.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -87,9 +91,15 @@ asyncio.run(main())
 """
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_times(pid: int) -> tuple[float, float]:
+    """The process's (user, system) CPU seconds, from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
 
 
 def children(pid: int) -> list[int]:
@@ -99,18 +109,28 @@ def children(pid: int) -> list[int]:
 
 
 def measure(url: str, server_pid: int, streams: int, duration: float, tokens: int, model: str = "fake-model",
-            key: str = "sk-test-premium", clients: int = 1, temperature: float = 0.7) -> dict:
+            key: str = "sk-test-premium", clients: int = 1, temperature: float = 0.7, perf_out: str | None = None) -> dict:
     """Drive a running server at `url` (process `server_pid`) from `clients` client processes
-    (the streams split among them) and return the figures."""
+    (the streams split among them) and return the figures. With `perf_out`, `perf record` samples
+    the proxy's CPU (user and kernel, call graphs) over the window into that file."""
     procs = [subprocess.Popen([PY, "-c", CLIENT.replace("sk-test-premium", key), url, str(streams // clients),
                                str(duration + 2), str(tokens), model, str(temperature)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
              for _ in range(clients)]
     time.sleep(2)  # warm-up: every stream running before the window opens
     workers = children(server_pid)  # the pool's worker processes (none when --url names a remote server)
-    cpu0, t0 = cpu_seconds(server_pid), time.monotonic()
+    perf = None
+    if perf_out:
+        perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-g", "-o", perf_out,
+                                 "-p", str(server_pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (user0, system0), t0 = cpu_times(server_pid), time.monotonic()
+    cpu0 = user0 + system0
     workers0 = sum(cpu_seconds(w) for w in workers)
     outs = [json.loads(p.communicate(timeout=duration + 120)[0]) for p in procs]
-    cpu1, t1 = cpu_seconds(server_pid), time.monotonic()
+    (user1, system1), t1 = cpu_times(server_pid), time.monotonic()
+    cpu1 = user1 + system1
+    if perf is not None:
+        perf.send_signal(signal.SIGINT)  # perf writes its file and exits
+        perf.wait(60)
     workers1 = sum(cpu_seconds(w) for w in workers)
     done = {k: sum(o[k] for o in outs) for k in ("tokens", "streams", "errors", "window_tokens")}
     ttft = sorted(v for o in outs for v in o["ttft"])
@@ -130,6 +150,8 @@ def measure(url: str, server_pid: int, streams: int, duration: float, tokens: in
             "delivered_tok_s": round(tok_s), "completed_tok_s": round(completed_tok_s),
             "streams_done": done["streams"], "errors": done["errors"],
             "proxy_cpu_s": round(cpu1 - cpu0, 2), "proxy_core_share": round((cpu1 - cpu0) / window, 3),
+            # the kernel's part of it (system calls: receives, sends, polling)
+            "proxy_system_fraction": round((system1 - system0) / (cpu1 - cpu0), 3) if cpu1 > cpu0 else None,
             # None where nothing was delivered (a worker that failed every stream)
             "proxy_cpu_us_per_token": round((cpu1 - cpu0) / (tok_s * window) * 1e6, 2) if tok_s else None,
             "workers_cpu_us_per_token": round((workers1 - workers0) / (tok_s * window) * 1e6, 2) if tok_s and workers else None,
@@ -137,7 +159,8 @@ def measure(url: str, server_pid: int, streams: int, duration: float, tokens: in
             "itl_p50_ms": pct(itl, 50), "itl_p99_ms": pct(itl, 99)}
 
 
-def run(streams: int, duration: float, token_ms: float, tokens: int, stream_interval: int = 1) -> dict:
+def run(streams: int, duration: float, token_ms: float, tokens: int, stream_interval: int = 1,
+        perf_out: str | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="fullpower-bench-stream-"))
     config, port, _ = fake_bench_config(tmp, devices=["cpu"], replicas={"hot": 1}, max_batch_size=streams,
                                         max_inflight_per_worker=streams, stream_interval=stream_interval,
@@ -147,7 +170,7 @@ def run(streams: int, duration: float, token_ms: float, tokens: int, stream_inte
         tier.update(max_concurrent=streams, max_queue=streams)
     server = start_server(config, tmp / "c.yaml", port)
     try:
-        return {"token_ms": token_ms, "stream_interval": stream_interval, **measure(f"http://127.0.0.1:{port}", server.pid, streams, duration, tokens)}
+        return {"token_ms": token_ms, "stream_interval": stream_interval, **measure(f"http://127.0.0.1:{port}", server.pid, streams, duration, tokens, perf_out=perf_out)}
     finally:
         server.terminate()
         server.wait(60)
@@ -169,12 +192,16 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=1, help="client processes the streams are split among")
     p.add_argument("--temperature", type=float, default=0.7,
                    help="the requests' sampling temperature (0: greedy, as the engine-alone runs of bench_gpu)")
+    p.add_argument("--perf", metavar="FILE", help="also sample the proxy with `perf record` over the window into "
+                   "FILE (read it with `perf report -i FILE --no-children --sort dso,symbol -g none`)")
     args = p.parse_args(argv)
+    if args.perf and not shutil.which("perf"):
+        p.error("--perf needs perf (Debian: linux-perf)")
     if args.url:
         result = measure(args.url, args.pid, args.streams, args.duration, args.tokens, args.model, args.key,
-                         args.clients, args.temperature)
+                         args.clients, args.temperature, args.perf)
     else:
-        result = run(args.streams, args.duration, args.token_ms, args.tokens, args.stream_interval)
+        result = run(args.streams, args.duration, args.token_ms, args.tokens, args.stream_interval, args.perf)
     result["machine"] = f"{os.cpu_count()} cores, {sys.platform}"
     text = json.dumps(result, indent=2)
     print(text)
