@@ -122,16 +122,17 @@ def measure(url: str, server_pid: int, streams: int, duration: float, tokens: in
     if perf_out:
         perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999", "-g", "-o", perf_out,
                                  "-p", str(server_pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    (user0, system0), t0 = cpu_times(server_pid), time.monotonic()
-    cpu0 = user0 + system0
-    workers0 = sum(cpu_seconds(w) for w in workers)
-    outs = [json.loads(p.communicate(timeout=duration + 120)[0]) for p in procs]
-    (user1, system1), t1 = cpu_times(server_pid), time.monotonic()
-    cpu1 = user1 + system1
-    if perf is not None:
-        perf.send_signal(signal.SIGINT)  # perf writes its file and exits
-        perf.wait(60)
-    workers1 = sum(cpu_seconds(w) for w in workers)
+    try:
+        (user0, system0), t0 = cpu_times(server_pid), time.monotonic()
+        workers0 = sum(cpu_seconds(w) for w in workers)
+        outs = [json.loads(p.communicate(timeout=duration + 120)[0]) for p in procs]
+        (user1, system1), t1 = cpu_times(server_pid), time.monotonic()
+        workers1 = sum(cpu_seconds(w) for w in workers)
+    finally:
+        if perf is not None:  # stopped however the window ends (it would follow a running server on)
+            perf.send_signal(signal.SIGINT)  # perf writes its file and exits
+            perf.wait(60)
+    cpu0, cpu1 = user0 + system0, user1 + system1
     done = {k: sum(o[k] for o in outs) for k in ("tokens", "streams", "errors", "window_tokens")}
     ttft = sorted(v for o in outs for v in o["ttft"])
     itl = sorted(v for o in outs for v in o["itl"])
